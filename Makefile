@@ -1,0 +1,26 @@
+# The two set-up commands in README.md are `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test test-fast lint bench
+setup:
+	bash deploy/cpu/install.sh
+
+# Sentinel guarding a real vLLM (CPU) on the project's tiny model.
+demo: setup
+	$(VENV)/bin/sentinel run --config deploy/cpu/sentinel.yaml
+
+# The whole suite: unit tests, then the tests against the real engine.
+test: setup
+	$(PY) -m ruff check sentinel tests bench
+	$(PY) -m pytest -q -rs --durations=15 tests
+
+test-fast:
+	$(PY) -m pytest -q -m "not real" tests
+
+lint:
+	$(PY) -m ruff check sentinel tests bench
+	$(PY) -m ruff format --check sentinel tests bench
+
+bench:
+	$(PY) -m bench.run_all

@@ -1,0 +1,210 @@
+"""The configuration schema: one pydantic model per section, unknown keys refused.
+
+Every key here is documented in ``default.yaml`` (the embedded default); a test
+checks that the two agree key for key.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class OnFailed(StrEnum):
+    stay = "stay"
+    exit = "exit"
+
+
+class EngineConfig(_Section):
+    model: str = "var/tiny-model"
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8001, ge=1, le=65535)
+    python: str | None = None
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    command: list[str] = Field(default_factory=list)
+    workdir: Path | None = None
+    gpu_indices: list[int] = Field(default_factory=list)
+
+
+class SupervisorConfig(_Section):
+    backoff_initial_s: float = Field(1.0, gt=0)
+    backoff_max_s: float = Field(60.0, gt=0)
+    backoff_multiplier: float = Field(2.0, ge=1.0)
+    backoff_jitter: float = Field(0.2, ge=0.0, le=1.0)
+    crash_loop_max_starts: int = Field(5, ge=1)
+    crash_loop_window_s: float = Field(300.0, gt=0)
+    stop_grace_s: float = Field(20.0, ge=0)
+    kill_grace_s: float = Field(1.0, ge=0)
+    startup_timeout_s: float = Field(900.0, gt=0)
+    on_failed: OnFailed = OnFailed.stay
+    log_tail_lines: int = Field(200, ge=10, le=100_000)
+    kill_foreign_gpu_processes: bool = False
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> SupervisorConfig:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError(
+                "backoff_max_s must be >= backoff_initial_s "
+                f"(got {self.backoff_max_s} < {self.backoff_initial_s})"
+            )
+        return self
+
+
+class ProbeAction(StrEnum):
+    report = "report"
+    restart = "restart"
+
+
+class ProbesConfig(_Section):
+    interval_s: float = Field(2.0, gt=0)
+    timeout_s: float = Field(3.0, gt=0)
+    freshness_s: float = Field(10.0, gt=0)
+    prompt: str = "hi"
+    metrics_interval_s: float = Field(1.0, gt=0)
+    stall_window_s: float = Field(30.0, gt=0)
+    on_stall: ProbeAction = ProbeAction.report
+    stall_restart_after_s: float = Field(0.0, ge=0)
+    on_not_ready: ProbeAction = ProbeAction.report
+    not_ready_restart_after_s: float = Field(120.0, ge=0)
+
+
+class OpsConfig(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(9090, ge=0, le=65535)
+    passthrough_engine_metrics: bool = True
+
+
+class GpuMode(StrEnum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+class GpuDegradedConfig(_Section):
+    temperature_c: float = Field(82.0, gt=0)
+    throttle_reasons: list[str] = Field(
+        default_factory=lambda: ["HW_THERMAL", "HW_POWER_BRAKE", "HW_SLOWDOWN"]
+    )
+    on_xid: bool = True
+
+
+class GpuConfig(_Section):
+    mode: GpuMode = GpuMode.auto
+    poll_interval_s: float = Field(1.0, gt=0)
+    degraded: GpuDegradedConfig = Field(default_factory=GpuDegradedConfig)
+
+
+class TierKind(StrEnum):
+    local = "local"
+    openai = "openai"
+
+
+class TierTimeouts(_Section):
+    connect_s: float = Field(1.0, gt=0)
+    first_byte_s: float = Field(30.0, gt=0)
+    total_s: float = Field(120.0, gt=0)
+
+
+class TierConfig(_Section):
+    name: str
+    kind: TierKind = TierKind.openai
+    base_url: str | None = None
+    api_key_env: str | None = None
+    api_key_file: Path | None = None
+    model_map: dict[str, str] = Field(default_factory=dict)
+    timeouts: TierTimeouts = Field(default_factory=TierTimeouts)
+    max_concurrency: int = Field(64, ge=1)
+    skip_when_degraded: bool = False
+
+    @model_validator(mode="after")
+    def _needs_url(self) -> TierConfig:
+        if self.kind == TierKind.openai and not self.base_url:
+            raise ValueError(f"tier {self.name!r} of kind 'openai' needs base_url")
+        return self
+
+
+class BreakerConfig(_Section):
+    consecutive_failures: int = Field(3, ge=1)
+    failure_ratio: float = Field(0.5, gt=0, le=1)
+    ratio_window_s: float = Field(30.0, gt=0)
+    ratio_min_requests: int = Field(10, ge=1)
+    open_initial_s: float = Field(5.0, gt=0)
+    open_max_s: float = Field(120.0, gt=0)
+    open_multiplier: float = Field(2.0, ge=1)
+
+
+class AdmissionConfig(_Section):
+    max_concurrency: int = Field(64, ge=1)
+    queue_timeout_s: float = Field(5.0, ge=0)
+    max_queue: int = Field(1024, ge=0)
+    spill_waiting_threshold: int | None = Field(None, ge=0)
+
+
+class ProxyConfig(_Section):
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    request_timeout_s: float = Field(120.0, gt=0)
+    tiers: list[TierConfig] = Field(
+        default_factory=lambda: [TierConfig(name="local", kind=TierKind.local)]
+    )
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+
+    @model_validator(mode="after")
+    def _unique_tiers(self) -> ProxyConfig:
+        names = [t.name for t in self.tiers]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"tier names must be unique, repeated: {sorted(dup)}")
+        return self
+
+
+class PayloadLogConfig(_Section):
+    enabled: bool = True
+    dir: Path = Path("var/payloads")
+    sample_rate: float = Field(0.01, ge=0, le=1)
+    log_errors: bool = True
+    max_record_bytes: int = Field(64 * 1024, ge=256)
+    max_file_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_total_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    redact_patterns: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _budget(self) -> PayloadLogConfig:
+        if self.max_total_bytes < self.max_file_bytes:
+            raise ValueError("max_total_bytes must be >= max_file_bytes")
+        return self
+
+
+class LogFormat(StrEnum):
+    auto = "auto"
+    json = "json"
+    console = "console"
+
+
+class LoggingConfig(_Section):
+    level: str = Field("info", pattern=r"^(?i:debug|info|warning|error|critical)$")
+    format: LogFormat = LogFormat.auto
+    engine_lines: bool = True
+
+
+class SentinelConfig(_Section):
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
+    probes: ProbesConfig = Field(default_factory=ProbesConfig)
+    ops: OpsConfig = Field(default_factory=OpsConfig)
+    gpu: GpuConfig = Field(default_factory=GpuConfig)
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    payload_log: PayloadLogConfig = Field(default_factory=PayloadLogConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+

@@ -1,0 +1,76 @@
+"""Structured logging: structlog, JSON lines off a terminal, readable on one.
+
+A redaction processor runs before rendering so secrets (API keys, bearer
+tokens, authorization headers) never reach the log, whoever logs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+from sentinel.config.schema import LogFormat, LoggingConfig
+
+_SECRET_KEYS = re.compile(r"(authorization|api[_-]?key|token|secret|password)", re.I)
+_SECRET_VALUES = [
+    re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{8,}"),
+    re.compile(r"\bsk-[A-Za-z0-9_-]{8,}"),
+    re.compile(r"(?i)(api[_-]?key|token|password|secret)=([^\s&\"']+)"),
+]
+REDACTED = "[REDACTED]"
+
+
+def redact_text(text: str) -> str:
+    for pat in _SECRET_VALUES:
+        if pat.groups >= 2:
+            text = pat.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
+        else:
+            text = pat.sub(REDACTED, text)
+    return text
+
+
+def redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: blank secret-named keys and secret-looking values."""
+    for key, val in list(event.items()):
+        if key != "event" and _SECRET_KEYS.search(key) and val is not None:
+            event[key] = REDACTED
+        elif isinstance(val, str):
+            event[key] = redact_text(val)
+    return event
+
+
+def configure_logging(cfg: LoggingConfig, stream: TextIO | None = None) -> None:
+    stream = stream or sys.stderr
+    fmt = cfg.format
+    if fmt == LogFormat.auto:
+        fmt = LogFormat.console if stream.isatty() else LogFormat.json
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == LogFormat.json
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    )
+    level = logging.getLevelName(cfg.level.upper())
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact_secrets,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+    # keep third-party stdlib loggers (uvicorn, httpx) quiet unless debugging
+    logging.basicConfig(level=logging.WARNING if level > logging.DEBUG else logging.DEBUG)
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    return structlog.get_logger(name)
