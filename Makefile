@@ -12,14 +12,14 @@ demo: setup
 
 # The whole suite: unit tests, then the tests against the real engine.
 test: setup
-	$(PY) -m ruff check sentinel tests bench
+	$(PY) -m ruff check sentinel tests bench dashboards
 	$(PY) -m pytest -q -rs --durations=15 tests
 
 test-fast:
 	$(PY) -m pytest -q -m "not real" tests
 
 lint:
-	$(PY) -m ruff check sentinel tests bench
+	$(PY) -m ruff check sentinel tests bench dashboards
 	$(PY) -m ruff format --check sentinel tests bench
 
 bench:
