@@ -31,22 +31,86 @@ class Sentinel:
         self.cfg = cfg
         self.status = EngineStatus()
         self.registry = CollectorRegistry(auto_describe=True)
-        self.supervisor = Supervisor(cfg.engine, cfg.supervisor, self.status)
+        # the GPU helper (issue 4) may set self.supervisor.gpu_processes to its lister
+        self.supervisor = Supervisor(
+            cfg.engine,
+            cfg.supervisor,
+            self.status,
+            engine_lines=cfg.logging.engine_lines,
+            # "loaded" means a first real inference passed: the probes decide it
+            detect_load=False,
+        )
         self._tasks: list[asyncio.Task[object]] = []
         # --- probes, ops server and metrics (issue 3) ---
+        from sentinel.ops.stack import build_ops_stack
+
+        self.ops = build_ops_stack(
+            cfg, self.status, self.registry, self.supervisor, log_tail=self.supervisor.log_tail
+        )
         # --- GPU telemetry (issue 4) ---
+        from sentinel.collectors.gpu import GpuCollector, GpuPoller, gpu_processes
+
+        self.gpu = GpuPoller(
+            cfg.gpu,
+            self.status,
+            self.supervisor.owned_pids,
+            gpu_indices=cfg.engine.gpu_indices,
+        )
+        self.registry.register(GpuCollector(lambda: self.gpu.snapshot))
+        if cfg.gpu.mode != "off":  # a fresh NVML read; the supervisor runs it in a thread
+            self.supervisor.gpu_processes = gpu_processes
         # --- proxy and degradation chain (issue 5) ---
+        self.proxy = None
+        if cfg.proxy.enabled:
+            from sentinel.proxy.service import ProxyService
+
+            self.proxy = ProxyService(
+                cfg.proxy,
+                cfg.payload_log,
+                self.status,
+                self.registry,
+                engine_base_url=lambda: self.supervisor.engine_base_url,
+            )
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.supervisor.request_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self.supervisor.request_restart, "sighup")
-        loop.add_signal_handler(signal.SIGCHLD, self.supervisor.notify_child_exit)
+        # SIGCHLD only hurries reaping along: the supervisor watches the engine through
+        # pidfds and reaps every second anyway. uvloop keeps SIGCHLD for itself.
+        try:
+            loop.add_signal_handler(signal.SIGCHLD, self.supervisor.notify_child_exit)
+        except RuntimeError:
+            log.debug("SIGCHLD is reserved by the event loop; reaping on pidfds and a timer")
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self._install_signals(loop)
         # --- start background components here: append their tasks to self._tasks ---
+        if self.proxy is not None:  # issue 5: tier keys and the traffic port, checked first
+            from sentinel.proxy.service import ProxyStartError
+
+            try:
+                self.proxy.prepare()
+            except ProxyStartError as exc:
+                log.error("cannot start the proxy", error=str(exc))
+                return 2
+        # issue 3: bind the ops port first (clear error, real port when 0), then serve
+        from sentinel.ops.server import OpsBindError, report_task_crash
+
+        try:
+            self.ops.server.bind()
+        except OpsBindError as exc:
+            log.error("cannot start the ops server", error=str(exc))
+            return 2
+        log.info("ops server listening", url=self.ops.server.url, port=self.ops.server.port)
+        for coro, name in self.ops.tasks():
+            task = asyncio.create_task(coro, name=name)
+            task.add_done_callback(report_task_crash)
+            self._tasks.append(task)
+        self._tasks.append(asyncio.create_task(self.gpu.run(), name="gpu-poller"))  # issue 4
+        if self.proxy is not None:  # issue 5
+            self._tasks.append(asyncio.create_task(self.proxy.run(), name="proxy"))
         try:
             return await self.supervisor.run()
         finally:

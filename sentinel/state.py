@@ -101,6 +101,8 @@ class EngineStatus:
         self.last_exit: ExitInfo | None = None
         self.failure_reason: str | None = None
         self.probes: dict[str, ProbeResult] = {}
+        # probe runs since Sentinel started, by probe name and result ("ok" / "fail")
+        self.probe_counts: dict[str, dict[str, int]] = {}
         self.stalled_reason: str | None = None
         self._degraded: dict[str, str] = {}  # source -> reason (e.g. "gpu" -> "...")
         # readiness as last computed by the probes (sentinel.probes): overall and per check
@@ -166,6 +168,8 @@ class EngineStatus:
 
     def record_probe(self, result: ProbeResult) -> None:
         self.probes[result.name] = result
+        counts = self.probe_counts.setdefault(result.name, {"ok": 0, "fail": 0})
+        counts["ok" if result.ok else "fail"] += 1
 
     def set_readiness(self, ready: bool, checks: dict[str, dict[str, Any]]) -> None:
         changed = ready != self.ready

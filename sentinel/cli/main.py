@@ -45,6 +45,13 @@ def run(
     if proxy_port is not None:
         overrides["proxy.port"] = proxy_port
     if ctx.args:
+        if ctx.args[0].startswith("-"):
+            typer.echo(
+                f"sentinel: unknown option {ctx.args[0]!r} for `sentinel run`; "
+                "an engine command goes after `--` (see `sentinel run --help`)",
+                err=True,
+            )
+            raise typer.Exit(2)
         overrides["engine.command"] = list(ctx.args)
     try:
         cfg = load_config(config, sets=set_ or [], overrides=overrides)

@@ -1,13 +1,201 @@
-"""`sentinel status`: /status as a table for a person, or JSON. (Issue 3 fills this in.)"""
+"""`sentinel status`: the ops server's /status as tables for a person, or raw JSON."""
 
 from __future__ import annotations
 
+import json
+import os
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import httpx
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from sentinel.config.schema import OpsConfig
+
+DEFAULT_URL = f"http://127.0.0.1:{OpsConfig.model_fields['port'].default}"
+_STATE_STYLE = {
+    "ready": "bold green",
+    "degraded": "bold yellow",
+    "starting": "bold cyan",
+    "restarting": "bold yellow",
+    "draining": "bold yellow",
+    "stalled": "bold red",
+    "failed": "bold red",
+    "stopped": "bold red",
+}
+
+
+class StatusUnavailable(Exception):
+    pass
+
+
+def fetch_status(url: str, timeout: float, log_tail: int = 0) -> dict[str, Any]:
+    target = url.rstrip("/") + "/status"
+    params = {"log_tail": str(log_tail)} if log_tail else None
+    try:
+        resp = httpx.get(target, params=params, timeout=timeout, trust_env=False)
+    except httpx.HTTPError as exc:
+        raise StatusUnavailable(
+            f"cannot reach Sentinel's ops server at {url} ({type(exc).__name__}: {exc}). "
+            "Is `sentinel run` up, and is this its ops.host/ops.port? (use --url)"
+        ) from None
+    if resp.status_code != 200:
+        raise StatusUnavailable(f"{target} answered HTTP {resp.status_code}: {resp.text[:200]}")
+    try:
+        body = resp.json()
+    except ValueError:
+        raise StatusUnavailable(f"{target} did not answer JSON: {resp.text[:200]!r}") from None
+    if not isinstance(body, dict) or "state" not in body:
+        raise StatusUnavailable(f"{target} answered JSON that is not a Sentinel status")
+    return body
+
+
+def _ts(at: float | None) -> str:
+    if at is None:
+        return "-"
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _ago(at: float | None, now: float) -> str:
+    if at is None:
+        return "-"
+    return f"{max(0.0, now - at):.1f}s ago"
+
+
+def _ok(ok: bool) -> str:
+    return "[green]ok[/]" if ok else "[red]FAIL[/]"
+
+
+def render(doc: dict[str, Any], console: Console) -> None:
+    now = float(doc.get("now") or time.time())
+    state = str(doc.get("state", "?"))
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="bold")
+    summary.add_column()
+    summary.add_row("state", f"[{_STATE_STYLE.get(state, 'bold')}]{state}[/]")
+    summary.add_row("ready", _ok(bool(doc.get("ready"))))
+    summary.add_row(
+        "lifecycle", f"{doc.get('lifecycle')} since {_ago(doc.get('lifecycle_since'), now)}"
+    )
+    summary.add_row(
+        "generation",
+        f"{doc.get('generation')} (started {_ago(doc.get('generation_started_at'), now)})",
+    )
+    summary.add_row("loaded", _ts(doc.get("loaded_at")))
+    for key in ("failure_reason", "stalled_reason"):
+        if doc.get(key):
+            summary.add_row(key.replace("_", " "), f"[red]{doc[key]}[/]")
+    for source, reason in (doc.get("degraded_reasons") or {}).items():
+        summary.add_row(f"degraded ({source})", f"[yellow]{reason}[/]")
+    metrics = doc.get("engine_metrics") or {}
+    if metrics:
+        summary.add_row(
+            "engine",
+            ", ".join(f"{k.split(':', 1)[-1]}={v:g}" for k, v in metrics.items() if v is not None),
+        )
+    sentinel = doc.get("sentinel") or {}
+    if sentinel:
+        summary.add_row(
+            "sentinel",
+            f"pid {sentinel.get('pid')}, up {sentinel.get('uptime_s')}s, "
+            f"version {sentinel.get('version')}",
+        )
+    console.print(summary)
+
+    checks = doc.get("ready_checks") or {}
+    if checks:
+        table = Table(title="Readiness checks", title_justify="left")
+        for col in ("check", "result", "detail"):
+            table.add_column(col)
+        for name, check in checks.items():
+            table.add_row(name, _ok(bool(check.get("ok"))), str(check.get("detail", "")))
+        console.print(table)
+
+    procs = doc.get("processes") or []
+    if procs:
+        table = Table(title="Engine processes", title_justify="left")
+        for col in ("role", "pid", "generation", "started"):
+            table.add_column(col)
+        for p in procs:
+            table.add_row(
+                str(p.get("role")),
+                str(p.get("pid")),
+                str(p.get("generation")),
+                _ts(p.get("create_time")),
+            )
+        console.print(table)
+
+    probes = doc.get("probes") or {}
+    if probes:
+        table = Table(title="Probes", title_justify="left")
+        for col in ("probe", "result", "latency", "age", "detail"):
+            table.add_column(col)
+        for name, pr in probes.items():
+            lat = pr.get("latency_s")
+            table.add_row(
+                name,
+                _ok(bool(pr.get("ok"))),
+                f"{lat * 1000:.0f} ms" if lat is not None else "-",
+                f"{pr.get('age_s', 0):.1f}s",
+                str(pr.get("detail") or ""),
+            )
+        console.print(table)
+
+    restarts = doc.get("restarts") or []
+    if restarts:
+        table = Table(
+            title=f"Restarts (by reason: {doc.get('restart_counts')})", title_justify="left"
+        )
+        for col in ("when", "generation", "reason", "detail"):
+            table.add_column(col)
+        for r in restarts[-10:]:
+            table.add_row(
+                _ts(r.get("at")),
+                str(r.get("generation")),
+                str(r.get("reason")),
+                str(r.get("detail") or ""),
+            )
+        console.print(table)
+
+    last_exit = doc.get("last_exit")
+    if last_exit:
+        how = (
+            f"signal {last_exit['signal']}"
+            if last_exit.get("signal")
+            else f"exit code {last_exit.get('returncode')}"
+        )
+        console.print(
+            f"[bold]Last exit[/]: generation {last_exit.get('generation')}, pid "
+            f"{last_exit.get('pid')}, {how}, {_ago(last_exit.get('at'), now)}: "
+            f"{last_exit.get('reason')}: {last_exit.get('cause')}"
+        )
+    for line in doc.get("log_tail") or []:
+        console.print(line, markup=False, highlight=False)
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
-    def status() -> None:
-        """Show the engine's state (not yet implemented)."""
-        typer.echo("sentinel status: not implemented yet", err=True)
-        raise typer.Exit(3)
+    def status(
+        url: Annotated[
+            str, typer.Option(help="Sentinel's ops server (env SENTINEL_OPS_URL).")
+        ] = "",
+        as_json: Annotated[bool, typer.Option("--json", help="Print /status as JSON.")] = False,
+        log_tail: Annotated[
+            int, typer.Option(help="Also show this many engine log lines.", min=0)
+        ] = 0,
+        timeout: Annotated[float, typer.Option(help="Seconds to wait for an answer.")] = 5.0,
+    ) -> None:
+        """Show the engine's state: lifecycle, readiness checks, processes, probes, restarts."""
+        target = url or os.environ.get("SENTINEL_OPS_URL") or DEFAULT_URL
+        try:
+            doc = fetch_status(target, timeout, log_tail)
+        except StatusUnavailable as exc:
+            typer.echo(f"sentinel status: {exc}", err=True)
+            raise typer.Exit(2) from None
+        if as_json:
+            typer.echo(json.dumps(doc, indent=2))
+            return
+        render(doc, Console())

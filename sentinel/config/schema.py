@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -42,7 +43,7 @@ class SupervisorConfig(_Section):
     crash_loop_max_starts: int = Field(5, ge=1)
     crash_loop_window_s: float = Field(300.0, gt=0)
     stop_grace_s: float = Field(20.0, ge=0)
-    kill_grace_s: float = Field(1.0, ge=0)
+    kill_grace_s: float = Field(0.5, ge=0)
     startup_timeout_s: float = Field(900.0, gt=0)
     on_failed: OnFailed = OnFailed.stay
     log_tail_lines: int = Field(200, ge=10, le=100_000)
@@ -76,10 +77,17 @@ class ProbesConfig(_Section):
     not_ready_restart_after_s: float = Field(120.0, ge=0)
 
 
+class EngineMetricNames(StrEnum):
+    promtool = "promtool"
+    verbatim = "verbatim"
+
+
 class OpsConfig(_Section):
     host: str = "0.0.0.0"
-    port: int = Field(9090, ge=0, le=65535)
+    port: int = Field(8090, ge=0, le=65535)
     passthrough_engine_metrics: bool = True
+    engine_metric_names: EngineMetricNames = EngineMetricNames.promtool
+    livez_heartbeat_timeout_s: float = Field(5.0, gt=0)
 
 
 class GpuMode(StrEnum):
@@ -88,18 +96,39 @@ class GpuMode(StrEnum):
     off = "off"
 
 
+ClocksEventReason = Literal[
+    "GPU_IDLE",
+    "APPLICATIONS_CLOCKS_SETTING",
+    "SW_POWER_CAP",
+    "HW_SLOWDOWN",
+    "SYNC_BOOST",
+    "SW_THERMAL",
+    "HW_THERMAL",
+    "HW_POWER_BRAKE",
+    "DISPLAY_CLOCKS",
+]
+
+
 class GpuDegradedConfig(_Section):
     temperature_c: float = Field(82.0, gt=0)
-    throttle_reasons: list[str] = Field(
+    throttle_reasons: list[ClocksEventReason] = Field(
         default_factory=lambda: ["HW_THERMAL", "HW_POWER_BRAKE", "HW_SLOWDOWN"]
     )
     on_xid: bool = True
+    xid_hold_s: float = Field(60.0, ge=0)
 
 
 class GpuConfig(_Section):
     mode: GpuMode = GpuMode.auto
     poll_interval_s: float = Field(1.0, gt=0)
+    slow_counters_interval_s: float = Field(10.0, gt=0)
     degraded: GpuDegradedConfig = Field(default_factory=GpuDegradedConfig)
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: object) -> object:
+        # YAML 1.1 reads a bare `on` / `off` as true / false
+        return ("on" if value else "off") if isinstance(value, bool) else value
 
 
 class TierKind(StrEnum):
@@ -207,4 +236,3 @@ class SentinelConfig(_Section):
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     payload_log: PayloadLogConfig = Field(default_factory=PayloadLogConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
-

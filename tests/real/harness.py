@@ -27,6 +27,9 @@ TINY_MODEL = ROOT / "var" / "tiny-model"
 ENGINE_START_TIMEOUT = float(os.environ.get("SENTINEL_TEST_ENGINE_TIMEOUT", "420"))
 
 
+ENGINE_TAG_VAR = "ENGINE_TEST_TAG"
+
+
 def engine_available() -> bool:
     try:
         import vllm  # noqa: F401
@@ -73,6 +76,9 @@ class SentinelProcess:
         self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
         self.config = deep_update(base_config(tmp), overrides or {})
+        # every engine process inherits this variable: finds them anywhere, orphans too
+        self.tag = f"{os.getpid()}-{self.config['engine']['port']}-{id(self)}"
+        self.config["engine"].setdefault("env", {})[ENGINE_TAG_VAR] = self.tag
         self.config_path = tmp / "sentinel.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.log_path = tmp / "sentinel.log"
@@ -82,8 +88,16 @@ class SentinelProcess:
 
     # ---- lifecycle -----------------------------------------------------------
     def start(self) -> SentinelProcess:
-        cmd = [*self.wrapper, sys.executable, "-m", "sentinel", "run", "--config",
-               str(self.config_path), *self.extra_args]
+        cmd = [
+            *self.wrapper,
+            sys.executable,
+            "-m",
+            "sentinel",
+            "run",
+            "--config",
+            str(self.config_path),
+            *self.extra_args,
+        ]
         self._log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
         return self
@@ -145,12 +159,17 @@ class SentinelProcess:
         except httpx.HTTPError:
             return False
 
-    def complete(self, base: str | None = None, max_tokens: int = 8, timeout: float = 30,
-                 **extra: Any) -> httpx.Response:
-        body = {"model": "tiny", "prompt": "hello", "max_tokens": max_tokens,
-                "temperature": 0, **extra}
-        return httpx.post((base or self.engine_url) + "/v1/completions", json=body,
-                          timeout=timeout)
+    def complete(
+        self, base: str | None = None, max_tokens: int = 8, timeout: float = 30, **extra: Any
+    ) -> httpx.Response:
+        body = {
+            "model": "tiny",
+            "prompt": "hello",
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            **extra,
+        }
+        return httpx.post((base or self.engine_url) + "/v1/completions", json=body, timeout=timeout)
 
     def serves(self, base: str | None = None) -> bool:
         try:
@@ -164,7 +183,8 @@ class SentinelProcess:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(
-                    f"sentinel exited {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+                    f"sentinel exited {self.proc.returncode}:\n{self.log_text()[-4000:]}"
+                )
             return self.serves(base)
 
         wait_for(ok, timeout, interval=1.0, what="the engine to serve completions")
@@ -180,6 +200,21 @@ class SentinelProcess:
             return psutil.Process(self.sentinel_pid()).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
+
+    def engine_processes_anywhere(self) -> list[psutil.Process]:
+        """Every live process on the machine started for this Sentinel's engine, wherever
+        it was re-parented (found by the tag variable in its environment)."""
+        out = []
+        for p in psutil.process_iter():
+            try:
+                if (
+                    p.environ().get(ENGINE_TAG_VAR) == self.tag
+                    and p.status() != psutil.STATUS_ZOMBIE
+                ):
+                    out.append(p)
+            except psutil.Error:
+                continue
+        return out
 
     def engine_processes_by_role(self) -> dict[str, list[psutil.Process]]:
         roles: dict[str, list[psutil.Process]] = {}

@@ -1,0 +1,1 @@
+"""Benchmarks: run one as `.venv/bin/python -m bench.<name>`."""

@@ -1,0 +1,636 @@
+"""Proxy overhead: Sentinel's proxy vs a direct connection to the same upstream.
+
+    .venv/bin/python -m bench.proxy [--quick] [--vllm URL | --start-vllm] [--transport aiohttp]
+
+Processes (each its own interpreter, so the load generator is never the bottleneck):
+  upstream   a minimal fast OpenAI-shaped server (raw asyncio + httptools, uvloop)
+  proxy      Sentinel's proxy (``ProxyService``) with one tier pointing at the upstream,
+             pinned to one CPU core (os.sched_setaffinity); payload logging on at the
+             default 1% sample
+  loadgen    raw asyncio + httptools keep-alive client; one connection per worker
+
+Side by side in one run, direct then through the proxy, for each scenario:
+  1. non-streaming, concurrency 1: latency p50/p99, added p50 (goal <= 0.5 ms) and
+     added p99 (goal <= 2 ms);
+  2. non-streaming, concurrency 64: requests/s (goal >= 1500 through the proxy) and
+     added p99 (goal <= 5 ms);
+  3. streaming, 64 concurrent streams: SSE events out == events in, added
+     time-to-first-token p99 (goal <= 1 ms);
+  4. (with --vllm URL or --start-vllm) real vLLM streaming at concurrency 16: tokens/s
+     through the proxy vs direct (goal >= 98%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httptools
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pin(cores: list[int]) -> None:
+    avail = sorted(os.sched_getaffinity(0))
+    chosen = {avail[c % len(avail)] for c in cores}
+    os.sched_setaffinity(0, chosen)
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+# ---------------------------------------------------------------------------------------
+# upstream: a minimal fast server
+# ---------------------------------------------------------------------------------------
+_JSON = json.dumps(
+    {
+        "id": "cmpl-bench",
+        "object": "text_completion",
+        "model": "bench",
+        "choices": [{"index": 0, "text": "hello world", "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+    }
+).encode()
+_RESP = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+    + str(len(_JSON)).encode()
+    + b"\r\n\r\n"
+    + _JSON
+)
+_SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+)
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class _UpstreamProto(asyncio.Protocol):
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.parser = httptools.HttpRequestParser(self)
+        self.body = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            assert self.transport is not None
+            self.transport.close()
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        body = bytes(self.body)
+        self.body.clear()
+        assert self.transport is not None
+        if b'"stream": true' in body or b'"stream":true' in body:
+            n = 16
+            try:
+                n = int(json.loads(body).get("max_tokens") or 16)
+            except ValueError:
+                pass
+            asyncio.get_running_loop().create_task(self._stream(n))
+        else:
+            self.transport.write(_RESP)
+
+    async def _stream(self, n: int) -> None:
+        t = self.transport
+        assert t is not None
+        t.write(_SSE_HEAD)
+        for i in range(n):
+            ev = b'data: {"choices":[{"index":0,"text":"t%d"}]}\n\n' % i
+            t.write(_chunk(ev))
+            await asyncio.sleep(self.interval)
+        t.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+
+
+def run_upstream(port: int, interval: float) -> None:
+    loop = new_loop()
+    asyncio.set_event_loop(loop)
+    server = loop.run_until_complete(
+        loop.create_server(lambda: _UpstreamProto(interval), "127.0.0.1", port, backlog=4096)
+    )
+    loop.add_signal_handler(signal.SIGTERM, loop.stop)
+    print("ready", flush=True)
+    loop.run_forever()
+    server.close()
+
+
+# ---------------------------------------------------------------------------------------
+# proxy: Sentinel's ProxyService pointing at one upstream
+# ---------------------------------------------------------------------------------------
+def run_proxy(port: int, upstream: str, payload_dir: str, transport: str) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from sentinel.config.schema import (
+        LoggingConfig,
+        PayloadLogConfig,
+        ProxyConfig,
+        TierConfig,
+        TierTimeouts,
+    )
+    from sentinel.logs import configure_logging
+    from sentinel.proxy.service import ProxyService
+    from sentinel.state import EngineStatus
+
+    configure_logging(LoggingConfig(level="warning", format="json"), stream=sys.stderr)
+    cfg = ProxyConfig(
+        host="127.0.0.1",
+        port=port,
+        tiers=[
+            TierConfig(
+                name="upstream",
+                kind="openai",
+                base_url=upstream,
+                max_concurrency=1024,
+                timeouts=TierTimeouts(first_byte_s=60, total_s=600),
+            )
+        ],
+    )
+    factory = None
+    if transport == "aiohttp":
+        from sentinel.proxy.upstream import AiohttpTransport
+
+        def factory(_name: str, limit: int) -> Any:
+            return AiohttpTransport(limit=limit)
+
+    async def main() -> None:
+        kwargs = {"transport_factory": factory} if factory else {}
+        svc = ProxyService(
+            cfg,
+            PayloadLogConfig(dir=Path(payload_dir), enabled=payload_dir != "off"),
+            EngineStatus(),
+            CollectorRegistry(),
+            engine_base_url=lambda: upstream,
+            **kwargs,
+        )
+        svc.prepare()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, svc.server.request_stop)
+        task = asyncio.create_task(svc.run())
+        await svc.server.wait_started()
+        print("ready", flush=True)
+        await task
+
+    loop = new_loop()
+    loop.run_until_complete(main())
+
+
+# ---------------------------------------------------------------------------------------
+# load generator: raw keep-alive client
+# ---------------------------------------------------------------------------------------
+class _ClientProto(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.done: asyncio.Future[None] | None = None
+        self.first: float | None = None
+        self.events = 0
+        self.status = 0
+        self.lost: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+        self.events += body.count(b"data: ")
+
+    def on_message_complete(self) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_exception(ConnectionError("connection lost"))
+
+    async def request(self, raw: bytes) -> tuple[int, float, float | None, int]:
+        self.done = asyncio.get_running_loop().create_future()
+        self.first = None
+        self.events = 0
+        t0 = time.perf_counter()
+        assert self.transport is not None
+        self.transport.write(raw)
+        await self.done
+        t1 = time.perf_counter()
+        return self.status, t1 - t0, (self.first - t0) if self.first else None, self.events
+
+
+def _raw_request(host: str, port: int, path: str, body: dict[str, Any]) -> bytes:
+    data = json.dumps(body).encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(data)}\r\n\r\n"
+    ).encode() + data
+
+
+async def _load(
+    port: int,
+    concurrency: int,
+    requests: int | None,
+    duration: float | None,
+    body: dict[str, Any],
+    path: str = "/v1/completions",
+    rate: float | None = None,
+) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    raw = _raw_request("127.0.0.1", port, path, body)
+    conns = []
+    for _ in range(concurrency):
+        _, proto = await loop.create_connection(_ClientProto, "127.0.0.1", port)
+        conns.append(proto)
+    # warm-up
+    await asyncio.gather(*(c.request(raw) for c in conns))
+    lat: list[float] = []
+    ttft: list[float] = []
+    events: list[int] = []
+    errors = 0
+    remaining = [requests if requests is not None else 1 << 60]
+    stop_at = time.perf_counter() + duration if duration else None
+
+    t_start = time.perf_counter()
+
+    async def worker(i: int, c: _ClientProto) -> None:
+        nonlocal errors
+        k = 0
+        while remaining[0] > 0 and (stop_at is None or time.perf_counter() < stop_at):
+            remaining[0] -= 1
+            if rate:  # open-loop pacing: this worker's k-th request is due at a fixed time
+                due = t_start + (k * concurrency + i) / rate
+                k += 1
+                wait = due - time.perf_counter()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            status, lt, ft, ev = await c.request(raw)
+            if status != 200:
+                errors += 1
+            lat.append(lt)
+            if ft is not None:
+                ttft.append(ft)
+            events.append(ev)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(i, c) for i, c in enumerate(conns)))
+    wall = time.perf_counter() - t0
+    for c in conns:
+        assert c.transport is not None
+        c.transport.close()
+    return {
+        "lat": lat,
+        "ttft": ttft,
+        "events": events,
+        "errors": errors,
+        "wall": wall,
+        "n": len(lat),
+    }
+
+
+def pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))
+    return xs[k]
+
+
+def ms(x: float) -> str:
+    return f"{x * 1000:.3f} ms"
+
+
+# ---------------------------------------------------------------------------------------
+# orchestration
+# ---------------------------------------------------------------------------------------
+def _spawn(args: list[str], cores: list[int] | None) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "bench.proxy", *args]
+    if cores is not None:
+        cmd += ["--cores", ",".join(map(str, cores))]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    line = p.stdout.readline()
+    if line.strip() != "ready":
+        p.kill()
+        raise RuntimeError(f"{args[:2]} did not start: {line!r}")
+    return p
+
+
+def _stop(p: subprocess.Popen[str]) -> None:
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+
+
+def _judge(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+async def scenarios(
+    up: int, px: int, quick: bool, vllm: str | None, vllm_px: int | None, vllm_model: str
+) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    n1 = 1500 if quick else 5000
+    body = {"model": "bench", "prompt": "hi", "max_tokens": 2}
+
+    print("\n== 1. non-streaming, concurrency 1")
+    d = await _load(up, 1, n1, None, body)
+    p = await _load(px, 1, n1, None, body)
+    a50 = pct(p["lat"], 50) - pct(d["lat"], 50)
+    a99 = pct(p["lat"], 99) - pct(d["lat"], 99)
+    print(f"  direct p50 {ms(pct(d['lat'], 50))} p99 {ms(pct(d['lat'], 99))}")
+    print(f"  proxy  p50 {ms(pct(p['lat'], 50))} p99 {ms(pct(p['lat'], 99))}  errors {p['errors']}")
+    print(
+        f"  added  p50 {ms(a50)} (goal <= 0.5 ms: {_judge(a50 <= 0.0005)})  "
+        f"p99 {ms(a99)} (goal <= 2 ms: {_judge(a99 <= 0.002)})"
+    )
+    res["c1"] = {
+        "added_p50_ms": a50 * 1e3,
+        "added_p99_ms": a99 * 1e3,
+        "errors": p["errors"] + d["errors"],
+    }
+
+    print("\n== 2. non-streaming, concurrency 64, proxy pinned to one core")
+    dur = 4.0 if quick else 10.0
+    d = await _load(up, 64, None, dur, body)
+    p = await _load(px, 64, None, dur, body)
+    rps_d, rps_p = d["n"] / d["wall"], p["n"] / p["wall"]
+    a99 = pct(p["lat"], 99) - pct(d["lat"], 99)
+    print(f"  direct {rps_d:8.0f} req/s  p50 {ms(pct(d['lat'], 50))} p99 {ms(pct(d['lat'], 99))}")
+    print(
+        f"  proxy  {rps_p:8.0f} req/s  p50 {ms(pct(p['lat'], 50))} p99 {ms(pct(p['lat'], 99))}"
+        f"  errors {p['errors']}"
+    )
+    print(
+        f"  proxy req/s {rps_p:.0f} (goal >= 1500: {_judge(rps_p >= 1500)}), ratio "
+        f"{rps_p / rps_d:.2f} of direct; added p99 {ms(a99)} "
+        f"(saturated)"
+    )
+    print("   (saturated, closed loop: latency there is queueing, 64 / throughput)")
+    d = await _load(up, 64, None, dur, body, rate=1500)
+    p = await _load(px, 64, None, dur, body, rate=1500)
+    b99 = pct(p["lat"], 99) - pct(d["lat"], 99)
+    print(
+        f"  at 1500 req/s offered over 64 connections: direct p50 {ms(pct(d['lat'], 50))} "
+        f"p99 {ms(pct(d['lat'], 99))}; proxy p50 {ms(pct(p['lat'], 50))} "
+        f"p99 {ms(pct(p['lat'], 99))} ({p['n'] / p['wall']:.0f} req/s done, "
+        f"errors {p['errors']})"
+    )
+    print(f"  added p99 at 1500 req/s {ms(b99)} (goal <= 5 ms: {_judge(b99 <= 0.005)})")
+    res["c64"] = {
+        "rps_proxy": rps_p,
+        "rps_direct": rps_d,
+        "added_p99_saturated_ms": a99 * 1e3,
+        "added_p99_at_1500_ms": b99 * 1e3,
+        "errors": p["errors"] + d["errors"],
+    }
+
+    print("\n== 3. streaming, 64 concurrent streams (32 events each, 20 ms apart = 50 tokens/s)")
+    sbody = {"model": "bench", "prompt": "hi", "max_tokens": 32, "stream": True}
+    ns = 640 if quick else 1920
+    d = await _load(up, 64, ns, None, sbody)
+    p = await _load(px, 64, ns, None, sbody)
+    want = 33  # 32 tokens + [DONE]
+    ok_d = sum(1 for e in d["events"] if e == want)
+    ok_p = sum(1 for e in p["events"] if e == want)
+    a99 = pct(p["ttft"], 99) - pct(d["ttft"], 99)
+    a50 = pct(p["ttft"], 50) - pct(d["ttft"], 50)
+    same = ok_p == p["n"] and sum(p["events"]) == sum(d["events"])
+    print(
+        f"  direct ttft p50 {ms(pct(d['ttft'], 50))} p99 {ms(pct(d['ttft'], 99))}  "
+        f"streams complete {ok_d}/{d['n']}"
+    )
+    print(
+        f"  proxy  ttft p50 {ms(pct(p['ttft'], 50))} p99 {ms(pct(p['ttft'], 99))}  "
+        f"streams complete {ok_p}/{p['n']}"
+    )
+    print(
+        f"  events out == events in: {_judge(same)}"
+        f" ({sum(p['events'])} vs {sum(d['events'])}); added ttft p50 {ms(a50)}, "
+        f"p99 {ms(a99)} (goal <= 1 ms: {_judge(a99 <= 0.001)})"
+    )
+    res["stream"] = {
+        "events_proxy": sum(p["events"]),
+        "events_direct": sum(d["events"]),
+        "added_ttft_p99_ms": a99 * 1e3,
+        "added_ttft_p50_ms": a50 * 1e3,
+    }
+
+    return res
+
+
+async def real_vllm(vllm: str, vllm_px: int, quick: bool, vllm_model: str) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    print("\n== 4. real vLLM streaming, concurrency 16 (64 tokens each, ignore_eos)")
+    port_v = int(vllm.rsplit(":", 1)[1])
+    vbody = {
+        "model": vllm_model,
+        "prompt": "hello",
+        "max_tokens": 64,
+        "stream": True,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
+    vd = {"tok": 0, "wall": 0.0}
+    vp = {"tok": 0, "wall": 0.0}
+    rounds = 2 if quick else 4
+    each = 8.0 if quick else 10.0
+    for _ in range(rounds):  # alternate to cancel drift on a shared machine
+        for port, acc in ((port_v, vd), (vllm_px, vp)):
+            r = await _load(port, 16, None, each, vbody)
+            acc["tok"] += sum(max(e - 1, 0) for e in r["events"])
+            acc["wall"] += r["wall"]
+    td, tp = vd["tok"] / vd["wall"], vp["tok"] / vp["wall"]
+    print(
+        f"  direct {td:8.1f} tokens/s   proxy {tp:8.1f} tokens/s   ratio {tp / td:.3f}"
+        f" (goal >= 0.98: {_judge(tp / td >= 0.98)})"
+    )
+    res["vllm"] = {"tps_direct": td, "tps_proxy": tp, "ratio": tp / td}
+    return res
+
+
+def _start_vllm(port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(ROOT / "var" / "tiny-model"),
+        "--served-model-name",
+        "tiny",
+        "--max-model-len",
+        "256",
+        "--enforce-eager",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    p = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    import urllib.request
+
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return p
+        except OSError:
+            time.sleep(1)
+    os.killpg(p.pid, signal.SIGKILL)
+    raise RuntimeError("vLLM did not become healthy")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--role", choices=["bench", "upstream", "proxy"], default="bench")
+    ap.add_argument("--port", type=int)
+    ap.add_argument("--upstream")
+    ap.add_argument("--payload-dir")
+    ap.add_argument("--cores")
+    ap.add_argument(
+        "--interval",
+        type=float,
+        default=0.02,
+        help="seconds between the fast upstream's stream events",
+    )
+    ap.add_argument("--no-payloads", action="store_true", help="payload logging off")
+    ap.add_argument("--quick", action="store_true", help="fewer requests, shorter phases")
+    ap.add_argument(
+        "--transport",
+        default="raw",
+        choices=["raw", "aiohttp"],
+        help="the proxy's upstream client (raw: Sentinel's default)",
+    )
+    ap.add_argument("--vllm", help="base URL of a running vLLM (scenario 4)")
+    ap.add_argument("--vllm-model", default="tiny")
+    ap.add_argument("--start-vllm", action="store_true", help="start vLLM on the tiny model")
+    ap.add_argument("--json", help="write the figures here as JSON")
+    a = ap.parse_args()
+    if a.cores:
+        pin([int(c) for c in a.cores.split(",")])
+    if a.role == "upstream":
+        run_upstream(a.port, a.interval)
+        return
+    if a.role == "proxy":
+        run_proxy(a.port, a.upstream, a.payload_dir, a.transport)
+        return
+
+    ncpu = len(os.sched_getaffinity(0))
+    proxy_core = [0]
+    other = [c for c in range(ncpu) if c != 0] or [0]
+    print(
+        f"cpus {ncpu}: proxy pinned to core {proxy_core}, upstream and load generator on "
+        f"{other}; proxy upstream client: {a.transport}"
+    )
+    pin(other)
+    procs: list[subprocess.Popen[Any]] = []
+    vllm_proc = None
+    try:
+        up = free_port()
+        procs.append(
+            _spawn(["--role", "upstream", "--port", str(up), "--interval", str(a.interval)], other)
+        )
+        tmp = "off" if a.no_payloads else tempfile.mkdtemp(prefix="bench-proxy-")
+        px = free_port()
+        procs.append(
+            _spawn(
+                [
+                    "--role",
+                    "proxy",
+                    "--port",
+                    str(px),
+                    "--upstream",
+                    f"http://127.0.0.1:{up}",
+                    "--payload-dir",
+                    tmp,
+                    "--transport",
+                    a.transport,
+                ],
+                proxy_core,
+            )
+        )
+        loop = new_loop()
+        res = loop.run_until_complete(scenarios(up, px, a.quick, None, None, a.vllm_model))
+        for p in procs:  # free the CPU before the real engine runs
+            _stop(p)
+        procs.clear()
+        pin(list(range(ncpu)))  # vLLM, its proxy and the load generator share every core
+        vllm = a.vllm
+        if a.start_vllm:
+            vport = free_port()
+            print(f"\nstarting vLLM on port {vport} ...", flush=True)
+            vllm_proc = _start_vllm(vport)
+            vllm = f"http://127.0.0.1:{vport}"
+        if vllm:
+            vpx = free_port()
+            # the proxy in front of vLLM is not pinned: on a CPU engine it shares the
+            # cores with the engine itself, as it would in a deployment
+            procs.append(
+                _spawn(
+                    [
+                        "--role",
+                        "proxy",
+                        "--port",
+                        str(vpx),
+                        "--upstream",
+                        vllm,
+                        "--payload-dir",
+                        tmp,
+                        "--transport",
+                        a.transport,
+                    ],
+                    None,
+                )
+            )
+            res.update(loop.run_until_complete(real_vllm(vllm, vpx, a.quick, a.vllm_model)))
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=2))
+    finally:
+        for p in procs:
+            _stop(p)
+        if vllm_proc is not None:
+            os.killpg(vllm_proc.pid, signal.SIGKILL)
+    _ = statistics  # (kept for readers extending the script)
+
+
+if __name__ == "__main__":
+    main()

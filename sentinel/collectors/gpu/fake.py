@@ -1,0 +1,278 @@
+"""An in-memory NVML with pynvml's surface, for unit tests and the CPU bench.
+
+Only the functions ``nvml.py`` calls exist. Errors are pynvml's own ``NVMLError``
+classes (nvidia-ml-py is a pure-Python package: importing it needs no driver), so
+the code under test sees exactly what it would see from the real library.
+
+Faults: ``FakeGpu.fail[function name] = code`` makes that call raise;
+``FakeGpu.field_fail[field id] = code`` makes one field of
+nvmlDeviceGetFieldValues come back with that return code; ``FakeGpu.lost = True``
+makes every call on the device raise GPU_IS_LOST; ``FakeGpu.delay_s[function name]``
+makes that call slow; ``FakeNvml(init_error=code)``
+makes nvmlInit fail (e.g. 12: library not found, 9: driver not loaded).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import pynvml
+
+NVMLError = pynvml.NVMLError
+GPU_IS_LOST = 15
+TIMEOUT = 10
+
+
+@dataclass
+class FakeGpu:
+    name: str = "NVIDIA H100 80GB HBM3"
+    uuid: str = "GPU-00000000-0000-0000-0000-000000000000"
+    temperature: int = 40
+    memory_temperature: int = 45
+    clocks_event_mask: int = 0x1
+    util_gpu: int = 0
+    util_memory: int = 0
+    sm_clock_mhz: int = 345
+    memory_clock_mhz: int = 2619
+    sm_clock_max_mhz: int = 1980
+    memory_clock_max_mhz: int = 2619
+    power_mw: int = 70_000
+    power_limit_mw: int = 700_000
+    memory_total: int = 80 * 1024**3
+    memory_used: int = 512 * 1024**2
+    thermal_violation_ns: int = 0
+    power_violation_ns: int = 0
+    ecc_corrected: int = 0
+    ecc_uncorrected: int = 0
+    remapped: tuple[int, int, int, int] = (0, 0, 0, 0)
+    pcie_replay: int = 0
+    compute_processes: list[tuple[int, int | None]] = field(default_factory=list)
+    graphics_processes: list[tuple[int, int | None]] = field(default_factory=list)
+    gpm_supported: bool = True
+    gpm_dram_bw_util: float = 1.5
+    gpm_sm_util: float = 0.0
+    gpm_metric_fail: dict[int, int] = field(default_factory=dict)
+    fail: dict[str, int] = field(default_factory=dict)
+    field_fail: dict[int, int] = field(default_factory=dict)
+    lost: bool = False
+    delay_s: dict[str, float] = field(default_factory=dict)  # function name -> added latency
+    calls: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FakeHandle:
+    index: int
+
+
+class _FakeMetricsGet:
+    def __init__(self) -> None:
+        self.version = 0
+        self.numMetrics = 0
+        self.sample1: Any = None
+        self.sample2: Any = None
+        self.metrics = [SimpleNamespace(metricId=0, nvmlReturn=0, value=0.0) for _ in range(16)]
+
+
+class FakeNvml:
+    """pynvml-like module over a list of ``FakeGpu``."""
+
+    NVMLError = NVMLError
+    NVML_GPM_METRICS_GET_VERSION = 1
+    c_nvmlGpmMetricsGet_t = _FakeMetricsGet
+
+    def __init__(self, gpus: list[FakeGpu] | None = None, init_error: int | None = None) -> None:
+        self.gpus = gpus if gpus is not None else [FakeGpu()]
+        self.init_error = init_error
+        self.initialised = 0
+        self.events: deque[tuple[int, int]] = deque()
+        self.registered: set[int] = set()
+        self.event_set_freed = False
+        self.register_fail: dict[int, int] = {}
+        self._cond = threading.Condition()
+
+    # ---- helpers -----------------------------------------------------------
+    def inject_xid(self, index: int, xid: int) -> None:
+        with self._cond:
+            self.events.append((index, xid))
+            self._cond.notify_all()
+
+    def _gpu(self, handle: FakeHandle, fn: str) -> FakeGpu:
+        gpu = self.gpus[handle.index]
+        gpu.calls[fn] = gpu.calls.get(fn, 0) + 1
+        if gpu.lost:
+            raise NVMLError(GPU_IS_LOST)
+        if fn in gpu.fail:
+            raise NVMLError(gpu.fail[fn])
+        if gpu.delay_s.get(fn):
+            time.sleep(gpu.delay_s[fn])
+        return gpu
+
+    # ---- library -----------------------------------------------------------
+    def nvmlInit(self) -> None:
+        if self.init_error is not None:
+            raise NVMLError(self.init_error)
+        self.initialised += 1
+
+    def nvmlShutdown(self) -> None:
+        self.initialised -= 1
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        return "580.00.00"
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> FakeHandle:
+        if self.gpus[index].lost:
+            raise NVMLError(GPU_IS_LOST)
+        return FakeHandle(index)
+
+    def nvmlDeviceGetIndex(self, handle: FakeHandle) -> int:
+        return handle.index
+
+    def nvmlDeviceGetUUID(self, h: FakeHandle) -> str:
+        return self._gpu(h, "nvmlDeviceGetUUID").uuid
+
+    def nvmlDeviceGetName(self, h: FakeHandle) -> str:
+        return self._gpu(h, "nvmlDeviceGetName").name
+
+    def nvmlDeviceGetTemperature(self, h: FakeHandle, sensor: int) -> int:
+        return self._gpu(h, "nvmlDeviceGetTemperature").temperature
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h: FakeHandle) -> int:
+        return self._gpu(h, "nvmlDeviceGetCurrentClocksEventReasons").clocks_event_mask
+
+    def nvmlDeviceGetUtilizationRates(self, h: FakeHandle) -> SimpleNamespace:
+        g = self._gpu(h, "nvmlDeviceGetUtilizationRates")
+        return SimpleNamespace(gpu=g.util_gpu, memory=g.util_memory)
+
+    def nvmlDeviceGetClockInfo(self, h: FakeHandle, kind: int) -> int:
+        g = self._gpu(h, "nvmlDeviceGetClockInfo")
+        return g.sm_clock_mhz if kind == 1 else g.memory_clock_mhz
+
+    def nvmlDeviceGetMaxClockInfo(self, h: FakeHandle, kind: int) -> int:
+        g = self._gpu(h, "nvmlDeviceGetMaxClockInfo")
+        return g.sm_clock_max_mhz if kind == 1 else g.memory_clock_max_mhz
+
+    def nvmlDeviceGetPowerUsage(self, h: FakeHandle) -> int:
+        return self._gpu(h, "nvmlDeviceGetPowerUsage").power_mw
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, h: FakeHandle) -> int:
+        return self._gpu(h, "nvmlDeviceGetEnforcedPowerLimit").power_limit_mw
+
+    def nvmlDeviceGetMemoryInfo(self, h: FakeHandle) -> SimpleNamespace:
+        g = self._gpu(h, "nvmlDeviceGetMemoryInfo")
+        return SimpleNamespace(
+            total=g.memory_total, used=g.memory_used, free=g.memory_total - g.memory_used
+        )
+
+    def _field(self, g: FakeGpu, fid: int) -> tuple[int, int]:
+        """(valueType, value) of one field id."""
+        table = {
+            82: (1, g.memory_temperature),
+            3: (3, g.ecc_corrected),
+            4: (3, g.ecc_uncorrected),
+            142: (1, g.remapped[0]),
+            143: (1, g.remapped[1]),
+            144: (1, g.remapped[2]),
+            145: (1, g.remapped[3]),
+            94: (1, g.pcie_replay),
+            74: (3, g.power_violation_ns),
+            75: (3, g.thermal_violation_ns),
+        }
+        return table[fid]
+
+    def nvmlDeviceGetFieldValues(self, h: FakeHandle, ids: list[int]) -> list[SimpleNamespace]:
+        g = self._gpu(h, "nvmlDeviceGetFieldValues")
+        members = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal"}
+        out = []
+        for fid in ids:
+            vtype, value = self._field(g, fid)
+            ret = g.field_fail.get(fid, 0)
+            out.append(
+                SimpleNamespace(
+                    fieldId=fid,
+                    nvmlReturn=ret,
+                    valueType=vtype,
+                    value=SimpleNamespace(**{members[vtype]: value}),
+                )
+            )
+        return out
+
+    # legacy one-call-per-counter readers
+    def nvmlDeviceGetViolationStatus(self, h: FakeHandle, policy: int) -> SimpleNamespace:
+        g = self._gpu(h, "nvmlDeviceGetViolationStatus")
+        ns = g.thermal_violation_ns if policy == 1 else g.power_violation_ns
+        return SimpleNamespace(referenceTime=0, violationTime=ns)
+
+    def nvmlDeviceGetTotalEccErrors(self, h: FakeHandle, kind: int, counter: int) -> int:
+        g = self._gpu(h, "nvmlDeviceGetTotalEccErrors")
+        return g.ecc_corrected if kind == 0 else g.ecc_uncorrected
+
+    def nvmlDeviceGetRemappedRows(self, h: FakeHandle) -> tuple[int, int, int, int]:
+        return self._gpu(h, "nvmlDeviceGetRemappedRows").remapped
+
+    def nvmlDeviceGetPcieReplayCounter(self, h: FakeHandle) -> int:
+        return self._gpu(h, "nvmlDeviceGetPcieReplayCounter").pcie_replay
+
+    def _procs(self, items: list[tuple[int, int | None]]) -> list[SimpleNamespace]:
+        return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in items]
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h: FakeHandle) -> list[SimpleNamespace]:
+        return self._procs(self._gpu(h, "nvmlDeviceGetComputeRunningProcesses").compute_processes)
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, h: FakeHandle) -> list[SimpleNamespace]:
+        g = self._gpu(h, "nvmlDeviceGetGraphicsRunningProcesses")
+        return self._procs(g.graphics_processes)
+
+    # GPM
+    def nvmlGpmQueryDeviceSupport(self, h: FakeHandle) -> SimpleNamespace:
+        g = self._gpu(h, "nvmlGpmQueryDeviceSupport")
+        return SimpleNamespace(version=1, isSupportedDevice=int(g.gpm_supported))
+
+    def nvmlGpmSampleAlloc(self) -> SimpleNamespace:
+        return SimpleNamespace(handle=None)
+
+    def nvmlGpmSampleFree(self, sample: SimpleNamespace) -> None:
+        return None
+
+    def nvmlGpmSampleGet(self, h: FakeHandle, sample: SimpleNamespace) -> SimpleNamespace:
+        self._gpu(h, "nvmlGpmSampleGet")
+        sample.handle = h
+        return sample
+
+    def nvmlGpmMetricsGet(self, request: _FakeMetricsGet) -> _FakeMetricsGet:
+        g = self._gpu(request.sample2.handle, "nvmlGpmMetricsGet")
+        for m in request.metrics[: request.numMetrics]:
+            m.nvmlReturn = g.gpm_metric_fail.get(m.metricId, 0)
+            m.value = {10: g.gpm_dram_bw_util, 2: g.gpm_sm_util}.get(m.metricId, 0.0)
+        return request
+
+    # events
+    def nvmlEventSetCreate(self) -> object:
+        return object()
+
+    def nvmlDeviceRegisterEvents(self, h: FakeHandle, types: int, event_set: object) -> None:
+        self._gpu(h, "nvmlDeviceRegisterEvents")
+        if h.index in self.register_fail:
+            raise NVMLError(self.register_fail[h.index])
+        self.registered.add(h.index)
+
+    def nvmlEventSetWait_v2(self, event_set: object, timeout_ms: int) -> SimpleNamespace:
+        with self._cond:
+            if not self.events:
+                self._cond.wait(timeout_ms / 1000.0)
+            if not self.events:
+                raise NVMLError(TIMEOUT)
+            index, xid = self.events.popleft()
+        return SimpleNamespace(
+            device=FakeHandle(index), eventType=0x8, eventData=xid, gpuInstanceId=0
+        )
+
+    def nvmlEventSetFree(self, event_set: object) -> None:
+        self.event_set_freed = True

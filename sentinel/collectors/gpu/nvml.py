@@ -1,0 +1,644 @@
+"""The boundary to NVML: a thin layer over ``pynvml`` (nvidia-ml-py), injectable for tests.
+
+Every read is safe, in the style of gpustat: a field the device does not support
+(NotSupported, FunctionNotFound, NoPermission) becomes ``None``, is counted once and
+not asked again; another error becomes ``None`` and is counted each time (it may be
+transient); GPU-is-lost (or reset-required) marks the whole device lost, and it is
+not read again. NVML missing (no library, no driver) raises ``NvmlUnavailable`` once,
+at load time.
+
+Cost: one full read of one device is ~10 NVML calls. Identity and maximum clocks
+are read once. The counters (memory temperature, ECC, remapped rows, PCIe replays,
+violation times) can each be read through nvmlDeviceGetFieldValues or an older
+one-value call; at open, each way is timed on the device and the cheaper kept; the
+cheap ones are read every poll. The expensive ones (over ``FAST_READ_S`` at open,
+or 3 polls in a row later; on the H100 we measured, in a VM: each violation time
+~0.7 ms, the PCIe replay counter ~0.17 ms) are refreshed every ``slow_every`` polls
+instead, staggered so that no poll reads more than one of them; their last values
+are exposed in between.
+Utilization comes from GPM (one sample a poll, metrics between the last two), and
+from NVML's utilization rates only where GPM is unsupported. PCIe throughput is not
+read (NVML samples it over 20 ms on every call).
+
+Nothing here is thread-aware beyond what NVML itself guarantees (it is thread-safe);
+one poll thread owns the ``GpuDevice`` objects.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sentinel.collectors.gpu.sample import GpuProcess, GpuSample
+
+# NVML return codes (the C ABI; pynvml's NVML_ERROR_* have the same values).
+SUCCESS = 0
+NOT_SUPPORTED = 3
+NO_PERMISSION = 4
+TIMEOUT = 10
+FUNCTION_NOT_FOUND = 13
+GPU_IS_LOST = 15
+RESET_REQUIRED = 16
+_PERMANENT = {NOT_SUPPORTED, NO_PERMISSION, FUNCTION_NOT_FOUND}
+_LOST = {GPU_IS_LOST, RESET_REQUIRED}
+_CODE_NAMES = {
+    1: "uninitialized",
+    2: "invalid_argument",
+    3: "not_supported",
+    4: "no_permission",
+    6: "not_found",
+    7: "insufficient_size",
+    9: "driver_not_loaded",
+    10: "timeout",
+    11: "irq_issue",
+    13: "function_not_found",
+    14: "corrupted_inforom",
+    15: "gpu_is_lost",
+    16: "reset_required",
+    17: "operating_system",
+    20: "memory",
+    999: "unknown",
+}
+
+TEMPERATURE_GPU = 0
+CLOCK_SM = 1
+CLOCK_MEM = 2
+PERF_POLICY_POWER = 0
+PERF_POLICY_THERMAL = 1
+EVENT_XID_CRITICAL = 0x8
+GPM_SM_UTIL = 2
+GPM_DRAM_BW_UTIL = 10
+_MHZ = 1_000_000.0
+_NS = 1e-9
+
+# A counter read costing more than this (measured per device at open) is "slow": it is
+# refreshed every ``slow_every`` polls, at most one slow read per poll.
+FAST_READ_S = 150e-6
+# nvmlValueType_t -> member of the nvmlValue_t union
+_VALUE_MEMBER = {
+    0: "dVal",
+    1: "uiVal",
+    2: "ulVal",
+    3: "ullVal",
+    4: "sllVal",
+    5: "siVal",
+    6: "usVal",
+}
+
+
+class NvmlUnavailable(Exception):
+    """NVML cannot be used here: nvidia-ml-py, the library or the driver is missing."""
+
+
+class GpuLost(Exception):
+    """The device fell off the bus or needs a reset; nothing more can be read from it."""
+
+
+def code_name(code: int) -> str:
+    return _CODE_NAMES.get(code, f"error_{code}")
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+class Nvml:
+    """One NVML session (nvmlInit .. nvmlShutdown) over a pynvml-like module."""
+
+    def __init__(self, lib: Any) -> None:
+        self.lib = lib
+        self._closed = False
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self.lib.nvmlShutdown()
+            except self.lib.NVMLError:
+                pass
+
+    def driver_version(self) -> str | None:
+        try:
+            return _text(self.lib.nvmlSystemGetDriverVersion())
+        except self.lib.NVMLError:
+            return None
+
+    def device_count(self) -> int:
+        return int(self.lib.nvmlDeviceGetCount())
+
+    def open_devices(self, slow_every: int = 1) -> list[GpuDevice]:
+        """Every GPU, opened (a device that cannot be opened comes back lost)."""
+        try:
+            count = self.device_count()
+        except self.lib.NVMLError as exc:
+            self.close()
+            raise NvmlUnavailable(f"NVML could not count the GPUs: {exc}") from None
+        devices = []
+        for index in range(count):
+            device = GpuDevice(self.lib, index, slow_every)
+            device.open()
+            devices.append(device)
+        return devices
+
+    def xid_events(self, devices: list[GpuDevice]) -> XidEvents | None:
+        """An event set with every device registered for XID events, or None when no
+        device supports them (counted per device as field ``xid_events``)."""
+        try:
+            event_set = self.lib.nvmlEventSetCreate()
+        except self.lib.NVMLError as exc:
+            for device in devices:
+                device.note_failure("xid_events", exc.value)
+            return None
+        registered = 0
+        for device in devices:
+            if device.lost:
+                continue
+            try:
+                self.lib.nvmlDeviceRegisterEvents(device.handle, EVENT_XID_CRITICAL, event_set)
+                registered += 1
+            except self.lib.NVMLError as exc:
+                try:
+                    device.note_failure("xid_events", exc.value)
+                except GpuLost:
+                    device.lost = True
+        if not registered:
+            try:
+                self.lib.nvmlEventSetFree(event_set)
+            except self.lib.NVMLError:
+                pass
+            return None
+        return XidEvents(self.lib, event_set, devices)
+
+
+def load_nvml(lib: Any | None = None) -> Nvml:
+    """Initialise NVML; raise ``NvmlUnavailable`` with the reason when it cannot be."""
+    if lib is None:
+        try:
+            import pynvml as lib  # nvidia-ml-py
+        except ImportError as exc:
+            raise NvmlUnavailable(f"nvidia-ml-py is not installed ({exc})") from None
+    try:
+        lib.nvmlInit()
+    except lib.NVMLError as exc:
+        raise NvmlUnavailable(f"NVML could not be initialised: {exc}") from None
+    except OSError as exc:
+        raise NvmlUnavailable(f"NVML library could not be loaded: {exc}") from None
+    return Nvml(lib)
+
+
+class XidEvents:
+    """XID critical-error events of every registered device, so that every one counts."""
+
+    def __init__(self, lib: Any, event_set: Any, devices: list[GpuDevice]) -> None:
+        self.lib = lib
+        self.event_set = event_set
+        self.devices = {d.index: d for d in devices}
+        self.errors: Counter[str] = Counter()
+
+    def wait(self, timeout_s: float) -> list[tuple[int, int]] | None:
+        """Wait up to ``timeout_s`` for one event; return [(gpu index, xid)], [] on
+        timeout, or None when waiting failed (the caller then sleeps instead)."""
+        ms = max(1, int(timeout_s * 1000))
+        try:
+            data = self.lib.nvmlEventSetWait_v2(self.event_set, ms)
+        except self.lib.NVMLError as exc:
+            if exc.value == TIMEOUT:
+                return []
+            self.errors[code_name(exc.value)] += 1
+            return None
+        if not data.eventType & EVENT_XID_CRITICAL:
+            return []
+        try:
+            index = int(self.lib.nvmlDeviceGetIndex(data.device))
+        except self.lib.NVMLError:
+            index = -1
+        xid = int(data.eventData)
+        device = self.devices.get(index)
+        if device is not None:
+            device.xid_counts[xid] += 1
+        return [(index, xid)]
+
+    def close(self) -> None:
+        try:
+            self.lib.nvmlEventSetFree(self.event_set)
+        except self.lib.NVMLError:
+            pass
+
+
+class _Gpm:
+    """GPM (Hopper+): DRAM bandwidth and SM utilization between the last two samples."""
+
+    METRICS = (GPM_DRAM_BW_UTIL, GPM_SM_UTIL)
+
+    def __init__(self, lib: Any, handle: Any) -> None:
+        self.lib = lib
+        self.handle = handle
+        self.samples = [lib.nvmlGpmSampleAlloc(), lib.nvmlGpmSampleAlloc()]
+        self.current = 0
+        self.have_previous = False
+        request = lib.c_nvmlGpmMetricsGet_t()
+        request.version = lib.NVML_GPM_METRICS_GET_VERSION
+        request.numMetrics = len(self.METRICS)
+        for i, metric in enumerate(self.METRICS):
+            request.metrics[i].metricId = metric
+        self.request = request
+
+    def read(self) -> dict[int, tuple[int, float]] | None:
+        """Take a sample; return {metric: (nvml return code, value)} once two exist."""
+        new = self.samples[self.current]
+        self.lib.nvmlGpmSampleGet(self.handle, new)
+        old = self.samples[self.current ^ 1]
+        self.current ^= 1
+        if not self.have_previous:
+            self.have_previous = True
+            return None
+        request = self.request
+        request.sample1, request.sample2 = old, new
+        self.lib.nvmlGpmMetricsGet(request)
+        return {
+            metric: (int(request.metrics[i].nvmlReturn), float(request.metrics[i].value))
+            for i, metric in enumerate(self.METRICS)
+        }
+
+    def close(self) -> None:
+        for sample in self.samples:
+            try:
+                self.lib.nvmlGpmSampleFree(sample)
+            except self.lib.NVMLError:
+                pass
+
+
+class GpuDevice:
+    """One GPU: identity and maxima read once, then ``sample()`` every poll."""
+
+    def __init__(self, lib: Any, index: int, slow_every: int = 1) -> None:
+        self.lib = lib
+        self.index = index
+        self.handle: Any = None
+        self.uuid = f"unknown-{index}"
+        self.name = "unknown"
+        self.lost = False
+        self.unsupported: set[str] = set()
+        self.unsupported_reads: Counter[str] = Counter()
+        self.read_errors: Counter[tuple[str, str]] = Counter()
+        self.xid_counts: Counter[int] = Counter()
+        self.sm_clock_max_hz: float | None = None
+        self.memory_clock_max_hz: float | None = None
+        self._gpm: _Gpm | None = None
+        self._reasons_fn: Callable[[Any], int] | None = None
+        self._fields_ok = True
+        self._planned_fields_ok = True
+        self._fast: list[tuple[CounterGroup, str]] | None = None  # None: not planned yet
+        self._over: dict[str, int] = {}  # fast group -> consecutive polls over FAST_READ_S
+        self._slow: list[tuple[CounterGroup, str]] = []
+        self._polls = 0
+        self.last_slow_read: str | None = None  # the slow counter group the last poll read
+        self.slow_every = max(1, slow_every)
+        self._cache: dict[str, Any] = {}
+        self.read_costs: dict[str, dict[str, float]] = {}
+        self.counter_plan: dict[str, str] = {}
+
+    # ---- safe reads --------------------------------------------------------
+    def note_failure(self, field: str, code: int) -> None:
+        """Record a failed read of ``field``; raise GpuLost when the device is gone."""
+        if code in _LOST:
+            raise GpuLost(f"GPU {self.index} ({self.uuid}): {code_name(code)}")
+        if code in _PERMANENT:
+            self.unsupported.add(field)
+            self.unsupported_reads[field] += 1
+        else:
+            self.read_errors[(field, code_name(code))] += 1
+
+    def read(self, field: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, or None when the field is unsupported or the read failed."""
+        if field in self.unsupported:
+            return None
+        try:
+            return fn(*args)
+        except self.lib.NVMLError as exc:
+            self.note_failure(field, exc.value)
+            return None
+
+    # ---- once --------------------------------------------------------------
+    def open(self) -> None:
+        lib = self.lib
+        try:
+            self.handle = lib.nvmlDeviceGetHandleByIndex(self.index)
+            h = self.handle
+            uuid = self.read("uuid", lib.nvmlDeviceGetUUID, h)
+            name = self.read("name", lib.nvmlDeviceGetName, h)
+            self.uuid = _text(uuid) if uuid is not None else self.uuid
+            self.name = _text(name) if name is not None else self.name
+            sm_max = self.read("sm_clock_max", lib.nvmlDeviceGetMaxClockInfo, h, CLOCK_SM)
+            mem_max = self.read("memory_clock_max", lib.nvmlDeviceGetMaxClockInfo, h, CLOCK_MEM)
+            self.sm_clock_max_hz = sm_max * _MHZ if sm_max is not None else None
+            self.memory_clock_max_hz = mem_max * _MHZ if mem_max is not None else None
+            self._reasons_fn = getattr(lib, "nvmlDeviceGetCurrentClocksEventReasons", None) or (
+                lib.nvmlDeviceGetCurrentClocksThrottleReasons
+            )
+            support = self.read("gpm", lib.nvmlGpmQueryDeviceSupport, h)
+            if support is not None and support.isSupportedDevice:
+                self._gpm = self.read("gpm", _Gpm, lib, h)
+            elif support is not None:
+                self.unsupported.add("gpm")
+                self.unsupported_reads["gpm"] += 1
+            self.plan_counters()
+        except lib.NVMLError as exc:  # the handle itself
+            self.lost = exc.value in _LOST
+            if not self.lost:
+                self.note_failure("handle", exc.value)
+                self.lost = True  # no handle: nothing can be read
+        except GpuLost:
+            self.lost = True
+
+    def close(self) -> None:
+        if self._gpm is not None:
+            self._gpm.close()
+            self._gpm = None
+
+    # ---- every poll --------------------------------------------------------
+    def sample(
+        self, roles: Mapping[int, str] | None = None, owned: Collection[int] = ()
+    ) -> GpuSample:
+        """Read everything once. ``roles`` maps engine pids to their role; ``owned`` holds
+        other pids Sentinel started (their role is ``other``)."""
+        start = time.perf_counter()
+        values: dict[str, Any] = {}
+        if not self.lost:
+            try:
+                values = self._read_all(roles or {}, owned)
+            except GpuLost:
+                self.lost = True
+                values = {}
+        return GpuSample(
+            index=self.index,
+            uuid=self.uuid,
+            name=self.name,
+            lost=self.lost,
+            sm_clock_max_hz=self.sm_clock_max_hz,
+            memory_clock_max_hz=self.memory_clock_max_hz,
+            xid_counts=dict(self.xid_counts),
+            unsupported_reads=dict(self.unsupported_reads),
+            read_errors=dict(self.read_errors),
+            poll_duration_s=time.perf_counter() - start,
+            **values,
+        )
+
+    def _read_all(self, roles: Mapping[int, str], owned: Collection[int]) -> dict[str, Any]:
+        lib, h, read = self.lib, self.handle, self.read
+        v: dict[str, Any] = {}
+        v["temperature_c"] = read("temperature", lib.nvmlDeviceGetTemperature, h, TEMPERATURE_GPU)
+        if self._reasons_fn is not None:
+            v["clocks_event_mask"] = read("clocks_event_reasons", self._reasons_fn, h)
+        sm = read("sm_clock", lib.nvmlDeviceGetClockInfo, h, CLOCK_SM)
+        mem = read("memory_clock", lib.nvmlDeviceGetClockInfo, h, CLOCK_MEM)
+        v["sm_clock_hz"] = sm * _MHZ if sm is not None else None
+        v["memory_clock_hz"] = mem * _MHZ if mem is not None else None
+        power = read("power", lib.nvmlDeviceGetPowerUsage, h)
+        limit = read("power_limit", lib.nvmlDeviceGetEnforcedPowerLimit, h)
+        v["power_w"] = power / 1000.0 if power is not None else None
+        v["power_limit_w"] = limit / 1000.0 if limit is not None else None
+        meminfo = read("memory", lib.nvmlDeviceGetMemoryInfo, h)
+        if meminfo is not None:
+            v["memory_used_bytes"] = int(meminfo.used)
+            v["memory_total_bytes"] = int(meminfo.total)
+        v.update(self._utilization())
+        v.update(self._counters())
+        v["processes"] = self.processes(roles, owned)
+        return v
+
+    def _utilization(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self._gpm is not None and "gpm" not in self.unsupported:
+            metrics = self.read("gpm", self._gpm.read)
+            if metrics is None:  # first sample (or failed read): nothing to report yet
+                return out
+            for metric, key, name in (
+                (GPM_DRAM_BW_UTIL, "memory_bandwidth", "gpm_dram_bw_util"),
+                (GPM_SM_UTIL, "sm_utilization", "gpm_sm_util"),
+            ):
+                ret, value = metrics[metric]
+                if ret == SUCCESS:
+                    out[f"{key}_ratio"] = value / 100.0
+                    out[f"{key}_source"] = "gpm"
+                else:
+                    self.note_failure(name, ret)
+            if len(out) == 4:
+                return out
+        rates = self.read("utilization", self.lib.nvmlDeviceGetUtilizationRates, self.handle)
+        if rates is not None:
+            if "memory_bandwidth_ratio" not in out:
+                out["memory_bandwidth_ratio"] = rates.memory / 100.0
+                out["memory_bandwidth_source"] = "nvml"
+            if "sm_utilization_ratio" not in out:
+                out["sm_utilization_ratio"] = rates.gpu / 100.0
+                out["sm_utilization_source"] = "nvml"
+        return out
+
+    # ---- counters: memory temperature, ECC, remapped rows, PCIe replays, violations ----
+    def read_fields(self, pairs: tuple[tuple[str, int], ...]) -> dict[str, Any]:
+        """Field values in one nvmlDeviceGetFieldValues call: {name: value, or None}."""
+        wanted = [(name, fid) for name, fid in pairs if name not in self.unsupported]
+        if not wanted or not self._fields_ok:
+            return {}
+        try:
+            values = self.lib.nvmlDeviceGetFieldValues(self.handle, [fid for _, fid in wanted])
+        except self.lib.NVMLError as exc:
+            if exc.value in _PERMANENT:
+                self._fields_ok = False
+            self.note_failure("field_values", exc.value)
+            return {name: None for name, _ in wanted}
+        out: dict[str, Any] = {}
+        for (name, _), fv in zip(wanted, values, strict=False):
+            member = _VALUE_MEMBER.get(int(fv.valueType))
+            if fv.nvmlReturn != SUCCESS or member is None:
+                self.note_failure(name, fv.nvmlReturn if fv.nvmlReturn != SUCCESS else 2)
+                out[name] = None
+            else:
+                out[name] = getattr(fv.value, member)
+        return out
+
+    def _reader(self, group: CounterGroup, how: str) -> Callable[[], dict[str, Any]]:
+        if how == "fields":
+            return lambda: self.read_fields(group.fields)
+        assert group.legacy is not None
+        return lambda: group.legacy(self)  # type: ignore[misc]
+
+    def plan_counters(self) -> None:
+        """Time each counter group's readers (field values, legacy call) on this device;
+        keep the cheaper; read the cheap groups every poll and refresh the expensive ones
+        every ``slow_every`` polls. The reads also fill the cache."""
+        self._fast, self._slow, self._over = [], [], {}
+        self.read_costs, self.counter_plan = {}, {}
+        for group in COUNTER_GROUPS:
+            costs: dict[str, float] = {}
+            hows = (["fields"] if self._fields_ok else []) + (["legacy"] if group.legacy else [])
+            for how in hows:
+                reader, best, got = self._reader(group, how), float("inf"), {}
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    got = reader()
+                    best = min(best, time.perf_counter() - t0)
+                self._cache.update(got)
+                if any(v is not None for v in got.values()):
+                    costs[how] = best
+            self.read_costs[group.name] = costs
+            if not costs:
+                continue  # unsupported on this device (counted)
+            how = min(costs, key=lambda k: costs[k])
+            if costs[how] <= FAST_READ_S:
+                self._fast.append((group, how))
+                self.counter_plan[group.name] = f"{how}, every poll"
+            else:
+                self._demote(group, how)
+        self._planned_fields_ok = self._fields_ok
+
+    def _demote(self, group: CounterGroup, how: str) -> None:
+        self._slow.append((group, how))
+        self.counter_plan[group.name] = f"{how}, every {self.slow_every} polls"
+
+    def _counters(self) -> dict[str, Any]:
+        self.last_slow_read: str | None = None
+        if self._fast is None or self._planned_fields_ok != self._fields_ok:
+            self.plan_counters()
+        else:
+            # a cheap read turning out expensive at the real cadence (a driver cache
+            # that the back-to-back timing at open hit) 3 polls in a row becomes slow
+            for group, how in list(self._fast):
+                t0 = time.perf_counter()
+                self._cache.update(self._reader(group, how)())
+                if time.perf_counter() - t0 <= FAST_READ_S:
+                    self._over.pop(group.name, None)
+                elif (n := self._over.get(group.name, 0) + 1) < 3:
+                    self._over[group.name] = n
+                else:
+                    self._fast.remove((group, how))
+                    self._demote(group, how)
+            if self._slow:
+                # each slow group every slow_every polls, staggered: one read at most
+                step = max(1, self.slow_every // len(self._slow))
+                if self._polls % step == 0:
+                    group, how = self._slow[(self._polls // step) % len(self._slow)]
+                    self._cache.update(self._reader(group, how)())
+                    self.last_slow_read = group.name
+            self._polls += 1
+        raw, out = self._cache, {}
+        if (t := raw.get("memory_temperature")) is not None:
+            out["memory_temperature_c"] = float(t)
+        for name in _INT_COUNTERS:
+            if (x := raw.get(name)) is not None:
+                out[name] = int(x)
+        if (x := raw.get("pcie_replay")) is not None:
+            out["pcie_replays"] = int(x)
+        for name in ("thermal_violation", "power_violation"):
+            if (x := raw.get(name)) is not None:
+                out[f"{name}_s"] = x * _NS
+        return out
+
+    def processes(
+        self, roles: Mapping[int, str], owned: Collection[int]
+    ) -> tuple[GpuProcess, ...] | None:
+        lib, h = self.lib, self.handle
+        used: dict[int, int] = {}
+        any_read = False
+        for field, fn in (
+            ("compute_processes", lib.nvmlDeviceGetComputeRunningProcesses),
+            ("graphics_processes", lib.nvmlDeviceGetGraphicsRunningProcesses),
+        ):
+            procs = self.read(field, fn, h)
+            if procs is None:
+                continue
+            any_read = True
+            for p in procs:
+                used[int(p.pid)] = max(used.get(int(p.pid), 0), int(p.usedGpuMemory or 0))
+        if not any_read:
+            return None
+        return tuple(
+            GpuProcess(
+                pid=pid,
+                used_bytes=nbytes,
+                role=roles.get(pid, "other" if pid in owned else None),
+            )
+            for pid, nbytes in sorted(used.items())
+        )
+
+
+# ---- counter groups: the same values through field values or one legacy call each ----
+_INT_COUNTERS = (
+    "ecc_corrected",
+    "ecc_uncorrected",
+    "remapped_correctable",
+    "remapped_uncorrectable",
+    "remapped_pending",
+    "remapped_failure",
+)
+_REMAPPED = (
+    "remapped_correctable",
+    "remapped_uncorrectable",
+    "remapped_pending",
+    "remapped_failure",
+)
+
+
+def _legacy_ecc(d: GpuDevice) -> dict[str, Any]:
+    fn = d.lib.nvmlDeviceGetTotalEccErrors  # (type: 0 corrected / 1 uncorrected, 0 volatile)
+    return {
+        "ecc_corrected": d.read("ecc_corrected", fn, d.handle, 0, 0),
+        "ecc_uncorrected": d.read("ecc_uncorrected", fn, d.handle, 1, 0),
+    }
+
+
+def _legacy_remapped(d: GpuDevice) -> dict[str, Any]:
+    if any(name in d.unsupported for name in _REMAPPED):
+        return {}
+    try:
+        rows = d.lib.nvmlDeviceGetRemappedRows(d.handle)
+    except d.lib.NVMLError as exc:
+        for name in _REMAPPED:
+            d.note_failure(name, exc.value)
+        return dict.fromkeys(_REMAPPED)
+    return dict(zip(_REMAPPED, rows, strict=True))
+
+
+def _legacy_pcie(d: GpuDevice) -> dict[str, Any]:
+    return {"pcie_replay": d.read("pcie_replay", d.lib.nvmlDeviceGetPcieReplayCounter, d.handle)}
+
+
+def _violation(d: GpuDevice, name: str, policy: int) -> dict[str, Any]:
+    got = d.read(name, d.lib.nvmlDeviceGetViolationStatus, d.handle, policy)
+    return {name: got.violationTime if got is not None else None}
+
+
+def _legacy_thermal(d: GpuDevice) -> dict[str, Any]:
+    return _violation(d, "thermal_violation", PERF_POLICY_THERMAL)
+
+
+def _legacy_power(d: GpuDevice) -> dict[str, Any]:
+    return _violation(d, "power_violation", PERF_POLICY_POWER)
+
+
+@dataclass(frozen=True)
+class CounterGroup:
+    name: str
+    fields: tuple[tuple[str, int], ...]  # (value name, NVML field id)
+    legacy: Callable[[GpuDevice], dict[str, Any]] | None
+
+
+# field ids: NVML_FI_DEV_MEMORY_TEMP 82, _ECC_SBE_VOL_TOTAL 3, _ECC_DBE_VOL_TOTAL 4,
+# _REMAPPED_COR/UNC/PENDING/FAILURE 142-145, _PCIE_REPLAY_COUNTER 94,
+# _PERF_POLICY_POWER 74 and _THERMAL 75 (violation time, ns, as nvmlDeviceGetViolationStatus)
+COUNTER_GROUPS = (
+    CounterGroup("memory_temperature", (("memory_temperature", 82),), None),
+    CounterGroup("ecc", (("ecc_corrected", 3), ("ecc_uncorrected", 4)), _legacy_ecc),
+    CounterGroup(
+        "remapped_rows",
+        tuple(zip(_REMAPPED, (142, 143, 144, 145), strict=True)),
+        _legacy_remapped,
+    ),
+    CounterGroup("pcie_replay", (("pcie_replay", 94),), _legacy_pcie),
+    CounterGroup("thermal_violation", (("thermal_violation", 75),), _legacy_thermal),
+    CounterGroup("power_violation", (("power_violation", 74),), _legacy_power),
+)

@@ -1,0 +1,1 @@
+"""The engine supervisor: launch vLLM, own its process tree, reap, restart, stop."""

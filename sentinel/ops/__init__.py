@@ -1,0 +1,1 @@
+"""The ops server: /livez /startupz /readyz /status /metrics on their own port."""

@@ -1,0 +1,312 @@
+"""The payload log: a bounded queue in front of one writer thread.
+
+``submit`` never blocks: when the queue is full the record is dropped and counted.
+The writer batches records, redacts and caps them (``record.build_line``), appends
+them to the current ``payloads-*.jsonl`` file, rotates at ``max_file_bytes`` and
+deletes the oldest files to stay under ``max_total_bytes``. A write error (a full
+disk, a vanished directory) drops that batch and counts it; requests never notice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from sentinel.config.schema import PayloadLogConfig
+from sentinel.logs import get_logger
+from sentinel.payloads.record import Redactor, build_line
+
+log = get_logger(__name__)
+
+PREFIX = "payloads-"
+SUFFIX = ".jsonl"
+_STOP = object()
+HANDOFF_S = 0.05
+
+
+@dataclass(slots=True)
+class PayloadRecord:
+    meta: dict[str, Any]
+    request_headers: dict[str, str] | None
+    request_body: bytes | None
+    response_body: bytes | None
+    usage_source: bytes | None
+    streamed: bool
+    with_bodies: bool
+
+
+def _open_append(path: Path) -> BinaryIO:
+    return open(path, "ab")  # noqa: SIM115 (owned by the writer, closed on rotate/stop)
+
+
+class PayloadLog:
+    def __init__(
+        self,
+        cfg: PayloadLogConfig,
+        registry: CollectorRegistry,
+        rng: Callable[[], float] = random.random,
+        opener: Callable[[Path], BinaryIO] = _open_append,
+        queue_size: int = 10_000,
+        batch: int = 256,
+    ) -> None:
+        self.cfg = cfg
+        self.dir = Path(cfg.dir)
+        self._rng = rng
+        self._opener = opener
+        self._q: queue.Queue[Any] = queue.Queue()
+        self._limit = queue_size  # records queued or pending, at most
+        self._queued = 0
+        self._count_lock = threading.Lock()
+        self._pending: list[PayloadRecord] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._batch = batch
+        self._redactor = Redactor(cfg.redact_patterns)
+        self._thread: threading.Thread | None = None
+        self._file: BinaryIO | None = None
+        self._file_path: Path | None = None
+        self._file_size = 0
+        self._seq = 0
+        self._files: list[tuple[Path, int]] = []  # closed files, oldest first, with sizes
+        self._failing = False
+        self.written = Counter(
+            "sentinel_payload_records",
+            "Payload records written, by kind (metadata only, or sampled with bodies).",
+            ["kind"],
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "sentinel_payload_records_dropped",
+            "Payload records dropped, by reason (queue_full, write_error).",
+            ["reason"],
+            registry=registry,
+        )
+        self.truncated = Counter(
+            "sentinel_payload_records_truncated",
+            "Sampled records whose bodies were cut to max_record_bytes.",
+            registry=registry,
+        )
+        self.deleted = Counter(
+            "sentinel_payload_files_deleted",
+            "Payload files deleted to stay under max_total_bytes.",
+            registry=registry,
+        )
+        Gauge(
+            "sentinel_payload_disk_bytes",
+            "Bytes of payload files on disk (as written by Sentinel).",
+            registry=registry,
+        ).set_function(self.disk_bytes)
+        self._dropped_queue = self.dropped.labels("queue_full")
+        self._dropped_write = self.dropped.labels("write_error")
+        self._written_meta = self.written.labels("metadata")
+        self._written_sampled = self.written.labels("sampled")
+
+    # ---- request path ------------------------------------------------------------
+    def should_sample(self) -> bool:
+        rate = self.cfg.sample_rate
+        return rate > 0 and (rate >= 1 or self._rng() < rate)
+
+    def submit(self, record: PayloadRecord) -> None:
+        """Queue a record; never blocks. On an event loop, records are handed to the
+        writer in batches (every HANDOFF_S or BATCH records), so the writer thread wakes
+        a few times a second instead of once per request."""
+        if self._queued >= self._limit:
+            self._dropped_queue.inc()
+            return
+        self._queued += 1
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._put([record])
+            return
+        pending = self._pending
+        pending.append(record)
+        if len(pending) >= self._batch:
+            self._handoff()
+        elif self._timer is None:
+            self._timer = loop.call_later(HANDOFF_S, self._handoff)
+
+    def _handoff(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._put(batch)
+
+    def _put(self, batch: list[PayloadRecord]) -> None:
+        self._q.put_nowait(batch)  # unbounded queue: the bound is _limit records
+
+    def _done(self, n: int) -> None:
+        with self._count_lock:
+            self._queued -= n
+
+    # ---- lifecycle ---------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._scan_existing()
+        self._thread = threading.Thread(target=self._run, name="payload-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._thread is None:
+            return
+        self._handoff()
+        self._q.put(_STOP)
+        self._thread.join(timeout)
+        self._thread = None
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until every record submitted so far is written or dropped (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while (self._queued or self._q.unfinished_tasks) and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def disk_bytes(self) -> int:
+        return sum(s for _, s in self._files) + self._file_size
+
+    # ---- writer thread -------------------------------------------------------------
+    def _scan_existing(self) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            files = sorted(self.dir.glob(f"{PREFIX}*{SUFFIX}"))
+            self._files = [(p, p.stat().st_size) for p in files]
+        except OSError as exc:
+            log.warning("payload_dir_unusable", dir=str(self.dir), error=exc.strerror)
+            self._files = []
+
+    def _run(self) -> None:
+        q = self._q
+        while True:
+            items = [q.get()]
+            while True:
+                try:
+                    items.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(it is _STOP for it in items)
+            records = [r for it in items if it is not _STOP for r in it]
+            try:
+                for i in range(0, len(records), self._batch):
+                    self._write(records[i : i + self._batch])
+            finally:
+                self._done(len(records))
+                for _ in items:
+                    q.task_done()
+            if stop:
+                self._close()
+                return
+
+    def _write(self, records: list[PayloadRecord]) -> None:
+        lines: list[bytes] = []
+        sampled = 0
+        for rec in records:
+            line = build_line(
+                rec.meta,
+                rec.request_headers,
+                rec.request_body,
+                rec.response_body,
+                rec.usage_source,
+                rec.streamed,
+                rec.with_bodies,
+                self._redactor,
+                self.cfg.max_record_bytes - 1,
+            )
+            if rec.with_bodies:
+                sampled += 1
+                if '"truncated":true' in line:
+                    self.truncated.inc()
+            lines.append(line.encode() + b"\n")
+        try:
+            for data in lines:
+                self._append(data)
+            if self._file is not None:
+                self._file.flush()
+        except OSError as exc:
+            self._dropped_write.inc(len(records))
+            self._discard_file()
+            if not self._failing:
+                self._failing = True
+                log.warning(
+                    "payload_write_failed",
+                    error=exc.strerror or str(exc),
+                    disk_full=exc.errno == errno.ENOSPC,
+                    dir=str(self.dir),
+                )
+            return
+        if self._failing:
+            self._failing = False
+            log.info("payload_write_recovered", dir=str(self.dir))
+        self._written_meta.inc(len(records) - sampled)
+        self._written_sampled.inc(sampled)
+
+    def _append(self, data: bytes) -> None:
+        n = len(data)
+        if self._file is not None and self._file_size + n > self.cfg.max_file_bytes:
+            self._rotate()
+        self._make_room(n)
+        if self._file is None:
+            self._open_new()
+        assert self._file is not None
+        self._file.write(data)
+        self._file_size += n
+
+    def _open_new(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._seq += 1
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        self._file_path = self.dir / f"{PREFIX}{stamp}-{self._seq:06d}{SUFFIX}"
+        self._file = self._opener(self._file_path)
+        self._file_size = 0
+
+    def _rotate(self) -> None:
+        assert self._file is not None and self._file_path is not None
+        self._file.close()
+        self._files.append((self._file_path, self._file_size))
+        self._file, self._file_path, self._file_size = None, None, 0
+
+    def _make_room(self, n: int) -> None:
+        budget = self.cfg.max_total_bytes
+        while self._files and self.disk_bytes() + n > budget:
+            path, _ = self._files.pop(0)
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            self.deleted.inc()
+
+    def _discard_file(self) -> None:
+        """After a failed write: close the file (its tail may be partial) and start anew."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            assert self._file_path is not None
+            try:
+                size = self._file_path.stat().st_size
+            except OSError:
+                size = self._file_size
+            if size:
+                self._files.append((self._file_path, size))
+        self._file, self._file_path, self._file_size = None, None, 0
+
+    def _close(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            assert self._file_path is not None
+            self._files.append((self._file_path, self._file_size))
+            self._file, self._file_path, self._file_size = None, None, 0

@@ -1,0 +1,151 @@
+"""Turning one request's facts into one redacted, size-capped JSON line.
+
+Runs on the writer thread, never on the request path: token counts are dug out of
+the response here, bodies are redacted and truncated here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from sentinel.logs import REDACTED, redact_text
+
+SECRET_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "api-key", "x-api-key", "cookie", "set-cookie"}
+)
+# a JSON member whose name says it holds a secret: "api_key": "...", "password": "..."
+_JSON_SECRET = re.compile(
+    r'("(?:[A-Za-z_-]*(?:api[_-]?key|token|secret|password|authorization))"\s*:\s*)"[^"]*"',
+    re.I,
+)
+_USAGE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*\})')
+
+
+class Redactor:
+    def __init__(self, patterns: list[str]) -> None:
+        self._extra = [re.compile(p) for p in patterns]
+
+    def text(self, text: str) -> str:
+        text = redact_text(text)
+        text = _JSON_SECRET.sub(lambda m: m.group(1) + f'"{REDACTED}"', text)
+        for pat in self._extra:
+            text = pat.sub(REDACTED, text)
+        return text
+
+    def headers(self, headers: dict[str, str]) -> dict[str, str]:
+        return {
+            k: (REDACTED if k.lower() in SECRET_HEADERS else self.text(v))
+            for k, v in headers.items()
+        }
+
+
+def usage_of(body: bytes, streamed: bool) -> dict[str, int] | None:
+    """prompt/completion tokens from an OpenAI response (the last usage object wins)."""
+    found = _USAGE.findall(body[-65536:] if streamed else body)
+    if not found:
+        return None
+    try:
+        usage = json.loads(found[-1])
+    except ValueError:
+        return None
+    out = {}
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        if isinstance(usage.get(key), int):
+            out[key] = usage[key]
+    return out or None
+
+
+def _decode(body: bytes) -> str:
+    return body.decode("utf-8", errors="replace")
+
+
+_MARK = "...[truncated]"
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _enc_len(text: str) -> int:
+    return len(_dumps(text).encode())
+
+
+def _fit(text: str, budget: int) -> str:
+    """The longest prefix of text (plus a marker) whose JSON encoding fits budget bytes."""
+    if _enc_len(text) <= budget:
+        return text
+    lo, hi = 0, min(len(text), budget)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _enc_len(text[:mid] + _MARK) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo] + _MARK if lo else ""
+
+
+def cap_record(record: dict[str, Any], max_bytes: int) -> str:
+    """Serialize ``record``; truncate its bodies (marked) so the line fits ``max_bytes``."""
+    line = _dumps(record)
+    if len(line.encode()) <= max_bytes:
+        return line
+    record["truncated"] = True
+    keys = [k for k in ("request_body", "response_body") if isinstance(record.get(k), str)]
+    bodies = {k: record[k] for k in keys}
+    for k in keys:
+        record[k] = ""
+    room = max_bytes - len(_dumps(record).encode())
+    for _ in range(8):
+        if room <= 0 or not keys:
+            break
+        # share the room: a body smaller than its half leaves the rest to the other
+        sizes = {k: _enc_len(bodies[k]) for k in keys}
+        share = room // len(keys)
+        small = [k for k in keys if sizes[k] <= share]
+        budgets = {k: sizes[k] for k in small}
+        rest = room - sum(budgets.values())
+        big = [k for k in keys if k not in small]
+        for k in big:
+            budgets[k] = rest // len(big)
+        for k in keys:
+            record[k] = _fit(bodies[k], budgets[k] + 2)  # +2: the quotes already counted
+        line = _dumps(record)
+        if len(line.encode()) <= max_bytes:
+            return line
+        room -= max(64, room // 10)
+    for k in ("request_body", "response_body", "request_headers", "error"):
+        record.pop(k, None)
+    return _dumps(record)
+
+
+def build_line(
+    meta: dict[str, Any],
+    request_headers: dict[str, str] | None,
+    request_body: bytes | None,
+    response_body: bytes | None,
+    usage_source: bytes | None,
+    streamed: bool,
+    with_bodies: bool,
+    redactor: Redactor,
+    max_bytes: int,
+) -> str:
+    record = dict(meta)
+    if usage_source:
+        usage = usage_of(usage_source, streamed)
+        if usage:
+            record["prompt_tokens"] = usage.get("prompt_tokens")
+            record["completion_tokens"] = usage.get("completion_tokens")
+            record["tokens_source"] = "usage"
+    if "upstream" in record and isinstance(record["upstream"], str):
+        record["upstream"] = redactor.text(record["upstream"])
+    if "error" in record and isinstance(record["error"], str):
+        record["error"] = redactor.text(record["error"])
+    if with_bodies:
+        record["sampled"] = True
+        if request_headers is not None:
+            record["request_headers"] = redactor.headers(request_headers)
+        record["request_body"] = redactor.text(_decode(request_body or b""))
+        record["response_body"] = redactor.text(_decode(response_body or b""))
+    return cap_record(record, max_bytes)

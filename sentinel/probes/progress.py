@@ -1,0 +1,154 @@
+"""Forward progress: scrape the engine's /metrics, detect a stalled engine.
+
+Stalled: requests are running (``vllm:num_requests_running`` > 0) and no token
+moved (``vllm:generation_tokens_total`` + ``vllm:prompt_tokens_total``) for
+``stall_window_s``. A hung engine keeps answering /health and /metrics with its
+last numbers, so "running but nothing moves" is the tell.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from sentinel.probes.exposition import Exposition, parse_exposition
+
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+GENERATION_TOKENS = "vllm:generation_tokens_total"
+PROMPT_TOKENS = "vllm:prompt_tokens_total"
+
+
+class StallDetector:
+    """Pure stall math over (time, running, token counter) observations."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self.reset()
+
+    def reset(self) -> None:
+        self._tokens: float | None = None
+        self._last_progress: float | None = None
+        self.stalled_since: float | None = None
+
+    def observe(self, now: float, running: float, tokens: float) -> str | None:
+        """Feed one scrape; return the stall reason, or None while progressing or idle."""
+        moved = self._tokens is None or tokens != self._tokens  # a drop is a counter reset
+        self._tokens = tokens
+        if moved or running <= 0 or self._last_progress is None:
+            self._last_progress = now
+            self.stalled_since = None
+            return None
+        quiet = now - self._last_progress
+        if quiet < self.window_s:
+            return None
+        if self.stalled_since is None:
+            self.stalled_since = now
+        # stable text (no running clock in it): EngineStatus listeners fire on changes
+        return f"{running:g} requests running and no token generated for {self.window_s:g}s"
+
+
+class EngineMetricsScraper:
+    """Fetches the engine's exposition; keeps the last good one for /metrics passthrough."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        timeout_s: float,
+        promtool_names: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._client = client
+        self._timeout_s = timeout_s
+        self._promtool_names = promtool_names
+        self._clock = clock
+        self.last: Exposition | None = None
+        self.last_at: float | None = None
+        self.last_generation: int | None = None
+        self.last_ok = False
+        self.last_error: str = ""
+        self.last_duration_s: float | None = None
+        self.failures_total = 0
+        self.parse_errors_total = 0
+
+    def forget(self) -> None:
+        """Drop the cached exposition (the engine generation it came from is gone)."""
+        self.last, self.last_at, self.last_generation = None, None, None
+
+    async def scrape(self, base_url: str, generation: int) -> Exposition | None:
+        t0 = time.perf_counter()
+        try:
+            resp = await self._client.get(
+                f"{base_url}/metrics",
+                headers={"Accept": "text/plain; version=0.0.4"},
+                timeout=self._timeout_s,
+            )
+            if resp.status_code != 200:
+                raise _ScrapeError(f"HTTP {resp.status_code}")
+            text = resp.text
+        except (httpx.HTTPError, _ScrapeError) as exc:
+            self.last_ok = False
+            self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+            self.failures_total += 1
+            self.last_duration_s = time.perf_counter() - t0
+            return None
+        expo = parse_exposition(text, promtool_names=self._promtool_names)
+        self.parse_errors_total += expo.errors
+        self.last, self.last_at, self.last_generation = expo, self._clock(), generation
+        self.last_ok, self.last_error = True, ""
+        self.last_duration_s = time.perf_counter() - t0
+        return expo
+
+    def passthrough_text(self, generation: int, max_age_s: float) -> str:
+        """The engine's series for /metrics: only when fresh and from the current generation."""
+        if self.last is None or self.last_at is None or self.last_generation != generation:
+            return ""
+        if self._clock() - self.last_at > max_age_s:
+            return ""
+        return self.last.text
+
+    # prometheus_client collector protocol: built at scrape time, never raises
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "sentinel_engine_metrics_scrape_success",
+            "1 when the last scrape of the engine's /metrics succeeded.",
+        )
+        up.add_metric([], 1.0 if self.last_ok else 0.0)
+        yield up
+        if self.last_duration_s is not None:
+            dur = GaugeMetricFamily(
+                "sentinel_engine_metrics_scrape_duration_seconds",
+                "Duration of the last scrape of the engine's /metrics.",
+            )
+            dur.add_metric([], self.last_duration_s)
+            yield dur
+        if self.last_at is not None:
+            age = GaugeMetricFamily(
+                "sentinel_engine_metrics_age_seconds",
+                "Seconds since the engine's /metrics were last scraped successfully.",
+            )
+            age.add_metric([], max(0.0, self._clock() - self.last_at))
+            yield age
+        fails = CounterMetricFamily(
+            "sentinel_engine_metrics_scrape_failures",
+            "Failed scrapes of the engine's /metrics.",
+        )
+        fails.add_metric([], float(self.failures_total))
+        yield fails
+        errs = CounterMetricFamily(
+            "sentinel_engine_metrics_parse_errors",
+            "Lines or families of the engine's exposition dropped as malformed.",
+        )
+        errs.add_metric([], float(self.parse_errors_total))
+        yield errs
+
+
+class _ScrapeError(Exception):
+    pass

@@ -1,0 +1,64 @@
+"""Readiness: every check that must hold for the engine to take traffic, named.
+
+Ready only when all hold:
+- ``lifecycle``: the engine generation is running (not starting, restarting,
+  draining, failed or stopped);
+- ``loaded``: its first real inference succeeded;
+- ``inference_probe``: the latest inference probe succeeded, within ``freshness_s``;
+- ``progress``: tokens are flowing (not ``stalled``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sentinel.config.schema import ProbesConfig
+from sentinel.probes.inference import PROBE_NAME
+from sentinel.state import EngineStatus, Lifecycle
+
+Checks = dict[str, dict[str, Any]]
+
+
+def _check(ok: bool, detail: str) -> dict[str, Any]:
+    return {"ok": ok, "detail": detail}
+
+
+def evaluate_readiness(status: EngineStatus, cfg: ProbesConfig, now: float) -> tuple[bool, Checks]:
+    checks: Checks = {}
+    lc = status.lifecycle
+    if lc == Lifecycle.running:
+        checks["lifecycle"] = _check(True, "running")
+    else:
+        why = (
+            f": {status.failure_reason}" if lc == Lifecycle.failed and status.failure_reason else ""
+        )
+        checks["lifecycle"] = _check(False, f"engine is {lc.value}{why}")
+
+    if status.loaded_at is not None:
+        checks["loaded"] = _check(True, f"generation {status.generation} loaded")
+    else:
+        checks["loaded"] = _check(False, f"generation {status.generation} has not loaded yet")
+
+    probe = status.probes.get(PROBE_NAME)
+    if probe is None:
+        checks["inference_probe"] = _check(False, "no inference probe result yet")
+    else:
+        age = max(0.0, now - probe.at)
+        if not probe.ok:
+            checks["inference_probe"] = _check(
+                False, f"last probe failed {age:.1f}s ago: {probe.detail}"
+            )
+        elif age > cfg.freshness_s:
+            checks["inference_probe"] = _check(
+                False, f"last success {age:.1f}s ago, older than freshness_s={cfg.freshness_s:g}"
+            )
+        else:
+            latency = f" in {probe.latency_s * 1000:.0f} ms" if probe.latency_s is not None else ""
+            checks["inference_probe"] = _check(True, f"succeeded {age:.1f}s ago{latency}")
+
+    if status.stalled_reason:
+        checks["progress"] = _check(False, f"stalled: {status.stalled_reason}")
+    else:
+        checks["progress"] = _check(True, "tokens flowing or idle")
+
+    return all(c["ok"] for c in checks.values()), checks

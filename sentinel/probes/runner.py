@@ -1,0 +1,295 @@
+"""The probe tasks: inference probe, engine metrics scrape, readiness and actions.
+
+Three loops on Sentinel's event loop:
+- inference probe every ``probes.interval_s`` while the engine is starting or
+  running; its first success of a generation marks the engine loaded;
+- engine /metrics scrape every ``probes.metrics_interval_s`` while running:
+  engine values into ``EngineStatus``, stall detection, the passthrough cache;
+- a watch loop that recomputes readiness and applies ``on_stall`` /
+  ``on_not_ready`` (report only, or ask the supervisor for a restart with the reason).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import httpx
+
+from sentinel.config.schema import EngineConfig, ProbeAction, ProbesConfig
+from sentinel.logs import get_logger
+from sentinel.probes.inference import (
+    PROBE_NAME,
+    InferenceProbe,
+    configured_model_name,
+    engine_api_key,
+)
+from sentinel.probes.progress import (
+    GENERATION_TOKENS,
+    PROMPT_TOKENS,
+    RUNNING,
+    EngineMetricsScraper,
+    StallDetector,
+)
+from sentinel.probes.readiness import Checks, evaluate_readiness
+from sentinel.state import EngineStatus, Lifecycle, ProbeResult
+
+log = get_logger(__name__)
+
+_PROBED = (Lifecycle.starting, Lifecycle.running)
+
+
+class EngineControl(Protocol):
+    """What the probes need from the supervisor."""
+
+    @property
+    def engine_base_url(self) -> str: ...
+
+    def request_restart(self, reason: str, detail: str = "") -> None: ...
+
+
+class ProbeRunner:
+    def __init__(
+        self,
+        cfg: ProbesConfig,
+        engine_cfg: EngineConfig,
+        status: EngineStatus,
+        engine: EngineControl,
+        *,
+        promtool_names: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.status = status
+        self.engine = engine
+        self._clock = clock
+        # trust_env=False: a proxy from the environment must never sit between us and loopback
+        self._client = httpx.AsyncClient(trust_env=False, timeout=cfg.timeout_s)
+        self.probe = InferenceProbe(
+            self._client,
+            prompt=cfg.prompt,
+            timeout_s=cfg.timeout_s,
+            model=configured_model_name(engine_cfg),
+            api_key=engine_api_key(engine_cfg),
+            clock=clock,
+        )
+        self.scraper = EngineMetricsScraper(
+            self._client,
+            timeout_s=min(cfg.timeout_s, max(cfg.metrics_interval_s, 0.5)),
+            promtool_names=promtool_names,
+            clock=clock,
+        )
+        self.stall = StallDetector(cfg.stall_window_s)
+        self._gen = -1
+        self._restart_requested = False
+        self._not_ready_since: float | None = None
+        self._last_probe_ok: bool | None = None
+        self._last_ready: bool | None = None
+        self.first_inference_at: float | None = None  # this generation's first good probe
+
+    # ---- tasks ---------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._probe_loop(), name="sentinel-probe-inference")
+                tg.create_task(self._metrics_loop(), name="sentinel-probe-metrics")
+                tg.create_task(self._watch_loop(), name="sentinel-probe-watch")
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _probe_loop(self) -> None:
+        while True:
+            t0 = time.monotonic()
+            await self.probe_once()
+            await asyncio.sleep(max(0.05, self.cfg.interval_s - (time.monotonic() - t0)))
+
+    async def _metrics_loop(self) -> None:
+        while True:
+            t0 = time.monotonic()
+            await self.scrape_once()
+            wait = self.cfg.metrics_interval_s - (time.monotonic() - t0)
+            await asyncio.sleep(max(0.05, wait))
+
+    async def _watch_loop(self) -> None:
+        period = min(0.5, self.cfg.interval_s)
+        while True:
+            self.sync_generation()
+            self.evaluate()
+            self.apply_actions()
+            await asyncio.sleep(period)
+
+    # ---- steps (public for tests and the benchmark) --------------------------
+    def sync_generation(self) -> None:
+        gen = self.status.generation
+        if gen == self._gen:
+            return
+        self._gen = gen
+        self.probe.reset()
+        self.stall.reset()
+        self.scraper.forget()
+        self._restart_requested = False
+        self._not_ready_since = None
+        self._last_probe_ok = None
+        self.first_inference_at = None
+
+    async def probe_once(self) -> ProbeResult | None:
+        self.sync_generation()
+        if self.status.lifecycle not in _PROBED:
+            return None
+        gen = self._gen
+        result = await self.probe.run(self.engine.engine_base_url)
+        if self.status.generation != gen or self.status.lifecycle not in _PROBED:
+            return None  # the generation probed is gone; its result means nothing now
+        self._record(result)
+        return result
+
+    async def scrape_once(self) -> None:
+        self.sync_generation()
+        if self.status.lifecycle != Lifecycle.running:
+            return
+        gen = self._gen
+        expo = await self.scraper.scrape(self.engine.engine_base_url, gen)
+        if expo is None or self.status.generation != gen:
+            return
+        self.status.set_engine_metrics(expo.values)
+        self._observe_progress(expo.values)
+
+    def evaluate(self) -> tuple[bool, Checks]:
+        """Recompute readiness now (also called by /readyz, so it is never stale)."""
+        now = self._clock()
+        ready, checks = evaluate_readiness(self.status, self.cfg, now)
+        self.status.set_readiness(ready, checks)
+        if ready or not self.status.loaded or self.status.lifecycle != Lifecycle.running:
+            self._not_ready_since = None
+        elif self._not_ready_since is None:
+            self._not_ready_since = now
+        if ready != self._last_ready:
+            failed = {k: c["detail"] for k, c in checks.items() if not c["ok"]}
+            if ready:
+                log.info("engine ready", generation=self.status.generation)
+            elif self._last_ready:
+                log.warning("engine not ready", generation=self.status.generation, failed=failed)
+            self._last_ready = ready
+        return ready, checks
+
+    def readiness_report(self) -> tuple[bool, dict[str, Any]]:
+        """/readyz: readiness now, every check named, the failed ones listed."""
+        self.sync_generation()
+        ready, checks = self.evaluate()
+        return ready, {
+            "state": self.status.state().value,
+            "generation": self.status.generation,
+            "failed": [k for k, c in checks.items() if not c["ok"]],
+            "checks": checks,
+        }
+
+    def startup_report(self) -> tuple[bool, dict[str, Any]]:
+        """/startupz: started once this generation's first real inference succeeded."""
+        self.sync_generation()
+        st = self.status
+        body: dict[str, Any] = {"state": st.state().value, "generation": st.generation}
+        now = self._clock()
+        if self.first_inference_at is not None and st.loaded:
+            body["loaded_at"] = self.first_inference_at
+            if st.generation_started_at is not None:
+                body["load_s"] = round(self.first_inference_at - st.generation_started_at, 3)
+            return True, body
+        lc = st.lifecycle
+        if lc == Lifecycle.starting or (lc == Lifecycle.running and not st.loaded):
+            since = st.generation_started_at
+            age = f" for {now - since:.0f}s" if since is not None else ""
+            reason = (
+                f"engine generation {st.generation} is loading{age}: "
+                "waiting for its first successful inference"
+            )
+        elif lc == Lifecycle.running:
+            reason = "engine answers /health but no real inference has succeeded yet"
+        elif lc == Lifecycle.restarting:
+            last = st.restarts[-1] if st.restarts else None
+            reason = "engine is restarting" + (f" (reason: {last.reason})" if last else "")
+        elif lc == Lifecycle.failed:
+            reason = f"engine failed: {st.failure_reason or 'see /status'}"
+        else:
+            reason = f"engine is {lc.value}"
+        probe = st.probes.get(PROBE_NAME)
+        if probe is not None and not probe.ok:
+            body["last_probe"] = probe.detail
+        body["reason"] = reason
+        return False, body
+
+    def apply_actions(self) -> None:
+        if self._restart_requested or self.status.lifecycle != Lifecycle.running:
+            return
+        now = self._clock()
+        stalled_since = self.stall.stalled_since
+        if (
+            self.cfg.on_stall == ProbeAction.restart
+            and self.status.stalled_reason
+            and stalled_since is not None
+            and now - stalled_since >= self.cfg.stall_restart_after_s
+        ):
+            self._restart("stalled", self.status.stalled_reason)
+            return
+        if (
+            self.cfg.on_not_ready == ProbeAction.restart
+            and self._not_ready_since is not None
+            and now - self._not_ready_since >= self.cfg.not_ready_restart_after_s
+        ):
+            failed = [
+                f"{k}: {c['detail']}" for k, c in self.status.ready_checks.items() if not c["ok"]
+            ]
+            detail = f"not ready for {now - self._not_ready_since:.0f}s; " + "; ".join(failed)
+            self._restart("not_ready", detail)
+
+    # ---- internals -----------------------------------------------------------
+    def _restart(self, reason: str, detail: str) -> None:
+        self._restart_requested = True
+        log.warning(
+            "requesting engine restart",
+            reason=reason,
+            detail=detail,
+            generation=self.status.generation,
+        )
+        self.engine.request_restart(reason, detail)
+
+    def _record(self, result: ProbeResult) -> None:
+        self.status.record_probe(result)
+        if result.ok and self.first_inference_at is None:
+            self.first_inference_at = result.at
+            self.status.mark_loaded()  # no-op when the supervisor already saw /health
+            started = self.status.generation_started_at
+            load_s = round(result.at - started, 1) if started is not None else None
+            log.info(
+                "engine's first inference succeeded",
+                generation=self.status.generation,
+                load_s=load_s,
+                probe_latency_s=result.latency_s,
+            )
+        elif result.ok != self._last_probe_ok and self.first_inference_at is not None:
+            if result.ok:
+                log.info("inference probe recovered", latency_s=result.latency_s)
+            else:
+                log.warning(
+                    "inference probe failed", detail=result.detail, latency_s=result.latency_s
+                )
+        self._last_probe_ok = result.ok
+        self.evaluate()
+
+    def _observe_progress(self, values: dict[str, Any]) -> None:
+        running = values.get(RUNNING)
+        tokens = values.get(GENERATION_TOKENS)
+        if running is None or tokens is None:
+            return  # an engine without these series: no stall detection
+        tokens += values.get(PROMPT_TOKENS, 0.0)
+        reason = self.stall.observe(self._clock(), running, tokens)
+        if reason != self.status.stalled_reason:
+            if reason:
+                log.warning("engine stalled", reason=reason, generation=self.status.generation)
+            else:
+                log.info("engine progressing again", generation=self.status.generation)
+            self.status.set_stalled(reason)

@@ -1,0 +1,477 @@
+"""The proxy's raw ASGI application (no routing framework on the hot path).
+
+Per request: read and check the body (size, UTF-8, JSON, model), walk the chain
+(``Chain.open``) to a committed upstream response, relay it (a whole body in one
+write; a stream chunk by chunk as each arrives), and record metadata. A watcher on
+the client connection cancels the request, and with it the upstream request, the
+moment the client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import time
+from typing import Any
+
+from sentinel.config.schema import ProxyConfig
+from sentinel.logs import get_logger
+from sentinel.payloads.log import PayloadLog, PayloadRecord
+from sentinel.proxy.chain import Chain, Exhausted, Opened, ProxyRequest
+from sentinel.proxy.errors import ProxyError, sse_error_event
+from sentinel.proxy.metrics import ProxyMetrics
+from sentinel.proxy.upstream import UpstreamError
+
+log = get_logger(__name__)
+
+# paths whose JSON body must name a model
+MODEL_PATHS = frozenset(
+    {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/moderations",
+        "/v1/audio/speech",
+        "/v1/rerank",
+        "/v1/score",
+    }
+)
+# client headers never forwarded (hop-by-hop, or set by Sentinel per upstream)
+DROP_REQUEST_HEADERS = frozenset(
+    {
+        b"host",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"content-length",
+        b"accept-encoding",
+        b"x-request-id",
+        b"proxy-authorization",
+        b"expect",
+    }
+)
+DROP_RESPONSE_HEADERS = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"content-length",
+        b"x-request-id",
+        b"server",
+        b"date",
+    }
+)
+MAX_REQUEST_ID = 128
+CAPTURE_STREAM_BYTES = 64 * 1024
+WATCH_AFTER_S = 0.02
+
+
+class _Ctx:
+    """Per-request facts the payload record and metrics need."""
+
+    __slots__ = (
+        "rid",
+        "t0",
+        "status",
+        "tier",
+        "upstream",
+        "ttft",
+        "gone",
+        "finished",
+        "error",
+        "streamed",
+        "events",
+        "sample",
+        "captured",
+        "captured_n",
+        "hops",
+        "watcher",
+    )
+
+    def __init__(self, rid: str, t0: float, sample: bool) -> None:
+        self.rid = rid
+        self.t0 = t0
+        self.status = 0
+        self.tier = "none"
+        self.upstream: str | None = None
+        self.ttft: float | None = None
+        self.gone = False
+        self.finished = False
+        self.error: str | None = None
+        self.streamed = False
+        self.events = 0
+        self.sample = sample
+        self.captured: list[bytes] = []
+        self.captured_n = 0
+        self.hops: list[tuple[str, str]] = []
+        self.watcher: asyncio.Task[None] | None = None
+
+
+_ID_PREFIX = os.urandom(6).hex()
+_ID_COUNTER = itertools.count(1)
+
+
+def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's x-request-id when it is sane, else a new one (process prefix + counter)."""
+    for k, v in headers:
+        if k == b"x-request-id":
+            if 0 < len(v) <= MAX_REQUEST_ID and v.isascii() and v.decode().isprintable():
+                return v.decode()
+            break
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):010x}"
+
+
+class ProxyApp:
+    def __init__(
+        self,
+        cfg: ProxyConfig,
+        chain: Chain,
+        metrics: ProxyMetrics,
+        payloads: PayloadLog | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.chain = chain
+        self.metrics = metrics
+        self.payloads = payloads
+        self.max_body = cfg.max_body_bytes
+        self.request_timeout_s = cfg.request_timeout_s
+
+    # ---- ASGI entry ------------------------------------------------------------------
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+
+    async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        t0 = time.perf_counter()
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        payloads = self.payloads
+        ctx = _Ctx(_request_id(headers), t0, payloads is not None and payloads.should_sample())
+        req: ProxyRequest | None = None
+        arm: asyncio.TimerHandle | None = None
+        main = asyncio.current_task()
+        try:
+            try:
+                req = await self._read_request(scope, receive, headers, ctx)
+            except ProxyError as err:
+                await self._send_error(send, err, ctx)
+                return
+            ctx.hops = req.hops  # the chain appends to it as it walks
+            assert main is not None
+            # the disconnect watcher is armed only for requests still running after
+            # WATCH_AFTER_S: the quick ones (most of a benchmark, none of a generation)
+            # skip the cost of a task
+            arm = asyncio.get_running_loop().call_later(
+                WATCH_AFTER_S, self._arm_watch, receive, main, ctx
+            )
+            try:
+                opened = await self.chain.open(req)
+            except ProxyError as err:
+                await self._send_error(send, err, ctx)
+                return
+            except Exhausted as ex:
+                if ex.error is not None:
+                    await self._send_error(send, ex.error, ctx)
+                else:
+                    assert ex.failure is not None
+                    await self._send_failure(send, ex.failure, ctx)
+                return
+            await self._relay(opened, send, ctx, req.deadline)
+        except asyncio.CancelledError:
+            if ctx.gone and main is not None and main.uncancel() == 0:
+                ctx.status = ctx.status or 499
+                ctx.error = "client disconnected"
+                self.metrics.client_disconnects.labels(ctx.tier).inc()
+                return
+            raise
+        finally:
+            ctx.finished = True
+            if arm is not None:
+                arm.cancel()
+            if ctx.watcher is not None:
+                ctx.watcher.cancel()
+            self._record(ctx, req, scope)
+
+    def _arm_watch(self, receive: Any, main: asyncio.Task[Any], ctx: _Ctx) -> None:
+        if not ctx.finished:
+            ctx.watcher = asyncio.get_running_loop().create_task(self._watch(receive, main, ctx))
+
+    async def _watch(self, receive: Any, main: asyncio.Task[Any], ctx: _Ctx) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                if not ctx.finished:
+                    ctx.gone = True
+                    main.cancel()
+                return
+
+    # ---- request -----------------------------------------------------------------------
+    async def _read_request(
+        self, scope: dict[str, Any], receive: Any, headers: list[tuple[bytes, bytes]], ctx: _Ctx
+    ) -> ProxyRequest:
+        path: str = scope["path"]
+        if not path.startswith("/v1/"):
+            raise ProxyError(
+                404,
+                f"Unknown path {path!r}: this port serves the OpenAI API under /v1/ "
+                "(e.g. /v1/chat/completions, /v1/models)",
+                "unknown_path",
+            )
+        fwd: dict[str, str] = {}
+        declared = None
+        ctype = b""
+        for k, v in headers:
+            if k == b"content-length":
+                try:
+                    declared = int(v)
+                except ValueError:
+                    raise ProxyError(
+                        400, "Content-Length is not a number", "invalid_content_length"
+                    ) from None
+            elif k == b"content-type":
+                ctype = v
+            if k not in DROP_REQUEST_HEADERS:
+                fwd[k.decode("latin-1")] = v.decode("latin-1")
+        if declared is not None and declared > self.max_body:
+            raise self._too_large(declared)
+        body = await self._read_body(receive)
+        method: str = scope["method"]
+        payload: dict[str, Any] | None = None
+        model: str | None = None
+        if body and (not ctype or b"json" in ctype or b"text/" in ctype):
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ProxyError(
+                    400,
+                    f"Request body is not valid UTF-8 (bad byte at offset {exc.start})",
+                    "invalid_utf8",
+                ) from None
+            try:
+                parsed = json.loads(text)
+            except ValueError as exc:
+                raise ProxyError(
+                    400, f"Request body is not valid JSON: {exc}", "invalid_json"
+                ) from None
+            if isinstance(parsed, dict):
+                payload = parsed
+                m = parsed.get("model")
+                model = m if isinstance(m, str) else None
+                ctx.streamed = parsed.get("stream") is True
+            elif path in MODEL_PATHS:
+                raise ProxyError(400, "Request body must be a JSON object", "invalid_body")
+        if method == "POST" and path in MODEL_PATHS:
+            if payload is None:
+                raise ProxyError(
+                    400,
+                    f"{path} needs a JSON body with a 'model' field",
+                    "missing_body",
+                )
+            if not model:
+                raise ProxyError(
+                    400,
+                    "you must provide a model parameter ('model': a non-empty string)",
+                    "missing_model",
+                    param="model",
+                )
+        qs: bytes = scope["query_string"]
+        raw: bytes = scope.get("raw_path") or path.encode()
+        target = (raw + b"?" + qs if qs else raw).decode("latin-1")
+        deadline = asyncio.get_running_loop().time() + self.request_timeout_s
+        return ProxyRequest(ctx.rid, method, target, fwd, body, payload, model, deadline)
+
+    def _too_large(self, size: int) -> ProxyError:
+        return ProxyError(
+            413,
+            f"Request body is {size} bytes, over the limit of {self.max_body} "
+            "(proxy.max_body_bytes)",
+            "body_too_large",
+        )
+
+    async def _read_body(self, receive: Any) -> bytes:
+        msg = await receive()
+        body: bytes = msg.get("body", b"")
+        if len(body) > self.max_body:
+            raise self._too_large(len(body))
+        if not msg.get("more_body"):
+            return body
+        parts = [body]
+        size = len(body)
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise ProxyError(
+                    400, "client disconnected while sending the body", "client_disconnected"
+                )
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise self._too_large(size)
+            parts.append(chunk)
+            if not msg.get("more_body"):
+                return b"".join(parts)
+
+    # ---- responses ---------------------------------------------------------------------
+    def _meta_headers(self, ctx: _Ctx, hops: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+        out = [(b"x-request-id", ctx.rid.encode())]
+        if ctx.tier != "none":
+            out.append((b"x-sentinel-upstream", ctx.tier.encode()))
+        out.append((b"x-sentinel-fallback-hops", str(len(hops)).encode()))
+        if hops:
+            out.append((b"x-sentinel-fallbacks", ",".join(f"{t}={r}" for t, r in hops).encode()))
+        return out
+
+    async def _send_error(self, send: Any, err: ProxyError, ctx: _Ctx) -> None:
+        body = err.body()
+        ctx.status = err.status
+        ctx.error = err.message
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        if err.retry_after is not None:
+            headers.append((b"retry-after", str(int(err.retry_after)).encode()))
+        headers += self._meta_headers(ctx, ctx.hops)
+        ctx.captured = [body]
+        await send({"type": "http.response.start", "status": err.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _send_failure(self, send: Any, failure: Any, ctx: _Ctx) -> None:
+        ctx.status = failure.status
+        ctx.tier = failure.tier
+        ctx.error = f"upstream {failure.tier} answered {failure.status}"
+        headers = [(k, v) for k, v in failure.headers if k not in DROP_RESPONSE_HEADERS]
+        headers.append((b"content-length", str(len(failure.body)).encode()))
+        headers += self._meta_headers(ctx, ctx.hops)
+        ctx.captured = [failure.body]
+        await send({"type": "http.response.start", "status": failure.status, "headers": headers})
+        await send({"type": "http.response.body", "body": failure.body, "more_body": False})
+
+    async def _relay(self, opened: Opened, send: Any, ctx: _Ctx, req_deadline: float) -> None:
+        tier = opened.tier
+        resp = opened.resp
+        ctx.tier = tier.name
+        ctx.upstream = tier.url_base()
+        ctx.status = resp.status
+        headers = [(k, v) for k, v in resp.headers if k not in DROP_RESPONSE_HEADERS]
+        upstream_failed = False
+        try:
+            if opened.complete:
+                body = opened.first
+                headers.append((b"content-length", str(len(body)).encode()))
+                headers += self._meta_headers(ctx, ctx.hops)
+                ctx.captured = [body]
+                ctx.ttft = time.perf_counter() - ctx.t0
+                ctx.finished = True
+                await send(
+                    {"type": "http.response.start", "status": resp.status, "headers": headers}
+                )
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+                return
+            ctx.streamed = True
+            sse = "text/event-stream" in resp.content_type
+            headers += self._meta_headers(ctx, ctx.hops)
+            await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+            first = opened.first
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+            ctx.ttft = time.perf_counter() - ctx.t0
+            self._capture(ctx, first)
+            deadline = min(opened.started + tier.timeouts.total_s, req_deadline)
+            tail_error: tuple[str, str, int] | None = None
+            try:
+                async with asyncio.timeout_at(deadline):
+                    async for chunk in opened.rest:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        self._capture(ctx, chunk)
+            except TimeoutError:
+                opened.abort()
+                tail_error = ("request time limit reached while streaming", "timeout", 504)
+            except UpstreamError as exc:
+                upstream_failed = True
+                tail_error = (
+                    f"upstream {tier.name} failed mid-stream: {exc.detail}",
+                    exc.reason,
+                    502,
+                )
+            if tail_error is not None:
+                ctx.error = tail_error[0]
+                if not sse:
+                    return  # not completing the body closes the connection: a visible error
+                event = sse_error_event(*tail_error)
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            ctx.finished = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except BaseException:
+            opened.abort()
+            raise
+        finally:
+            opened.finish(upstream_failed)
+
+    def _capture(self, ctx: _Ctx, chunk: bytes) -> None:
+        ctx.events += chunk.count(b"data: ")
+        if ctx.captured_n < CAPTURE_STREAM_BYTES or not ctx.sample:
+            ctx.captured.append(chunk)
+            ctx.captured_n += len(chunk)
+            if not ctx.sample and len(ctx.captured) > 2:
+                del ctx.captured[0]  # only the tail is needed for token usage
+
+    # ---- records -------------------------------------------------------------------------
+    def _record(self, ctx: _Ctx, req: ProxyRequest | None, scope: dict[str, Any]) -> None:
+        latency = time.perf_counter() - ctx.t0
+        status = ctx.status
+        self.metrics.request(ctx.tier, status, ctx.ttft, latency)
+        payloads = self.payloads
+        if payloads is None:
+            return
+        failed = status >= 400 or ctx.error is not None
+        with_bodies = ctx.sample or (failed and payloads.cfg.log_errors)
+        meta: dict[str, Any] = {
+            "ts": time.time(),
+            "request_id": ctx.rid,
+            "method": scope["method"],
+            "path": scope["path"],
+            "tier": ctx.tier,
+            "upstream": ctx.upstream,
+            "model": req.model if req is not None else None,
+            "status": status,
+            "stream": ctx.streamed,
+            "prompt_tokens": None,
+            "completion_tokens": None,
+            "ttft_s": round(ctx.ttft, 6) if ctx.ttft is not None else None,
+            "latency_s": round(latency, 6),
+            "fallback_hops": [f"{t}={r}" for t, r in ctx.hops],
+            "client_disconnect": ctx.gone,
+        }
+        if ctx.error is not None:
+            meta["error"] = ctx.error
+        if ctx.streamed and ctx.events:
+            # without a usage object, one SSE event per token (minus [DONE]) is the estimate
+            meta["completion_tokens"] = max(ctx.events - 1, 0)
+            meta["tokens_source"] = "events"
+        body = b"".join(ctx.captured) if ctx.captured else None
+        payloads.submit(
+            PayloadRecord(
+                meta,
+                req.headers if (with_bodies and req is not None) else None,
+                req.body if (with_bodies and req is not None) else None,
+                body if with_bodies else None,
+                body,
+                ctx.streamed,
+                with_bodies,
+            )
+        )

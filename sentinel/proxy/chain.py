@@ -1,0 +1,429 @@
+"""The degradation chain: ordered tiers, tried until one answers.
+
+For each tier, in order, before anything is sent:
+  - the local tier is skipped when the probes say it cannot serve (not ready,
+    stalled, draining, restarting, starting, failed; degraded where configured), or
+    when its waiting queue is above the spill threshold and another tier follows;
+  - a tier whose circuit breaker is open is skipped;
+  - a slot is taken: the local tier through admission control (wait in the queue up
+    to queue_timeout_s), other tiers by their concurrency limit (skip when full).
+Then the request is sent. Connection refused/reset, a first-byte timeout, a 5xx or a
+429 move it to the next tier; nothing has reached the client yet, because the
+response is committed only once its first body bytes are in hand (``Opened``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sentinel.config.schema import AdmissionConfig, BreakerConfig, TierConfig, TierKind
+from sentinel.proxy.admission import Admission
+from sentinel.proxy.breaker import Breaker, BreakerState
+from sentinel.proxy.errors import ProxyError
+from sentinel.proxy.metrics import ProxyMetrics
+from sentinel.proxy.secrets import Secret
+from sentinel.proxy.upstream import (
+    Transport,
+    UpstreamError,
+    UpstreamRequest,
+    UpstreamResponse,
+    drain,
+)
+from sentinel.state import EngineState, EngineStatus
+
+ERROR_BODY_LIMIT = 64 * 1024  # an upstream error body kept for pass-through
+FULL_READ_LIMIT = 8 * 1024 * 1024  # non-SSE bodies up to this (with a length) are read whole
+WAITING_METRIC = "vllm:num_requests_waiting"
+# skip reasons that mean "no capacity" (-> 429) rather than "unhealthy" (-> 503)
+CAPACITY_REASONS = frozenset({"queue_full", "queue_timeout", "tier_full", "spill"})
+HEALTH_SKIPS = frozenset(
+    {
+        "not_ready",
+        "starting",
+        "stalled",
+        "draining",
+        "restarting",
+        "failed",
+        "stopped",
+        "degraded",
+        "breaker_open",
+    }
+)
+
+
+@dataclass(slots=True)
+class ProxyRequest:
+    request_id: str
+    method: str
+    target: str  # raw path + query string, forwarded as is
+    headers: dict[str, str]  # client headers fit to forward
+    body: bytes
+    payload: dict[str, Any] | None  # the parsed JSON body, when it is JSON
+    model: str | None
+    deadline: float  # loop.time() by which the whole request must end
+    hops: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class UpstreamFailure:
+    """An upstream's own error answer (5xx/429), relayed when no later tier serves."""
+
+    tier: str
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+class Exhausted(Exception):
+    """No tier served the request: answer with ``error`` or relay ``failure``."""
+
+    def __init__(self, error: ProxyError | None, failure: UpstreamFailure | None) -> None:
+        super().__init__(error.message if error else f"upstream {failure and failure.status}")
+        self.error = error
+        self.failure = failure
+
+
+class _TierFailed(Exception):
+    def __init__(
+        self, reason: str, health_failure: bool, failure: UpstreamFailure | None = None
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.health_failure = health_failure
+        self.failure = failure
+
+
+class Tier:
+    def __init__(
+        self,
+        cfg: TierConfig,
+        base_url: Callable[[], str],
+        transport: Transport,
+        breaker: Breaker,
+        api_key: Secret | None,
+        admission: Admission | None,
+    ) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.local = cfg.kind == TierKind.local
+        self.base_url = base_url
+        self.transport = transport
+        self.breaker = breaker
+        self.api_key = api_key
+        self.admission = admission
+        self.limit = cfg.max_concurrency
+        self.in_flight = 0
+        self.timeouts = cfg.timeouts
+        self._bodies: dict[str, bytes] = {}
+
+    def url_base(self) -> str:
+        return self.base_url().rstrip("/")
+
+    def in_use(self) -> int:
+        return self.admission.in_flight if self.admission is not None else self.in_flight
+
+    def release(self) -> None:
+        if self.admission is not None:
+            self.admission.release()
+        else:
+            self.in_flight -= 1
+
+    def body_for(self, req: ProxyRequest) -> bytes:
+        mapped = self.cfg.model_map.get(req.model) if req.model is not None else None
+        if mapped is None or req.payload is None:
+            return req.body
+        return json.dumps({**req.payload, "model": mapped}).encode()
+
+    def headers_for(self, req: ProxyRequest) -> dict[str, str]:
+        headers = dict(req.headers)
+        if self.api_key is not None:
+            headers["authorization"] = "Bearer " + self.api_key.reveal()
+        elif not self.local:
+            headers.pop("authorization", None)  # never hand a client's key to a third party
+        headers["x-request-id"] = req.request_id
+        return headers
+
+
+class Opened:
+    """A committed upstream response: status and headers, and the first body bytes."""
+
+    __slots__ = ("tier", "resp", "first", "rest", "complete", "started", "_done")
+
+    def __init__(
+        self,
+        tier: Tier,
+        resp: UpstreamResponse,
+        first: bytes,
+        rest: Any,
+        complete: bool,
+        started: float,
+    ) -> None:
+        self.tier = tier
+        self.resp = resp
+        self.first = first
+        self.rest = rest  # async iterator of the remaining chunks, or None when complete
+        self.complete = complete
+        self.started = started
+        self._done = False
+
+    def finish(self, upstream_failed: bool = False) -> None:
+        """Give the tier's slot back; on ``upstream_failed`` count it against the breaker."""
+        if self._done:
+            return
+        self._done = True
+        self.tier.release()
+        if upstream_failed:
+            self.tier.breaker.failure()
+
+    def abort(self) -> None:
+        """Close the upstream connection now (the upstream cancels the request)."""
+        if not self.complete:
+            self.resp.abort()
+
+
+class Chain:
+    def __init__(
+        self,
+        tiers: list[Tier],
+        status: EngineStatus,
+        admission_cfg: AdmissionConfig,
+        metrics: ProxyMetrics,
+    ) -> None:
+        if not tiers:
+            raise ValueError("the degradation chain needs at least one tier")
+        self.tiers = tiers
+        self.status = status
+        self.admission_cfg = admission_cfg
+        self.metrics = metrics
+        for t in tiers:
+            self._watch(t)
+
+    def _watch(self, tier: Tier) -> None:
+        m = self.metrics
+        m.breaker_state.labels(tier.name).set(tier.breaker.state)
+        m.breaker_open_seconds.labels(tier.name).set_function(lambda b=tier.breaker: b.open_for)
+        m.in_flight.labels(tier.name).set_function(tier.in_use)
+        if tier.admission is not None:
+            m.queue_depth.set_function(lambda a=tier.admission: a.queued)
+
+    # ---- decisions before sending ------------------------------------------------
+    def _local_skip(self, tier: Tier, index: int) -> str | None:
+        st = self.status
+        state = st.state()
+        if state is EngineState.degraded:
+            if tier.cfg.skip_when_degraded:
+                return "degraded"
+        elif state is not EngineState.ready:
+            return state.value
+        if not st.ready:
+            return "not_ready"
+        threshold = self.admission_cfg.spill_waiting_threshold
+        if threshold is not None and index < len(self.tiers) - 1:
+            waiting = st.engine_metrics.get(WAITING_METRIC)
+            if waiting is not None and waiting > threshold:
+                return "spill"
+        return None
+
+    def _hop(self, req: ProxyRequest, tier: Tier, reason: str) -> None:
+        req.hops.append((tier.name, reason))
+        self.metrics.fallback(tier.name, reason)
+
+    async def _take_slot(self, tier: Tier, req: ProxyRequest, index: int) -> str | None:
+        adm = tier.admission
+        if adm is None:
+            if tier.in_flight >= tier.limit:
+                return "tier_full"
+            tier.in_flight += 1
+            return None
+        if adm.try_acquire():
+            return None
+        refusal = await adm.acquire(req.deadline)
+        self.metrics.queue_wait.observe(adm.last_wait_s)
+        if refusal is not None:
+            return refusal.value
+        # the engine may have changed while we waited
+        reason = self._local_skip(tier, index)
+        if reason is not None:
+            adm.release()
+        return reason
+
+    # ---- the walk ------------------------------------------------------------------
+    async def open(self, req: ProxyRequest) -> Opened:
+        failure: UpstreamFailure | None = None
+        capacity = False
+        breaker_wait: float | None = None
+        for index, tier in enumerate(self.tiers):
+            reason = self._local_skip(tier, index) if tier.local else None
+            if reason is None and not tier.breaker.allow():
+                reason = "breaker_open"
+                ra = tier.breaker.retry_after()
+                breaker_wait = ra if breaker_wait is None else min(breaker_wait, ra)
+            if reason is None:
+                try:
+                    reason = await self._take_slot(tier, req, index)
+                except BaseException:
+                    tier.breaker.release()
+                    raise
+                if reason is not None:
+                    tier.breaker.release()
+            if reason is not None:
+                capacity = capacity or reason in CAPACITY_REASONS
+                self._hop(req, tier, reason)
+                continue
+            try:
+                opened = await self._attempt(tier, req)
+            except _TierFailed as f:
+                tier.release()
+                if f.health_failure:
+                    tier.breaker.failure()
+                else:
+                    tier.breaker.release()
+                self._hop(req, tier, f.reason)
+                if f.failure is not None:
+                    failure = f.failure
+                if f.reason == "status_429":
+                    capacity = True
+                continue
+            except BaseException:
+                tier.release()
+                tier.breaker.release()
+                raise
+            tier.breaker.success()
+            return opened
+        raise self._exhausted(req, failure, capacity, breaker_wait)
+
+    def _exhausted(
+        self,
+        req: ProxyRequest,
+        failure: UpstreamFailure | None,
+        capacity: bool,
+        breaker_wait: float | None,
+    ) -> Exhausted:
+        hops = ", ".join(f"{t}: {r}" for t, r in req.hops)
+        loop = asyncio.get_running_loop()
+        if loop.time() >= req.deadline:
+            return Exhausted(
+                ProxyError(
+                    504, f"request timed out before any tier answered ({hops})", "request_timeout"
+                ),
+                None,
+            )
+        if capacity and (failure is None or failure.status == 429):
+            retry = max(1, math.ceil(self.admission_cfg.queue_timeout_s))
+            self.metrics.rejected.labels("capacity").inc()
+            return Exhausted(
+                ProxyError(
+                    429,
+                    f"every tier is at capacity; retry later ({hops})",
+                    "capacity_exceeded",
+                    retry_after=retry,
+                ),
+                None,
+            )
+        if failure is not None:
+            return Exhausted(None, failure)
+        reasons = {r for _, r in req.hops}
+        if reasons <= HEALTH_SKIPS:
+            wait = max(1, math.ceil(breaker_wait)) if breaker_wait else 1
+            return Exhausted(
+                ProxyError(
+                    503,
+                    f"no upstream can serve now ({hops})",
+                    "no_upstream_available",
+                    retry_after=wait,
+                ),
+                None,
+            )
+        last = req.hops[-1][1] if req.hops else ""
+        if last in ("first_byte_timeout", "total_timeout"):
+            return Exhausted(
+                ProxyError(504, f"upstream timed out ({hops})", "upstream_timeout"), None
+            )
+        return Exhausted(ProxyError(502, f"upstream failed ({hops})", "upstream_error"), None)
+
+    async def _attempt(self, tier: Tier, req: ProxyRequest) -> Opened:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        t = tier.timeouts
+        fb_deadline = min(started + t.first_byte_s, started + t.total_s, req.deadline)
+        ureq = UpstreamRequest(
+            req.method,
+            tier.url_base(),
+            req.target,
+            tier.headers_for(req),
+            tier.body_for(req),
+            t.connect_s,
+        )
+        resp: UpstreamResponse | None = None
+        try:
+            async with asyncio.timeout_at(fb_deadline):
+                resp = await tier.transport.send(ureq)
+                status = resp.status
+                if status >= 500 or status == 429:
+                    body = await drain(resp, ERROR_BODY_LIMIT)
+                    raise _TierFailed(
+                        "status_429" if status == 429 else "status_5xx",
+                        health_failure=status != 429,
+                        failure=UpstreamFailure(tier.name, status, resp.headers, body),
+                    )
+                cl = resp.content_length
+                if (
+                    cl is not None
+                    and cl <= FULL_READ_LIMIT
+                    and ("text/event-stream" not in resp.content_type)
+                ):
+                    first = await resp.read()
+                    resp.release()
+                    return Opened(tier, resp, first, None, True, started)
+                rest = resp.chunks()
+                try:
+                    first = await anext(rest)
+                except StopAsyncIteration:
+                    resp.release()
+                    return Opened(tier, resp, b"", None, True, started)
+                return Opened(tier, resp, first, rest, False, started)
+        except TimeoutError:
+            if resp is not None:
+                resp.abort()
+            if loop.time() >= req.deadline:
+                raise ProxyError(
+                    504, "request timed out (proxy.request_timeout_s)", "request_timeout"
+                ) from None
+            raise _TierFailed("first_byte_timeout", health_failure=True) from None
+        except UpstreamError as exc:
+            raise _TierFailed(exc.reason, health_failure=True) from exc
+        except _TierFailed:
+            raise
+        except BaseException:
+            if resp is not None:
+                resp.abort()
+            raise
+
+
+def build_tier(
+    cfg: TierConfig,
+    base_url: Callable[[], str],
+    transport: Transport,
+    breaker_cfg: BreakerConfig,
+    admission_cfg: AdmissionConfig,
+    metrics: ProxyMetrics,
+    api_key: Secret | None,
+) -> Tier:
+    def on_change(b: Breaker, state: BreakerState) -> None:
+        metrics.breaker_state.labels(b.name).set(int(state))
+        metrics.breaker_transitions.labels(b.name, state.name).inc()
+
+    breaker = Breaker(cfg.name, breaker_cfg, on_change=on_change)
+    admission = None
+    if cfg.kind == TierKind.local:
+        admission = Admission(
+            min(cfg.max_concurrency, admission_cfg.max_concurrency),
+            admission_cfg.max_queue,
+            admission_cfg.queue_timeout_s,
+        )
+    return Tier(cfg, base_url, transport, breaker, api_key, admission)

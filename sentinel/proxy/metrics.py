@@ -1,0 +1,135 @@
+"""The proxy's Prometheus series, registered in the registry passed in.
+
+Label children are resolved once per (tier, ...) and cached, so the per-request
+cost is a few attribute look-ups and adds.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+)
+_WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ProxyMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.requests = Counter(
+            "sentinel_proxy_requests",
+            "Client requests answered, by serving tier ('none' when Sentinel answered "
+            "itself) and HTTP status.",
+            ["tier", "status"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "sentinel_proxy_fallbacks",
+            "Tiers passed over for a request, by tier and reason (not_ready, stalled, "
+            "breaker_open, spill, queue_timeout, connect_error, reset, first_byte_timeout, "
+            "status_5xx, status_429, ...).",
+            ["tier", "reason"],
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "sentinel_proxy_breaker_state",
+            "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open.",
+            ["upstream"],
+            registry=r,
+        )
+        self.breaker_open_seconds = Gauge(
+            "sentinel_proxy_breaker_open_period_seconds",
+            "Length of the breaker's current (or next) open period.",
+            ["upstream"],
+            registry=r,
+        )
+        self.breaker_transitions = Counter(
+            "sentinel_proxy_breaker_transitions",
+            "Breaker state changes, by upstream and new state.",
+            ["upstream", "state"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "sentinel_proxy_queue_depth",
+            "Requests waiting for a slot at the local engine.",
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "sentinel_proxy_queue_wait_seconds",
+            "Time requests waited in the admission queue (queued requests only).",
+            buckets=_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "sentinel_proxy_in_flight_requests",
+            "Requests in flight to each tier.",
+            ["tier"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "sentinel_proxy_rejected",
+            "Requests refused with 429 (no tier could take them), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "sentinel_proxy_time_to_first_byte_seconds",
+            "Time from the request's arrival to the first response byte relayed "
+            "(time to first token for streams), per tier.",
+            ["tier"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "sentinel_proxy_request_duration_seconds",
+            "Time from the request's arrival to the end of its response, per tier.",
+            ["tier"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.client_disconnects = Counter(
+            "sentinel_proxy_client_disconnects",
+            "Requests whose client went away before the response ended (upstream "
+            "request cancelled).",
+            ["tier"],
+            registry=r,
+        )
+        self._req: dict[tuple[str, int], Counter] = {}
+        self._fb: dict[tuple[str, str], Counter] = {}
+        self._ttft: dict[str, Histogram] = {}
+        self._lat: dict[str, Histogram] = {}
+
+    def request(self, tier: str, status: int, ttft_s: float | None, latency_s: float) -> None:
+        key = (tier, status)
+        c = self._req.get(key)
+        if c is None:
+            c = self._req[key] = self.requests.labels(tier, str(status))
+        c.inc()
+        h = self._lat.get(tier)
+        if h is None:
+            h = self._lat[tier] = self.latency.labels(tier)
+            self._ttft[tier] = self.ttft.labels(tier)
+        h.observe(latency_s)
+        if ttft_s is not None:
+            self._ttft[tier].observe(ttft_s)
+
+    def fallback(self, tier: str, reason: str) -> None:
+        key = (tier, reason)
+        c = self._fb.get(key)
+        if c is None:
+            c = self._fb[key] = self.fallbacks.labels(tier, reason)
+        c.inc()

@@ -1,0 +1,391 @@
+"""The proxy and degradation chain with the real engine as the local tier.
+
+One Sentinel for the module: tiers ``local`` (real vLLM), ``backup`` and ``external``
+(small fake OpenAI servers on loopback, started here). Order matters (pytest keeps
+file order): plain serving and bad input, client disconnect, the burst, SIGSTOP with
+the breaker, and last the SIGKILL under load (the engine is left restarting).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fake_openai import FakeOpenAI
+from tests.helpers import wait_for
+from tests.real.harness import SentinelProcess, engine_available
+
+pytestmark = [
+    pytest.mark.real,
+    pytest.mark.skipif(not engine_available(), reason="vLLM or the tiny model is not installed"),
+]
+
+EXTERNAL_KEY = "sk-external-test-key-0123456789"
+BREAKER = {"consecutive_failures": 2, "open_initial_s": 2.0, "open_max_s": 8.0}
+ADMISSION = {"max_concurrency": 4, "queue_timeout_s": 1.0, "max_queue": 4}
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[SentinelProcess, FakeOpenAI, FakeOpenAI]]:
+    backup = FakeOpenAI("backup", model="tiny").start()
+    external = FakeOpenAI("external", model="gpt-x").start()
+    os.environ["SENTINEL_TEST_EXTERNAL_KEY"] = EXTERNAL_KEY
+    overrides: dict[str, Any] = {
+        "supervisor": {"crash_loop_max_starts": 50},
+        # a hung probe fails after 4 s: the proxy's own first-byte timeouts (1 s) open the
+        # breaker first, so the SIGSTOP test sees both mechanisms
+        "probes": {"interval_s": 1.0, "timeout_s": 4.0, "freshness_s": 8.0},
+        "proxy": {
+            "tiers": [
+                {
+                    "name": "local",
+                    "kind": "local",
+                    "timeouts": {"connect_s": 0.5, "first_byte_s": 1.0, "total_s": 60},
+                },
+                {"name": "backup", "base_url": backup.url, "max_concurrency": 2},
+                {
+                    "name": "external",
+                    "base_url": external.url,
+                    "max_concurrency": 2,
+                    "api_key_env": "SENTINEL_TEST_EXTERNAL_KEY",
+                    "model_map": {"tiny": "gpt-x"},
+                },
+            ],
+            "breaker": BREAKER,
+            "admission": ADMISSION,
+        },
+        "payload_log": {"sample_rate": 1.0},
+    }
+    sp = SentinelProcess(tmp_path_factory.mktemp("proxy"), overrides)
+    sp.start()
+    try:
+        sp.wait_serving()  # the engine itself (the proxy would answer from the backup)
+        wait_for(
+            lambda: _served_by_local(sp),
+            60,
+            interval=0.5,
+            what="the proxy to route to the local engine",
+        )
+        yield sp, backup, external
+    finally:
+        sp.stop()
+        for pid in [p.pid for p in sp.engine_processes_anywhere()]:
+            os.kill(pid, signal.SIGKILL)
+        backup.stop()
+        external.stop()
+
+
+def _served_by_local(sp: SentinelProcess) -> bool:
+    try:
+        r = sp.complete(base=sp.proxy_url, max_tokens=2, timeout=10)
+    except httpx.HTTPError:
+        return False
+    return r.status_code == 200 and r.headers.get("x-sentinel-upstream") == "local"
+
+
+def _metric(sp: SentinelProcess, series: str) -> float | None:
+    """The value of one series, given as ``name`` or ``name{a="x",b="y"}`` (any label order)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    name, _, rest = series.partition("{")
+    want = dict(kv.split("=", 1) for kv in rest.rstrip("}").split(",") if kv)
+    want = {k: v.strip('"') for k, v in want.items()}
+    for fam in text_string_to_metric_families(sp.get("/metrics").text):
+        for sample in fam.samples:
+            if sample.name == name and sample.labels == want:
+                return float(sample.value)
+    return None
+
+
+def _engine_sum(sp: SentinelProcess, name: str) -> float:
+    """The sum of one of the engine's own series over its label sets."""
+    total = 0.0
+    for line in httpx.get(sp.engine_url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _engine_running(sp: SentinelProcess) -> float:
+    return _engine_sum(sp, "vllm:num_requests_running")
+
+
+def _engine_pids(sp: SentinelProcess, roles: tuple[str, ...]) -> list[int]:
+    by_role = sp.engine_processes_by_role()
+    return [p.pid for role in roles for p in by_role.get(role, [])]
+
+
+# ---- plain serving ----------------------------------------------------------------------
+def test_proxies_the_openai_api_to_the_engine(stack: Any) -> None:
+    sp, backup, _ = stack
+    n_backup = len(backup.requests)
+    with httpx.Client(base_url=sp.proxy_url, timeout=30) as c:
+        r = c.post(
+            "/v1/completions",
+            json={"model": "tiny", "prompt": "hello", "max_tokens": 5, "ignore_eos": True},
+            headers={"x-request-id": "real-1", "authorization": "Bearer sk-client-12345678"},
+        )
+        assert r.status_code == 200, r.text
+        assert r.headers["x-request-id"] == "real-1"
+        assert r.headers["x-sentinel-upstream"] == "local"
+        assert r.headers["x-sentinel-fallback-hops"] == "0"
+        assert r.json()["usage"]["completion_tokens"] == 5
+        r = c.post(
+            "/v1/chat/completions",
+            json={
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 3,
+            },
+        )
+        assert r.status_code in (200, 400)  # the tiny model may lack a chat template
+        assert r.headers["x-sentinel-upstream"] == "local"
+        r = c.get("/v1/models")
+        assert r.status_code == 200 and r.json()["data"][0]["id"] == "tiny"
+        events = []
+        with c.stream(
+            "POST",
+            "/v1/completions",
+            json={
+                "model": "tiny",
+                "prompt": "hi",
+                "max_tokens": 12,
+                "ignore_eos": True,
+                "stream": True,
+            },
+        ) as s:
+            assert s.headers["content-type"].startswith("text/event-stream")
+            events = [ln for ln in s.iter_lines() if ln.startswith("data: ")]
+        assert len(events) == 13 and events[-1] == "data: [DONE]"
+    assert len(backup.requests) == n_backup
+
+    # the payload log: metadata with the engine's token counts, secrets redacted
+    def record() -> dict[str, Any] | None:
+        for f in (sp.tmp / "payloads").glob("payloads-*.jsonl"):
+            for line in f.read_text().splitlines():
+                rec = json.loads(line)
+                if rec["request_id"] == "real-1":
+                    return rec
+        return None
+
+    rec = wait_for(record, 10, what="the payload record of real-1")
+    assert rec["tier"] == "local" and rec["status"] == 200
+    assert rec["prompt_tokens"] >= 1 and rec["completion_tokens"] == 5
+    assert rec["request_headers"]["authorization"] == "[REDACTED]"
+    assert "sk-client-12345678" not in json.dumps(rec)
+
+
+@pytest.mark.parametrize(
+    "kwargs,status,code",
+    [
+        ({"content": b'{"model": "tiny", "prompt": '}, 400, "invalid_json"),
+        ({"json": {"prompt": "hi"}}, 400, "missing_model"),
+        ({"content": b'{"model": "tiny", "prompt": "\xff"}'}, 400, "invalid_utf8"),
+        ({"json": {"model": "tiny", "prompt": "x" * (5 * 1024 * 1024)}}, 413, "body_too_large"),
+    ],
+    ids=["invalid_json", "missing_model", "invalid_utf8", "too_large"],
+)
+def test_bad_input_gets_openai_errors_and_sentinel_stays_up(
+    stack: Any, kwargs: dict[str, Any], status: int, code: str
+) -> None:
+    sp, _, _ = stack
+    r = httpx.post(sp.proxy_url + "/v1/completions", timeout=30, **kwargs)
+    assert r.status_code == status and r.json()["error"]["code"] == code
+    r = httpx.get(sp.proxy_url + "/metrics", timeout=5)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_path"
+    assert _served_by_local(sp)
+
+
+# ---- cancellation -------------------------------------------------------------------------
+def test_client_disconnect_frees_the_engine_within_1s(stack: Any) -> None:
+    sp, _, _ = stack
+    wait_for(lambda: _engine_running(sp) == 0, 20, interval=0.2, what="an idle engine")
+    tokens0 = _engine_sum(sp, "vllm:generation_tokens_total")
+    with httpx.stream(
+        "POST",
+        sp.proxy_url + "/v1/completions",
+        timeout=30,
+        json={
+            "model": "tiny",
+            "prompt": "once upon a time",
+            "max_tokens": 240,
+            "n": 64,  # 64 x 240 tokens: far longer than the checks below on the tiny model
+            "ignore_eos": True,
+            "stream": True,
+        },
+    ) as r:
+        assert r.headers["x-sentinel-upstream"] == "local"
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # the first token is in: leave
+    t0 = time.monotonic()  # the client is gone
+    wait_for(
+        lambda: _engine_running(sp) == 0,
+        5,
+        interval=0.05,
+        what="vllm:num_requests_running back to 0",
+    )
+    assert time.monotonic() - t0 <= 1.0
+    # cancelled, not finished: far fewer tokens generated than the 64 x 240 asked for
+    time.sleep(1.0)
+    generated = _engine_sum(sp, "vllm:generation_tokens_total") - tokens0
+    assert generated < 64 * 240 * 0.5, generated
+
+
+# ---- admission ----------------------------------------------------------------------------
+def test_burst_beyond_capacity_is_queued_then_429_never_5xx(stack: Any) -> None:
+    sp, backup, external = stack
+    # start from an idle, ready engine (the previous test left it aborting work)
+    wait_for(lambda: _engine_running(sp) == 0, 20, interval=0.2, what="an idle engine")
+    wait_for(lambda: _served_by_local(sp), 30, interval=0.5, what="local serving")
+    results: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    n = 40
+    go = threading.Barrier(n)
+
+    def one() -> None:
+        with httpx.Client(timeout=60) as c:
+            go.wait(30)  # all at once
+            # long streams hold the engine's slots (the first token comes fast, so no
+            # first-byte timeout); x-fake-delay holds the fake tiers' slots
+            r = c.post(
+                sp.proxy_url + "/v1/completions",
+                json={
+                    "model": "tiny",
+                    "prompt": "x",
+                    "max_tokens": 240,
+                    "n": 8,
+                    "ignore_eos": True,
+                    "stream": True,
+                },
+                headers={"x-fake-delay": "4"},
+            )
+        with lock:
+            results.append(r)
+
+    wait0 = _metric(sp, "sentinel_proxy_queue_wait_seconds_count") or 0
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    codes = [r.status_code for r in results]
+    assert len(codes) == n
+    assert all(c in (200, 429) for c in codes), codes
+    limited = [r for r in results if r.status_code == 429]
+    assert limited, codes
+    for r in limited:
+        assert int(r.headers["retry-after"]) >= 1
+        assert r.json()["error"]["code"] == "capacity_exceeded"
+        hops = r.headers["x-sentinel-fallbacks"]
+        assert "backup=tier_full" in hops and "external=tier_full" in hops, hops
+    # the local queue was bounded: some requests found it full (or waited it out)
+    all_hops = [r.headers.get("x-sentinel-fallbacks", "") for r in results]
+    assert any("local=queue_" in h for h in all_hops), all_hops
+    served = {r.headers["x-sentinel-upstream"] for r in results if r.status_code == 200}
+    assert "local" in served
+    assert (_metric(sp, "sentinel_proxy_queue_wait_seconds_count") or 0) - wait0 >= 4
+    assert (_metric(sp, 'sentinel_proxy_rejected_total{reason="capacity"}') or 0) >= len(limited)
+
+
+# ---- health-aware chain and breaker ------------------------------------------------------------
+def test_sigstopped_engine_backup_serves_within_3s_and_breaker_cycles(stack: Any) -> None:
+    sp, backup, _ = stack
+    wait_for(lambda: _served_by_local(sp), 30, interval=0.5, what="local serving")
+    pids = _engine_pids(sp, ("engine_core", "worker"))
+    assert len(pids) >= 2
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        hops = []
+        for i in range(6):
+            t0 = time.monotonic()
+            body = {"model": "tiny", "prompt": "hi", "max_tokens": 4, "stream": i == 1}
+            r = httpx.post(sp.proxy_url + "/v1/completions", json=body, timeout=30)
+            took = time.monotonic() - t0
+            assert r.status_code == 200, r.text
+            assert r.headers["x-sentinel-upstream"] == "backup"
+            assert took < 3.0, (i, took, r.headers.get("x-sentinel-fallbacks"))
+            hops.append(r.headers["x-sentinel-fallbacks"])
+            time.sleep(0.05)
+        # two first-byte timeouts open the breaker; then local is skipped without waiting
+        assert hops[:2] == ["local=first_byte_timeout"] * 2, hops
+        assert hops[2] == "local=breaker_open", hops
+        assert set(hops[2:]) <= {"local=breaker_open", "local=not_ready"}, hops
+        opened = 'sentinel_proxy_breaker_transitions_total{upstream="local",state="open"}'
+        assert (_metric(sp, opened) or 0) >= 1
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    # the engine recovers: after the open period a trial goes through and closes the breaker
+    wait_for(lambda: _served_by_local(sp), 60, interval=0.5, what="local serving again")
+    assert _metric(sp, 'sentinel_proxy_breaker_state{upstream="local"}') == 0
+    assert (
+        _metric(sp, 'sentinel_proxy_breaker_transitions_total{upstream="local",state="half_open"}')
+        or 0
+    ) >= 1
+    assert (
+        _metric(sp, 'sentinel_proxy_breaker_transitions_total{upstream="local",state="closed"}')
+        or 0
+    ) >= 1
+
+
+def test_sigkilled_engine_under_load_no_client_request_fails(stack: Any) -> None:
+    sp, backup, external = stack
+    wait_for(lambda: _served_by_local(sp), 30, interval=0.5, what="local serving")
+    failures: list[str] = []
+    served: dict[str, int] = {}
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def load() -> None:
+        with httpx.Client(base_url=sp.proxy_url, timeout=30) as c:
+            while not stop.is_set():
+                try:
+                    r = c.post(
+                        "/v1/completions",
+                        json={
+                            "model": "tiny",
+                            "prompt": "steady",
+                            "max_tokens": 16,
+                            "ignore_eos": True,
+                        },
+                    )
+                except httpx.HTTPError as exc:
+                    with lock:
+                        failures.append(repr(exc))
+                    continue
+                with lock:
+                    if r.status_code != 200:
+                        failures.append(f"{r.status_code} {r.text[:200]}")
+                    else:
+                        tier = r.headers["x-sentinel-upstream"]
+                        served[tier] = served.get(tier, 0) + 1
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    before = dict(served)
+    pids = _engine_pids(sp, ("api_server", "engine_core", "worker"))
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(6)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert not failures, failures[:5]
+    assert before.get("local", 0) > 0
+    assert served.get("backup", 0) + served.get("external", 0) > 0, served

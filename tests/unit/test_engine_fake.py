@@ -1,0 +1,126 @@
+"""A fake engine for fast supervisor tests (no vLLM): writes vLLM-style log lines,
+forks an "EngineCore" that forks a "Worker", and misbehaves on request.
+
+Used as ``python test_engine_fake.py MODE PORT``; importing it defines no tests.
+
+Modes:
+  serve        answer /health, /v1/models, /v1/completions on PORT; exit 0 on SIGTERM (children too)
+  ignore_term  like serve, but the API server ignores SIGTERM
+  crash        print a ModuleNotFoundError traceback and exit 1
+  orphan       start the children, then exit 3 leaving them behind
+  zombies      start 5 short-lived double-forked grandchildren, then serve
+  hang         start the children but never answer HTTP (never loads)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+FAKE_PATH = os.path.abspath(__file__)
+
+
+def say(role: str, text: str) -> None:
+    print(f"({role} pid={os.getpid()}) INFO 11-21 15:00:00 [fake.py:1] {text}", flush=True)
+
+
+def retitle(title: str) -> None:
+    try:
+        import setproctitle
+    except ImportError:
+        return
+    setproctitle.setproctitle(title)
+
+
+def child_tree() -> None:
+    """Fork EngineCore -> Worker; both sleep until TERM/KILL."""
+    if os.fork() == 0:
+        retitle("VLLM::EngineCore")
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+        if os.fork() == 0:
+            retitle("VLLM::Worker")
+            signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+            say("Worker", "worker up")
+            while True:
+                time.sleep(1)
+        say("EngineCore", "engine core up")
+        while True:
+            time.sleep(1)
+
+
+class Health(BaseHTTPRequestHandler):
+    """/health, /v1/models and a one-token /v1/completions: enough for Sentinel's probes."""
+
+    def _json(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path == "/v1/models":
+            self._json(b'{"object": "list", "data": [{"id": "fake", "object": "model"}]}')
+            return
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path != "/v1/completions":
+            self.send_response(404)
+            self.end_headers()
+            return
+        self._json(
+            b'{"object": "text_completion", "model": "fake", "choices": [{"index": 0, '
+            b'"text": "x", "finish_reason": "length"}], "usage": {"prompt_tokens": 1, '
+            b'"completion_tokens": 1, "total_tokens": 2}}'
+        )
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def serve(port: int) -> None:
+    server = HTTPServer(("127.0.0.1", port), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    say("APIServer", f"serving on port {port}")
+    while True:
+        time.sleep(1)
+
+
+def main() -> None:
+    mode, port = sys.argv[1], int(sys.argv[2])
+    say("APIServer", f"fake engine mode={mode}")
+    if mode == "crash":
+        print("Traceback (most recent call last):", file=sys.stderr)
+        print('  File "x.py", line 1, in <module>', file=sys.stderr)
+        print("ModuleNotFoundError: No module named 'fakepkg'", file=sys.stderr, flush=True)
+        sys.exit(1)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    child_tree()
+    if mode == "orphan":
+        time.sleep(1.5)
+        sys.exit(3)
+    if mode == "zombies":
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # our direct children: auto-reaped
+        for _ in range(5):
+            if os.fork() == 0:
+                if os.fork() == 0:
+                    time.sleep(0.3)
+                    os._exit(0)
+                os._exit(0)
+    if mode == "hang":
+        while True:
+            time.sleep(1)
+    if mode == "ignore_term":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    serve(port)
+
+
+if __name__ == "__main__":
+    main()

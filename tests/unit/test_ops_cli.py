@@ -1,0 +1,63 @@
+"""`sentinel status` against a real ops server (fake engine behind it), and without one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import free_port, wait_for
+from tests.unit.fake_engine import FakeEngine
+from tests.unit.ops_thread import OpsThread
+
+FAST = {"interval_s": 0.1, "timeout_s": 0.4, "freshness_s": 2.0, "metrics_interval_s": 0.1}
+
+
+def sentinel_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sentinel", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"COLUMNS": "200", "PATH": "/usr/bin"},
+    )
+
+
+@pytest.fixture(scope="module")
+def ops():
+    with (
+        FakeEngine(model="tiny") as eng,
+        OpsThread({"engine": {"served_model_name": "tiny"}, "probes": FAST}, eng.url) as o,
+    ):
+        o.call(o.status.new_generation)
+        wait_for(lambda: o.get("/readyz").status_code == 200, 10, what="ready")
+        o.call(lambda: o.status.record_restart("stalled", "2 requests running, no tokens"))
+        yield o
+
+
+def test_json_is_the_status_document(ops):
+    res = sentinel_cli("status", "--url", ops.url, "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["state"] == "ready" and doc["generation"] == 1
+    assert doc["restart_counts"] == {"stalled": 1}
+
+
+def test_table_for_a_person(ops):
+    res = sentinel_cli("status", "--url", ops.url)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "ready" in out
+    assert "Readiness checks" in out and "inference_probe" in out
+    assert "Probes" in out and "inference" in out
+    assert "Restarts" in out and "stalled" in out
+
+
+def test_unreachable_ops_server_is_a_clear_error():
+    url = f"http://127.0.0.1:{free_port()}"
+    res = sentinel_cli("status", "--url", url)
+    assert res.returncode == 2
+    assert f"cannot reach Sentinel's ops server at {url}" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -1,0 +1,84 @@
+"""Bad input gets an OpenAI-style error with the right 4xx, never reaches an upstream,
+and leaves the proxy serving."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fake_openai import FakeOpenAI
+from tests.unit.proxy_harness import ProxyHarness
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ProxyHarness, FakeOpenAI]]:
+    with FakeOpenAI("a") as a:
+        cfg = {"tiers": [{"name": "a", "base_url": a.url}], "max_body_bytes": 2048}
+        with ProxyHarness(cfg, Path(tmp_path_factory.mktemp("bad"))) as px:
+            yield px, a
+
+
+def _gen(n: int) -> Iterator[bytes]:
+    for _ in range(n):
+        yield b"x" * 512
+
+
+CASES = {
+    "invalid_json": (dict(content=b'{"model": "m", "prompt": '), 400, "invalid_json"),
+    "missing_model": (dict(json={"prompt": "hi"}), 400, "missing_model"),
+    "empty_model": (dict(json={"model": "", "prompt": "hi"}), 400, "missing_model"),
+    "not_an_object": (dict(json=["model"]), 400, "invalid_body"),
+    "no_body": (dict(content=b""), 400, "missing_body"),
+    "too_large_declared": (dict(json={"model": "m", "prompt": "x" * 5000}), 413, "body_too_large"),
+    "too_large_chunked": (dict(content=_gen(10)), 413, "body_too_large"),
+    "invalid_utf8": (
+        dict(
+            content=b'{"model": "m", "prompt": "\xff\xfe"}',
+            headers={"content-type": "application/json"},
+        ),
+        400,
+        "invalid_utf8",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_request_body(case: str, setup: tuple[ProxyHarness, FakeOpenAI]) -> None:
+    px, a = setup
+    kwargs, status, code = CASES[case]
+    before = len(a.requests)
+    r = httpx.post(px.url + "/v1/completions", **kwargs)  # type: ignore[arg-type]
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code
+    assert err["type"] == "invalid_request_error"
+    assert err["message"]
+    assert r.headers["x-request-id"]
+    assert len(a.requests) == before
+    # Sentinel stays up and serves the next request
+    ok = httpx.post(px.url + "/v1/completions", json={"model": "m", "prompt": "hi"})
+    assert ok.status_code == 200
+
+
+def test_error_messages_name_the_problem(setup: tuple[ProxyHarness, FakeOpenAI]) -> None:
+    px, _ = setup
+    r = httpx.post(px.url + "/v1/completions", json={"model": "m", "prompt": "x" * 5000})
+    assert (
+        "2048" in r.json()["error"]["message"] and "max_body_bytes" in r.json()["error"]["message"]
+    )
+    r = httpx.post(px.url + "/v1/chat/completions", json={"messages": []})
+    assert r.json()["error"]["param"] == "model"
+
+
+@pytest.mark.parametrize("path", ["/", "/health", "/v2/completions", "/completions"])
+def test_unknown_path(path: str, setup: tuple[ProxyHarness, FakeOpenAI]) -> None:
+    px, a = setup
+    before = len(a.requests)
+    r = httpx.post(px.url + path, json={"model": "m"})
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "unknown_path"
+    assert path in r.json()["error"]["message"]
+    assert len(a.requests) == before

@@ -1,0 +1,128 @@
+"""Sentinel's upstream HTTP client: keep-alive reuse, stale connections, body framing,
+chunk-by-chunk delivery, connection errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sentinel.proxy.rawhttp import RawTransport
+from sentinel.proxy.upstream import UpstreamError, UpstreamRequest
+from tests.helpers import free_port
+
+
+def req(port: int, target: str = "/v1/x", body: bytes = b"{}") -> UpstreamRequest:
+    return UpstreamRequest("POST", f"http://127.0.0.1:{port}", target, {"a": "b"}, body, 1.0)
+
+
+async def serve(handler):  # type: ignore[no-untyped-def]
+    conns = []
+
+    async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        conns.append(w)
+        await handler(r, w)
+
+    server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], conns
+
+
+async def read_request(r: asyncio.StreamReader) -> bytes:
+    head = await r.readuntil(b"\r\n\r\n")
+    n = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            n = int(line.split(b":")[1])
+    return head + (await r.readexactly(n) if n else b"")
+
+
+def test_keep_alive_reuse_and_stale_connection_retry() -> None:
+    async def main() -> None:
+        async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            while True:
+                try:
+                    raw = await read_request(r)
+                except asyncio.IncompleteReadError:
+                    return
+                assert b"host: 127.0.0.1:" in raw and b"a: b" in raw
+                w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                await w.drain()
+
+        server, port, conns = await serve(handler)
+        t = RawTransport()
+        for _ in range(3):
+            resp = await t.send(req(port))
+            assert resp.status == 200 and await resp.read() == b"ok"
+        assert len(conns) == 1  # one connection, reused
+        conns[0].close()  # the server drops the idle connection
+        await asyncio.sleep(0.05)
+        resp = await t.send(req(port))
+        assert await resp.read() == b"ok"
+        assert len(conns) == 2
+        await t.aclose()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_close_delimited_and_chunked_bodies_arrive_chunk_by_chunk() -> None:
+    async def main() -> None:
+        async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            raw = await read_request(r)
+            if b"/close" in raw:
+                w.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\npart1")
+                await w.drain()
+                await asyncio.sleep(0.05)
+                w.write(b"part2")
+                await w.drain()
+                w.close()
+                return
+            w.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"transfer-encoding: chunked\r\n\r\n"
+            )
+            for i in range(3):
+                ev = b"data: %d\n\n" % i
+                w.write(b"%x\r\n%s\r\n" % (len(ev), ev))
+                await w.drain()
+                await asyncio.sleep(0.05)
+            w.write(b"0\r\n\r\n")
+            await w.drain()
+
+        server, port, _ = await serve(handler)
+        t = RawTransport()
+        resp = await t.send(req(port, "/close"))
+        assert resp.content_length is None
+        assert await resp.read() == b"part1part2"
+        resp = await t.send(req(port, "/sse"))
+        assert resp.content_type == "text/event-stream"
+        chunks = [c async for c in resp.chunks()]
+        assert chunks == [b"data: 0\n\n", b"data: 1\n\n", b"data: 2\n\n"]  # never merged
+        await t.aclose()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_connection_errors() -> None:
+    async def main() -> None:
+        t = RawTransport()
+        with pytest.raises(UpstreamError) as err:
+            await t.send(req(free_port()))
+        assert err.value.reason == "connect_error"
+
+        async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await read_request(r)
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort")
+            await w.drain()
+            w.transport.abort()  # reset mid-body
+
+        server, port, _ = await serve(handler)
+        resp = await t.send(req(port))
+        with pytest.raises(UpstreamError) as err:
+            await resp.read()
+        assert err.value.reason == "reset"
+        await t.aclose()
+        server.close()
+
+    asyncio.run(main())
