@@ -13,7 +13,7 @@ demo: setup
 # The whole suite: unit tests, then the tests against the real engine.
 test: setup
 	$(PY) -m ruff check sentinel tests bench dashboards
-	$(PY) -m pytest -q -rs --durations=15 tests
+	SENTINEL_REQUIRE_ENGINE=1 $(PY) -m pytest -q -rs --durations=20 tests
 
 test-fast:
 	$(PY) -m pytest -q -m "not real" tests

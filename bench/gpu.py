@@ -31,14 +31,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from bench.common import pct
 from sentinel.collectors.gpu.collector import GpuCollector
 from sentinel.collectors.gpu.nvml import GpuDevice, Nvml, NvmlUnavailable, load_nvml
 from sentinel.collectors.gpu.sample import GpuSnapshot
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def summary(ns: list[int]) -> dict[str, float]:

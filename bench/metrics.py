@@ -39,6 +39,7 @@ import httpx
 import psutil
 from prometheus_client import CollectorRegistry
 
+from bench.common import pct, start_tiny_vllm
 from sentinel.config import SentinelConfig, load_config
 from sentinel.ops.metrics import MetricsRenderer
 from sentinel.ops.stack import build_ops_stack
@@ -46,11 +47,6 @@ from sentinel.state import EngineStatus, ProcessInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "var" / "tiny-model"
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def summary_ms(ns: list[int]) -> dict[str, float]:
@@ -72,27 +68,8 @@ class Engine:
             return
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
-        cmd = [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(MODEL),
-            "--served-model-name",
-            "tiny",
-            "--max-model-len",
-            "256",
-            "--enforce-eager",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ]
         self.log = open(ROOT / "var" / "bench-metrics-engine.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        self.proc = start_tiny_vllm(port, self.log)
 
     def wait(self, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout

@@ -38,6 +38,8 @@ from typing import Any
 
 import httptools
 
+from bench import common
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -322,11 +324,8 @@ async def _load(
 
 
 def pct(xs: list[float], p: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    k = min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))
-    return xs[k]
+    """Percentile p (0..100)."""
+    return common.pct(xs, p / 100)
 
 
 def ms(x: float) -> str:
@@ -485,26 +484,7 @@ async def real_vllm(vllm: str, vllm_px: int, quick: bool, vllm_model: str) -> di
 
 
 def _start_vllm(port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(ROOT / "var" / "tiny-model"),
-        "--served-model-name",
-        "tiny",
-        "--max-model-len",
-        "256",
-        "--enforce-eager",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    p = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    p = common.start_tiny_vllm(port)
     import urllib.request
 
     deadline = time.time() + 600

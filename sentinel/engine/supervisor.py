@@ -36,6 +36,7 @@ from sentinel.engine import diagnose as dx
 from sentinel.engine.backoff import Backoff, CrashLoopGuard
 from sentinel.engine.logcapture import EngineLine, LogTail
 from sentinel.logs import get_logger
+from sentinel.net import local_url
 from sentinel.state import EngineStatus, ExitInfo, Lifecycle, ProcessInfo
 
 log = get_logger("sentinel.engine")
@@ -142,14 +143,7 @@ class Supervisor:
 
     @property
     def engine_base_url(self) -> str:
-        host = self.engine_cfg.host
-        if host in ("0.0.0.0", ""):
-            host = "127.0.0.1"
-        elif host == "::":
-            host = "::1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.engine_cfg.port}"
+        return local_url(self.engine_cfg.host, self.engine_cfg.port)
 
     def owned_pids(self) -> set[int]:
         """Pids of the current and earlier generations that are still tracked."""

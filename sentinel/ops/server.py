@@ -17,6 +17,7 @@ from typing import Any
 import uvicorn
 
 from sentinel.logs import get_logger
+from sentinel.net import local_url
 
 log = get_logger(__name__)
 
@@ -51,14 +52,7 @@ class OpsServer:
 
     @property
     def url(self) -> str:
-        host = self.host
-        if host in ("0.0.0.0", ""):
-            host = "127.0.0.1"
-        elif host == "::":
-            host = "::1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        return local_url(self.host, self.port)
 
     def bind(self) -> int:
         try:

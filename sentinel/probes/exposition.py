@@ -125,6 +125,34 @@ def parse_exposition(
     return out
 
 
+def sample_values(text: str, keep_prefix: str = "vllm:") -> tuple[dict[str, float], int]:
+    """The ``values`` of ``parse_exposition`` alone, in a fraction of its time.
+
+    For the probes' once-a-second scrape, which needs a few numbers, not the text to
+    pass on. Returns (values, malformed sample lines)."""
+    values: dict[str, float] = {}
+    errors = 0
+    for line in text.splitlines():
+        if not line.startswith(keep_prefix):
+            continue
+        end = line.find("{")
+        if end == -1:
+            end = line.find(" ")
+        if line[:end].endswith(_NOT_VALUES):  # most lines are buckets: skip them unparsed
+            continue
+        sample = _parse_sample(line.strip())
+        if sample is None:
+            errors += 1
+            continue
+        name, labels, rest = sample
+        if name.endswith(_NOT_VALUES) or 'quantile="' in labels:
+            continue
+        val = float(rest.split()[0])
+        if not math.isnan(val):
+            values[name] = values.get(name, 0.0) + val
+    return values, errors
+
+
 def _parse_sample(line: str) -> tuple[str, str, str] | None:
     m = _NAME.match(line)
     if m is None:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import httpx
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from sentinel.probes.exposition import Exposition, parse_exposition
+from sentinel.probes.exposition import Exposition, parse_exposition, sample_values
 
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
@@ -66,7 +66,8 @@ class EngineMetricsScraper:
         self._timeout_s = timeout_s
         self._promtool_names = promtool_names
         self._clock = clock
-        self.last: Exposition | None = None
+        self._text: str | None = None  # the last good scrape, parsed only when passed on
+        self._parsed: Exposition | None = None
         self.last_at: float | None = None
         self.last_generation: int | None = None
         self.last_ok = False
@@ -77,9 +78,18 @@ class EngineMetricsScraper:
 
     def forget(self) -> None:
         """Drop the cached exposition (the engine generation it came from is gone)."""
-        self.last, self.last_at, self.last_generation = None, None, None
+        self._text, self._parsed = None, None
+        self.last_at, self.last_generation = None, None
 
-    async def scrape(self, base_url: str, generation: int) -> Exposition | None:
+    @property
+    def last(self) -> Exposition | None:
+        """The last good scrape as a clean exposition (parsed on first use, then cached)."""
+        if self._parsed is None and self._text is not None:
+            self._parsed = parse_exposition(self._text, promtool_names=self._promtool_names)
+        return self._parsed
+
+    async def scrape(self, base_url: str, generation: int) -> dict[str, float] | None:
+        """Fetch the engine's /metrics; return the summed sample values (None on failure)."""
         t0 = time.perf_counter()
         try:
             resp = await self._client.get(
@@ -96,20 +106,23 @@ class EngineMetricsScraper:
             self.failures_total += 1
             self.last_duration_s = time.perf_counter() - t0
             return None
-        expo = parse_exposition(text, promtool_names=self._promtool_names)
-        self.parse_errors_total += expo.errors
-        self.last, self.last_at, self.last_generation = expo, self._clock(), generation
+        # only the values now; the full parse waits until /metrics asks (see ``last``)
+        values, errors = sample_values(text)
+        self.parse_errors_total += errors
+        self._text, self._parsed = text, None
+        self.last_at, self.last_generation = self._clock(), generation
         self.last_ok, self.last_error = True, ""
         self.last_duration_s = time.perf_counter() - t0
-        return expo
+        return values
 
     def passthrough_text(self, generation: int, max_age_s: float) -> str:
         """The engine's series for /metrics: only when fresh and from the current generation."""
-        if self.last is None or self.last_at is None or self.last_generation != generation:
+        if self._text is None or self.last_at is None or self.last_generation != generation:
             return ""
         if self._clock() - self.last_at > max_age_s:
             return ""
-        return self.last.text
+        expo = self.last
+        return expo.text if expo is not None else ""
 
     # prometheus_client collector protocol: built at scrape time, never raises
     def describe(self) -> list[Metric]:

@@ -153,11 +153,11 @@ class ProbeRunner:
         if self.status.lifecycle != Lifecycle.running:
             return
         gen = self._gen
-        expo = await self.scraper.scrape(self.engine.engine_base_url, gen)
-        if expo is None or self.status.generation != gen:
+        values = await self.scraper.scrape(self.engine.engine_base_url, gen)
+        if values is None or self.status.generation != gen:
             return
-        self.status.set_engine_metrics(expo.values)
-        self._observe_progress(expo.values)
+        self.status.set_engine_metrics(values)
+        self._observe_progress(values)
 
     def evaluate(self) -> tuple[bool, Checks]:
         """Recompute readiness now (also called by /readyz, so it is never stale)."""

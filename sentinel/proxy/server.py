@@ -13,6 +13,7 @@ from typing import Any
 import uvicorn
 
 from sentinel.logs import get_logger
+from sentinel.net import local_url
 
 log = get_logger(__name__)
 
@@ -77,8 +78,7 @@ class ProxyServer:
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"http://{host}:{self.port}"
+        return local_url(self.host, self.port)
 
     async def serve(self) -> None:
         log.info("proxy_listening", host=self.host, port=self.port)

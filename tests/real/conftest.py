@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,6 +29,8 @@ SentinelFactory = Callable[..., SentinelProcess]
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if engine_available():
         return
+    if os.environ.get("SENTINEL_REQUIRE_ENGINE") == "1":  # `make test`: never skip silently
+        raise pytest.UsageError("real vLLM or var/tiny-model missing (run `make setup`)")
     skip = pytest.mark.skip(reason="real vLLM or var/tiny-model missing (run `make setup`)")
     for item in items:
         if "real" in item.keywords:

@@ -94,6 +94,19 @@ def test_serves_completions_with_the_whole_tree_owned(serving_sentinel: Sentinel
     assert events(s, "supervisor started")[0]["subreaper"] is True
 
 
+def test_without_a_gpu_only_gpu_available_0_is_exported(serving_sentinel: SentinelProcess) -> None:
+    """On a host without NVML the GPU collector says so once and adds nothing else."""
+    s = serving_sentinel
+    if any(r.get("event") == "gpu telemetry started" for r in s.log_records()):
+        pytest.skip("this host has a GPU")
+    gpu_lines = [ln for ln in s.get("/metrics").text.splitlines() if ln.startswith("sentinel_gpu")]
+    assert gpu_lines == ["sentinel_gpu_available 0.0"]
+    said = [r for r in s.log_records() if str(r.get("event", "")).startswith("gpu telemetry")]
+    assert len(said) == 1 and said[0]["event"].startswith("gpu telemetry unavailable")
+    wait_for(lambda: s.status()["state"] == "ready", 30, what="state ready")
+    assert not s.status()["degraded_reasons"]
+
+
 def test_sigkill_api_server_kills_orphans_and_restarts(serving_sentinel: SentinelProcess) -> None:
     s = serving_sentinel
     kill_and_expect_replacement(s, "api_server")

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,7 @@ class Run:
             str(self.port),
         ]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        _RUNS.append(self)
 
     def records(self) -> list[dict[str, Any]]:
         out = []
@@ -112,6 +114,23 @@ class Run:
             return self.proc.wait(timeout)
         finally:
             self._log.close()
+
+
+_RUNS: list[Run] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers() -> Iterator[None]:
+    """A failed test must not leave its Sentinel or fake engine running."""
+    yield
+    while _RUNS:
+        run = _RUNS.pop()
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait(10)
+        for p in run.fakes():
+            p.kill()
+        run._log.close()
 
 
 def _alive(p: psutil.Process) -> bool:

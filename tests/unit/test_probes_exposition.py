@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sentinel.probes.exposition import parse_exposition
+from sentinel.probes.exposition import parse_exposition, sample_values
 from tests.unit.fake_engine import vllm_metrics
 
 PROMTOOL = shutil.which("promtool")
@@ -148,3 +148,17 @@ def test_names_that_collide_after_renaming_keep_the_first_family():
     expo = parse_exposition(text)
     assert expo.text.count("# TYPE vllm_x gauge") == 1 and "vllm_x 1" in expo.text
     assert expo.errors == 1
+
+
+def test_fast_sample_values_agree_with_the_full_parse_on_real_vllm_output() -> None:
+    text = (Path(__file__).with_name("data_vllm_metrics.txt")).read_text()
+    values, errors = sample_values(text)
+    assert errors == 0
+    assert values == parse_exposition(text).values
+    assert values["vllm:num_requests_running"] == 0.0
+    assert "vllm:generation_tokens_total" in values
+
+
+def test_fast_sample_values_count_malformed_lines() -> None:
+    values, errors = sample_values("vllm:broken{{{ 1\nvllm:ok 2\nvllm:x_bucket{le=\"1\"} 3\n")
+    assert values == {"vllm:ok": 2.0} and errors == 1
