@@ -189,23 +189,32 @@ def test_stall_longer_than_the_window_restarts_with_reason_stalled(sentinel):
                 json=body,
                 timeout=httpx.Timeout(5, read=120),
             ) as r:
-                for i, _ in enumerate(r.iter_lines()):
-                    if i >= 2:
-                        got_chunks.set()
+                for _ in r.iter_lines():
+                    got_chunks.set()
         except httpx.HTTPError as exc:  # the restart cuts it off: expected
             errors.append(exc)
 
-    streams = [threading.Thread(target=long_stream, daemon=True) for _ in range(2)]
+    roles = sp.engine_processes_by_role()
+    pids = [p.pid for role in ("engine_core", "worker") for p in roles.get(role, [])]
+    assert len(pids) >= 2, f"expected EngineCore and Worker, got {roles}"
+    # several long streams, stopped at their first token: the tiny model writes 240 tokens
+    # in about a second, so the stop must come at once for requests to be left running
+    streams = [threading.Thread(target=long_stream, daemon=True) for _ in range(8)]
     for t in streams:
         t.start()
     assert got_chunks.wait(30), "no streamed tokens arrived"
-    pids = _stop_engine(sp, signal.SIGSTOP)  # mid-generation: running > 0, no tokens move
+    for pid in pids:  # mid-generation: running > 0, no tokens move
+        os.kill(pid, signal.SIGSTOP)
+    time.sleep(1.5)  # a few scrapes of the stopped engine
+    running = sp.status().get("engine_metrics", {})
 
     def restarted() -> dict[str, Any] | None:
         doc = sp.status()
         return doc if doc["restart_counts"].get("stalled") else None
 
-    doc = wait_for(restarted, 60, interval=0.5, what="a restart with reason stalled")
+    doc = wait_for(
+        restarted, 60, interval=0.5, what=f"a restart with reason stalled (engine: {running})"
+    )
     record = [r for r in doc["restarts"] if r["reason"] == "stalled"][-1]
     assert record["generation"] == gen_before
     assert "no token generated" in record["detail"]

@@ -156,12 +156,17 @@ def test_sigterm_stops_the_tree_and_exits_with_the_engine_status(tmp_path: Path)
     run = Run(tmp_path, "serve")
     run.wait_started()
     wait_for(lambda: len(engine_pids(run)) == 3, 30, what="3 engine processes")
+    # every process's output is captured with its role (the Worker speaks last)
+    all_roles = {"api_server", "engine_core", "worker"}
+    wait_for(
+        lambda: all_roles <= {r["role"] for r in run.events("engine")},
+        30,
+        what="log lines of all three roles",
+    )
     pids = engine_pids(run)
     code = run.stop()
     assert code == 0, run.tail()  # the fake API server exits 0 on SIGTERM
     assert not [p for p in pids if psutil.pid_exists(p) and _alive(psutil.Process(p))]
-    roles = {r["role"] for r in run.events("engine")}
-    assert {"api_server", "engine_core", "worker"} <= roles
     assert run.events("sentinel exiting")[0]["exit_code"] == 0
     assert run.fakes() == []
 
