@@ -69,7 +69,7 @@ class ProbesConfig(_Section):
     timeout_s: float = Field(3.0, gt=0)
     freshness_s: float = Field(10.0, gt=0)
     prompt: str = "hi"
-    metrics_interval_s: float = Field(1.0, gt=0)
+    metrics_interval_s: float = Field(2.0, gt=0)
     stall_window_s: float = Field(30.0, gt=0)
     on_stall: ProbeAction = ProbeAction.report
     stall_restart_after_s: float = Field(0.0, ge=0)
