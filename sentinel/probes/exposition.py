@@ -18,6 +18,7 @@ because the engine printed something odd.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -153,17 +154,36 @@ def sample_values(text: str, keep_prefix: str = "vllm:") -> tuple[dict[str, floa
     return values, errors
 
 
-def _parse_sample(line: str) -> tuple[str, str, str] | None:
-    m = _NAME.match(line)
-    if m is None:
-        return None
-    name, pos = m.group(0), m.end()
-    labels = ""
-    if pos < len(line) and line[pos] == "{":
-        lm = _LABELS.match(line, pos)
-        if lm is None:
+@functools.lru_cache(maxsize=4096)
+def _valid_name(name: str) -> bool:
+    return _NAME.fullmatch(name) is not None
+
+
+def _split_name_labels(line: str) -> tuple[str, str, int] | None:
+    """(name, labels, where the value starts): a fast path for plain lines, the full
+    label grammar (escapes, braces inside values) where a line needs it."""
+    brace, space = line.find("{"), line.find(" ")
+    if brace == -1 or (space != -1 and space < brace):
+        if space == -1 or not _valid_name(line[:space]):
             return None
-        labels, pos = lm.group(0), lm.end()
+        return line[:space], "", space
+    name = line[:brace]
+    if not _valid_name(name):
+        return None
+    close = line.find("}", brace)
+    if close != -1 and "\\" not in line and line.count('"', brace, close) % 2 == 0:
+        return name, line[brace : close + 1], close + 1
+    lm = _LABELS.match(line, brace)
+    if lm is None:
+        return None
+    return name, lm.group(0), lm.end()
+
+
+def _parse_sample(line: str) -> tuple[str, str, str] | None:
+    split = _split_name_labels(line)
+    if split is None:
+        return None
+    name, labels, pos = split
     rest = line[pos:].split(" # ", 1)[0].split()  # drop OpenMetrics exemplars
     if not rest or len(rest) > 2:
         return None
