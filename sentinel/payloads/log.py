@@ -285,28 +285,28 @@ class PayloadLog:
                 pass
             self.deleted.inc()
 
-    def _discard_file(self) -> None:
-        """After a failed write: close the file (its tail may be partial) and start anew."""
+    def _retire_file(self, failed: bool) -> None:
+        """Close the current file and count it against the budget. After a failed write
+        its tail may be partial, so its size is read back from the disk."""
         if self._file is not None:
             try:
                 self._file.close()
             except OSError:
                 pass
             assert self._file_path is not None
-            try:
-                size = self._file_path.stat().st_size
-            except OSError:
-                size = self._file_size
-            if size:
+            size = self._file_size
+            if failed:
+                try:
+                    size = self._file_path.stat().st_size
+                except OSError:
+                    pass
+            if size or not failed:
                 self._files.append((self._file_path, size))
         self._file, self._file_path, self._file_size = None, None, 0
 
+    def _discard_file(self) -> None:
+        """After a failed write: close the file and start anew."""
+        self._retire_file(failed=True)
+
     def _close(self) -> None:
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError:
-                pass
-            assert self._file_path is not None
-            self._files.append((self._file_path, self._file_size))
-            self._file, self._file_path, self._file_size = None, None, 0
+        self._retire_file(failed=False)
