@@ -38,3 +38,15 @@ def start_tiny_vllm(
         tiny_vllm_command(port), env=env, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
+
+
+def summarize(ns: list[int], unit: str) -> dict[str, float]:
+    """p50/p99/max/mean of nanosecond timings, in ``us`` or ``ms``, keys suffixed by the unit."""
+    scale, digits = {"us": (1e3, 1), "ms": (1e6, 3)}[unit]
+    xs = [x / scale for x in ns]
+    return {
+        f"p50_{unit}": round(pct(xs, 0.50), digits),
+        f"p99_{unit}": round(pct(xs, 0.99), digits),
+        f"max_{unit}": round(max(xs), digits),
+        f"mean_{unit}": round(sum(xs) / len(xs), digits),
+    }

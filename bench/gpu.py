@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -31,20 +30,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from bench.common import pct
+from bench.common import summarize
 from sentinel.collectors.gpu.collector import GpuCollector
 from sentinel.collectors.gpu.nvml import GpuDevice, Nvml, NvmlUnavailable, load_nvml
 from sentinel.collectors.gpu.sample import GpuSnapshot
 
 
 def summary(ns: list[int]) -> dict[str, float]:
-    us = [x / 1000 for x in ns]
-    return {
-        "p50_us": round(pct(us, 0.50), 1),
-        "p99_us": round(pct(us, 0.99), 1),
-        "max_us": round(max(us), 1),
-        "mean_us": round(statistics.fmean(us), 1),
-    }
+    return summarize(ns, "us")
 
 
 def naive_poll(lib: Any, h: Any) -> None:

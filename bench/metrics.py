@@ -39,7 +39,7 @@ import httpx
 import psutil
 from prometheus_client import CollectorRegistry
 
-from bench.common import pct, start_tiny_vllm
+from bench.common import start_tiny_vllm, summarize
 from sentinel.config import SentinelConfig, load_config
 from sentinel.ops.metrics import MetricsRenderer
 from sentinel.ops.stack import build_ops_stack
@@ -50,13 +50,7 @@ MODEL = ROOT / "var" / "tiny-model"
 
 
 def summary_ms(ns: list[int]) -> dict[str, float]:
-    ms = [x / 1e6 for x in ns]
-    return {
-        "p50_ms": round(pct(ms, 0.50), 3),
-        "p99_ms": round(pct(ms, 0.99), 3),
-        "max_ms": round(max(ms), 3),
-        "mean_ms": round(statistics.fmean(ms), 3),
-    }
+    return summarize(ns, "ms")
 
 
 # ---- the engine ------------------------------------------------------------------
