@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from sentinel.config import SentinelConfig
 from sentinel.logs import configure_logging, get_logger
+from sentinel.runtime import tune_gc
 from sentinel.state import EngineStatus
 
 log = get_logger("sentinel.app")
@@ -104,6 +105,7 @@ class Sentinel:
             log.error("cannot start the ops server", error=str(exc))
             return 2
         log.info("ops server listening", url=self.ops.server.url, port=self.ops.server.port)
+        tune_gc(self.cfg.runtime)  # everything long-lived exists now
         for coro, name in self.ops.tasks():
             task = asyncio.create_task(coro, name=name)
             task.add_done_callback(report_task_crash)

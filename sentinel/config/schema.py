@@ -227,6 +227,11 @@ class LoggingConfig(_Section):
     engine_lines: bool = True
 
 
+class RuntimeConfig(_Section):
+    gc_freeze: bool = True
+    gc_young_threshold: int = Field(50_000, ge=100)
+
+
 class SentinelConfig(_Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
@@ -236,3 +241,4 @@ class SentinelConfig(_Section):
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     payload_log: PayloadLogConfig = Field(default_factory=PayloadLogConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)

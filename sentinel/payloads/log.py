@@ -1,8 +1,11 @@
 """The payload log: a bounded queue in front of one writer thread.
 
 ``submit`` never blocks: when the queue is full the record is dropped and counted.
-The writer batches records, redacts and caps them (``record.build_line``), appends
-them to the current ``payloads-*.jsonl`` file, rotates at ``max_file_bytes`` and
+A metadata-only record becomes its JSON line in ``submit`` (on the event loop: a
+few microseconds, and the writer thread then never takes the GIL from the loop for
+long); a sampled record is redacted and capped on the writer thread
+(``record.build_line``). The writer appends the lines to the current
+``payloads-*.jsonl`` file, rotates at ``max_file_bytes`` and
 deletes the oldest files to stay under ``max_total_bytes``. A write error (a full
 disk, a vanished directory) drops that batch and counts it; requests never notice.
 """
@@ -67,7 +70,7 @@ class PayloadLog:
         self._limit = queue_size  # records queued or pending, at most
         self._queued = 0
         self._count_lock = threading.Lock()
-        self._pending: list[PayloadRecord] = []
+        self._pending: list[PayloadRecord | bytes] = []
         self._timer: asyncio.TimerHandle | None = None
         self._batch = batch
         self._redactor = Redactor(cfg.redact_patterns)
@@ -128,8 +131,11 @@ class PayloadLog:
         except RuntimeError:
             self._put([record])
             return
+        item: PayloadRecord | bytes = record
+        if not record.with_bodies:
+            item = self._line(record)
         pending = self._pending
-        pending.append(record)
+        pending.append(item)
         if len(pending) >= self._batch:
             self._handoff()
         elif self._timer is None:
@@ -143,7 +149,23 @@ class PayloadLog:
             batch, self._pending = self._pending, []
             self._put(batch)
 
-    def _put(self, batch: list[PayloadRecord]) -> None:
+    def _line(self, rec: PayloadRecord) -> bytes:
+        line = build_line(
+            rec.meta,
+            rec.request_headers,
+            rec.request_body,
+            rec.response_body,
+            rec.usage_source,
+            rec.streamed,
+            rec.with_bodies,
+            self._redactor,
+            self.cfg.max_record_bytes - 1,
+        )
+        if rec.with_bodies and '"truncated":true' in line:
+            self.truncated.inc()
+        return line.encode() + b"\n"
+
+    def _put(self, batch: list[PayloadRecord | bytes]) -> None:
         self._q.put_nowait(batch)  # unbounded queue: the bound is _limit records
 
     def _done(self, n: int) -> None:
@@ -207,26 +229,15 @@ class PayloadLog:
                 self._close()
                 return
 
-    def _write(self, records: list[PayloadRecord]) -> None:
+    def _write(self, records: list[PayloadRecord | bytes]) -> None:
         lines: list[bytes] = []
         sampled = 0
         for rec in records:
-            line = build_line(
-                rec.meta,
-                rec.request_headers,
-                rec.request_body,
-                rec.response_body,
-                rec.usage_source,
-                rec.streamed,
-                rec.with_bodies,
-                self._redactor,
-                self.cfg.max_record_bytes - 1,
-            )
-            if rec.with_bodies:
-                sampled += 1
-                if '"truncated":true' in line:
-                    self.truncated.inc()
-            lines.append(line.encode() + b"\n")
+            if isinstance(rec, bytes):
+                lines.append(rec)
+            else:
+                sampled += rec.with_bodies
+                lines.append(self._line(rec))
         try:
             for data in lines:
                 self._append(data)

@@ -1,7 +1,9 @@
 """Turning one request's facts into one redacted, size-capped JSON line.
 
-Runs on the writer thread, never on the request path: token counts are dug out of
-the response here, bodies are redacted and truncated here.
+A metadata-only line (every request) is built when the request ends, on the event
+loop: a few microseconds, cheaper than handing the raw facts to the writer thread,
+which would have to take the GIL from the loop to format them. A sampled line (bodies
+redacted and truncated) is built on the writer thread.
 """
 
 from __future__ import annotations
@@ -21,11 +23,24 @@ _JSON_SECRET = re.compile(
     re.I,
 )
 _USAGE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*\})')
+_USAGE_KEYS = re.compile(rb'"(prompt_tokens|completion_tokens|total_tokens)"\s*:\s*(\d+)[,}\s]')
+_CACHE_MAX = 1024
 
 
 class Redactor:
     def __init__(self, patterns: list[str]) -> None:
         self._extra = [re.compile(p) for p in patterns]
+        self._cache: dict[str, str] = {}
+
+    def cached(self, text: str) -> str:
+        """``text()`` for the few strings seen on every request (upstream URLs)."""
+        out = self._cache.get(text)
+        if out is None:
+            out = self.text(text)
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()
+            self._cache[text] = out
+        return out
 
     def text(self, text: str) -> str:
         text = redact_text(text)
@@ -43,18 +58,15 @@ class Redactor:
 
 def usage_of(body: bytes, streamed: bool) -> dict[str, int] | None:
     """prompt/completion tokens from an OpenAI response (the last usage object wins)."""
-    found = _USAGE.findall(body[-65536:] if streamed else body)
-    if not found:
-        return None
-    try:
-        usage = json.loads(found[-1])
-    except ValueError:
-        return None
-    out = {}
-    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
-        if isinstance(usage.get(key), int):
-            out[key] = usage[key]
-    return out or None
+    data = body[-65536:] if streamed else body
+    at = data.rfind(b'"usage"')
+    while at >= 0:
+        m = _USAGE.match(data, at)
+        if m is not None:
+            found = {k.decode(): int(v) for k, v in _USAGE_KEYS.findall(m.group(1) + b" ")}
+            return found or None
+        at = data.rfind(b'"usage"', 0, at)
+    return None
 
 
 def _decode(body: bytes) -> str:
@@ -64,8 +76,11 @@ def _decode(body: bytes) -> str:
 _MARK = "...[truncated]"
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(obj)
 
 
 def _enc_len(text: str) -> int:
@@ -89,7 +104,7 @@ def _fit(text: str, budget: int) -> str:
 def cap_record(record: dict[str, Any], max_bytes: int) -> str:
     """Serialize ``record``; truncate its bodies (marked) so the line fits ``max_bytes``."""
     line = _dumps(record)
-    if len(line.encode()) <= max_bytes:
+    if len(line) * 4 <= max_bytes or len(line.encode()) <= max_bytes:  # UTF-8: <= 4 B/char
         return line
     record["truncated"] = True
     keys = [k for k in ("request_body", "response_body") if isinstance(record.get(k), str)]
@@ -139,7 +154,7 @@ def build_line(
             record["completion_tokens"] = usage.get("completion_tokens")
             record["tokens_source"] = "usage"
     if "upstream" in record and isinstance(record["upstream"], str):
-        record["upstream"] = redactor.text(record["upstream"])
+        record["upstream"] = redactor.cached(record["upstream"])
     if "error" in record and isinstance(record["error"], str):
         record["error"] = redactor.text(record["error"])
     if with_bodies:

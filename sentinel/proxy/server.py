@@ -1,6 +1,12 @@
 """Serving the proxy: uvicorn (httptools + uvloop where available) on a socket we bind,
 so port 0 works and the bound port is known; uvicorn's own signal capture is
-disabled because Sentinel's loop owns the signals."""
+disabled because Sentinel's loop owns the signals.
+
+uvicorn writes a response's head and its body with one ``transport.write`` each: two
+send() system calls for every non-streamed answer. The connections' transports are
+corked: what is written during one event-loop step leaves in one system call at the
+end of that step (head and body together; a streamed chunk alone, one step later).
+"""
 
 from __future__ import annotations
 
@@ -24,12 +30,61 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _http_impl() -> str:
+class _CorkedTransport:
+    """A transport whose writes within one loop step are joined into one write."""
+
+    __slots__ = ("_transport", "_loop", "_buf", "_scheduled")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._buf: list[bytes] = []
+        self._scheduled = False
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self._buf.append(data)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        buf = self._buf
+        if buf:
+            data = buf[0] if len(buf) == 1 else b"".join(buf)
+            buf.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def abort(self) -> None:
+        self._buf.clear()
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def _protocol_class() -> type[asyncio.Protocol] | str:
     try:
-        import httptools  # noqa: F401
-    except ImportError:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # no httptools: uvicorn's h11 protocol, uncorked
         return "h11"
-    return "httptools"
+
+    class CorkedHttpToolsProtocol(HttpToolsProtocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(_CorkedTransport(transport, self.loop))  # type: ignore[arg-type]
+
+    return CorkedHttpToolsProtocol
 
 
 class ProxyBindError(RuntimeError):
@@ -62,7 +117,7 @@ class ProxyServer:
         self.port: int = self.sock.getsockname()[1]
         self.config = uvicorn.Config(
             app,
-            http=_http_impl(),
+            http=_protocol_class(),
             loop="none",
             lifespan="off",
             access_log=False,
