@@ -1,27 +1,34 @@
-"""GPU telemetry cost: one full poll per GPU, and /metrics render time.
+"""GPU telemetry cost: one full poll per GPU, idle and busy, and /metrics render time.
 
-    .venv/bin/python -m bench.gpu [--polls 2000] [--fake] [--out DIR]
+    .venv/bin/python -m bench.gpu [--polls 1000] [--load idle,busy] [--fake] [--out DIR]
 
-Side by side in one run:
-- poll: Sentinel's poll of one GPU (``GpuDevice.sample``: counters read the cheaper
-  way, slow ones every ``--slow-every`` polls, GPM, maxima cached) vs. a naive
+Side by side in one run, for each GPU condition in ``--load`` (``idle``; ``busy``: the
+device-to-device copy loop ``tests/gpu/copy_loop.py`` running all along, like an engine
+decoding; ``light``: the same at ~10% duty):
+- poll: Sentinel's poll of one GPU (``GpuDevice.sample``: cheap counters in one
+  field-values call, GPM, maxima cached; slow reads between polls) vs. a naive
   gpustat-style poll (one NVML call per value, maxima, utilization rates and every
   counter each time); p50/p99/max in microseconds and the ratio, back to back and
   spaced out ``--spaced-s`` apart like production polls (the driver's caches go cold
   between polls, so spaced is the figure to judge the goal by: p99 <= 1 ms per GPU);
-- the mean cost of each NVML function inside one Sentinel poll, and each counter
-  group's read cost as timed at open (field values vs. the older one-value call);
+- the slow reads Sentinel makes halfway between two spaced polls (``refresh_slow``:
+  expensive counters, graphics processes; at most one per gap), per read, and the
+  NVML time per poll interval with them (poll + that gap's slow read);
+- the cost of each NVML function inside one Sentinel poll (mean and p99, spaced), and
+  each counter group's read cost as timed at open (field values vs. the older call);
 - /metrics: ``generate_latest`` of a registry with ~40 other Sentinel-like series,
-  with and without the GPU collector registered.
+  with and without the GPU collector registered (GPU idle).
 
 Without NVML (or with ``--fake``) the in-memory fake NVML stands in: that measures
-Sentinel's own Python overhead, not the driver.
+Sentinel's own Python overhead, not the driver (and ``--load`` is ignored).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -30,7 +37,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from bench.common import summarize
+from bench.common import pct, summarize
 from sentinel.collectors.gpu.collector import GpuCollector
 from sentinel.collectors.gpu.nvml import GpuDevice, Nvml, NvmlUnavailable, load_nvml
 from sentinel.collectors.gpu.sample import GpuSnapshot
@@ -108,8 +115,41 @@ def _timed(fn: Callable[[], object]) -> int:
     return time.perf_counter_ns() - t0
 
 
+COPY_LOOP = Path(__file__).resolve().parents[1] / "tests" / "gpu" / "copy_loop.py"
+LOADS = {"idle": None, "busy": (2.0, 1.0), "light": (0.5, 0.1)}  # (GiB, duty)
+
+
+class Load:
+    """The copy loop on GPU 0 in the background, for a ``--load`` condition."""
+
+    def __init__(self, gib: float, duty: float) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(COPY_LOOP), "3600", str(gib), str(duty)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            self.stop()
+            raise RuntimeError(f"copy loop did not start: {line!r}")
+        time.sleep(1.0)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def per_call(ns: dict[str, list[int]], polls: int) -> dict[str, dict[str, float]]:
+    """Each NVML function inside one poll: mean time per poll, p99 of one call (us)."""
+    return {
+        k: {"mean": round(sum(v) / polls / 1000, 1), "p99": round(pct(v, 0.99) / 1000, 1)}
+        for k, v in sorted(ns.items(), key=lambda kv: -sum(kv[1]))
+    }
+
+
 def bench_polls(
-    nvml: Nvml, polls: int, slow_every: int, spaced_polls: int, spaced_s: float
+    nvml: Nvml, polls: int, slow_every: int, spaced_ticks: int, spaced_s: float
 ) -> list[dict[str, Any]]:
     results = []
     for device in nvml.open_devices(slow_every=slow_every):
@@ -119,28 +159,38 @@ def bench_polls(
 
         for _ in range(50):
             device.sample()
-        # A: back to back, interleaved with the naive poll
+        # A: back to back, interleaved with the naive poll (no slow reads)
         ours: list[int] = []
         theirs: list[int] = []
         for _ in range(polls):
             ours.append(_timed(device.sample))
             theirs.append(_timed(naive))
-        # B: spaced out like production polls (driver caches go cold between polls);
-        # a few polls first, so that reads found slow at this cadence are demoted
+        # B: spaced out like production polls (driver caches go cold between polls), the
+        # slow reads halfway between two polls as in the poll thread; every 4th tick is
+        # a naive poll instead. A few polls first, so that reads found slow at this
+        # cadence are demoted.
         for _ in range(5):
             time.sleep(spaced_s)
             device.sample()
         sp_ours: list[int] = []
-        sp_slow: list[int] = []
-        sp_fast: list[int] = []
         sp_theirs: list[int] = []
-        for _ in range(spaced_polls):
-            time.sleep(spaced_s)
+        with_slow: list[int] = []  # poll + the slow read in the gap before it
+        slow: dict[str, list[int]] = defaultdict(list)
+        for i in range(spaced_ticks):
+            if i % 4 == 3:
+                time.sleep(spaced_s)
+                sp_theirs.append(_timed(naive))
+                continue
+            time.sleep(spaced_s / 2)
+            t0 = time.perf_counter_ns()
+            got = device.refresh_slow()
+            gap = time.perf_counter_ns() - t0
+            if got is not None:
+                slow[got[0]].append(int(got[1] * 1e9))
+            time.sleep(spaced_s / 2)
             sp_ours.append(_timed(device.sample))
-            (sp_slow if device.last_slow_read else sp_fast).append(sp_ours[-1])
-            time.sleep(spaced_s)
-            sp_theirs.append(_timed(naive))
-        # C: mean cost of each NVML function inside one poll, spaced out
+            with_slow.append(sp_ours[-1] + (gap if got is not None else 0))
+        # C: each NVML function inside one poll (and its slow reads), spaced
         timing = TimingLib(nvml.lib)
         probe = GpuDevice(timing, device.index, slow_every)
         probe.open()
@@ -148,14 +198,16 @@ def bench_polls(
             time.sleep(spaced_s)
             probe.sample()
         timing.ns.clear()
-        n = min(spaced_polls, 100)
+        n = min(spaced_ticks, 20)
         for _ in range(n):
             time.sleep(spaced_s)
             probe.sample()
-        per_call = {
-            k: round(sum(v) / n / 1000, 1)
-            for k, v in sorted(timing.ns.items(), key=lambda kv: -sum(kv[1]))
-        }
+        poll_calls = per_call(timing.ns, n)
+        timing.ns.clear()
+        n_slow = len(probe.slow_reads())
+        for _ in range(n_slow * max(1, slow_every // max(1, n_slow))):
+            probe.refresh_slow()
+            time.sleep(spaced_s / 10)
         last = device.sample()
         results.append(
             {
@@ -164,20 +216,25 @@ def bench_polls(
                 "back_to_back": {"sentinel": summary(ours), "naive": summary(theirs)},
                 "spaced": {
                     "every_s": spaced_s,
+                    "polls": len(sp_ours),
                     "sentinel": summary(sp_ours),
                     "naive": summary(sp_theirs),
-                    "sentinel_polls_without_a_slow_counter": summary(sp_fast) if sp_fast else {},
-                    "sentinel_polls_with_a_slow_counter": {
-                        "count": len(sp_slow),
-                        **(summary(sp_slow) if sp_slow else {}),
+                    "sentinel_with_the_gaps_slow_read": summary(with_slow),
+                    "slow_reads_between_polls": {
+                        k: {"count": len(v), **summary(v)} for k, v in sorted(slow.items())
                     },
+                    "nvml_us_per_interval_mean": round(sum(with_slow) / len(with_slow) / 1e3, 1),
                 },
-                "per_call_mean_us_spaced": per_call,
+                "per_call_spaced_us": poll_calls,
+                "per_call_slow_reads_us": {
+                    k: round(sum(v) / len(v) / 1000, 1) for k, v in timing.ns.items()
+                },
                 "counter_read_costs_at_open_us": {
                     g: {how: round(t * 1e6, 1) for how, t in c.items()}
                     for g, c in device.read_costs.items()
                 },
                 "counter_plan": dict(device.counter_plan),
+                "slow_reads": [name for name, _ in device.slow_reads()],
                 "unsupported": dict(last.unsupported_reads),
                 "read_errors": {f"{f}:{e}": n for (f, e), n in last.read_errors.items()},
             }
@@ -207,7 +264,9 @@ def bench_render(nvml: Nvml, renders: int) -> dict[str, Any]:
     poller = GpuPoller(GpuConfig(), EngineStatus(), load=lambda: nvml)
     assert poller.open()
     poller.poll_once()
-    time.sleep(0.2)
+    time.sleep(0.1)
+    poller.refresh_slow()
+    time.sleep(0.1)
     poller.poll_once()
     base = CollectorRegistry()
     other_metrics(base)
@@ -236,9 +295,46 @@ def bench_render(nvml: Nvml, renders: int) -> dict[str, Any]:
     return out
 
 
+def print_polls(r: dict[str, Any], load: str, kind: str, args: argparse.Namespace) -> None:
+    sp = r["spaced"]
+    print(f"\n== GPU {r['gpu']} {r['name']} ({kind}), GPU {load}: one full poll, microseconds")
+    print(f"{'':<48}{'p50':>9}{'p99':>9}{'max':>9}")
+    rows = [
+        (f"back to back x{args.polls}: sentinel", r["back_to_back"]["sentinel"]),
+        ("back to back: naive (gpustat-style)", r["back_to_back"]["naive"]),
+        (f"{args.spaced_s} s apart x{sp['polls']}: sentinel", sp["sentinel"]),
+        ("  + the slow read made in the gap before it", sp["sentinel_with_the_gaps_slow_read"]),
+        (f"{args.spaced_s} s apart: naive", sp["naive"]),
+    ]
+    for label, st in rows:
+        if "p50_us" in st:
+            print(f"{label:<48}{st['p50_us']:>9}{st['p99_us']:>9}{st['max_us']:>9}")
+    for name, st in sp["slow_reads_between_polls"].items():
+        label = f"  slow read between polls: {name} x{st['count']}"
+        print(f"{label:<48}{st['p50_us']:>9}{st['p99_us']:>9}{st['max_us']:>9}")
+    for phase in ("back_to_back", "spaced"):
+        o, t = r[phase]["sentinel"], r[phase]["naive"]
+        print(
+            f"    {phase}: sentinel/naive p50 {o['p50_us'] / t['p50_us']:.2f}"
+            f" p99 {o['p99_us'] / t['p99_us']:.2f}"
+        )
+    p99 = sp["sentinel"]["p99_us"]
+    print(
+        f"    goal p99 <= 1000 us per GPU (spaced polls, GPU {load}):"
+        f" {'met' if p99 <= 1000 else 'MISSED'} ({p99} us); NVML time per poll interval,"
+        f" slow reads included: mean {sp['nvml_us_per_interval_mean']} us"
+    )
+    calls = ", ".join(f"{k} {v['mean']}/{v['p99']}" for k, v in r["per_call_spaced_us"].items())
+    print(f"    per NVML call in a spaced poll (us per poll, mean/p99 of one call): {calls}")
+    print(f"    slow reads, per call (mean us): {r['per_call_slow_reads_us']}")
+    print(f"    counter reads at open (min of 3, us): {r['counter_read_costs_at_open_us']}")
+    print(f"    counter plan (after the run): {r['counter_plan']}")
+    print(f"    unsupported: {r['unsupported']}  read errors: {r['read_errors']}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--polls", type=int, default=2000)
+    ap.add_argument("--polls", type=int, default=1000, help="back-to-back polls")
     ap.add_argument("--renders", type=int, default=500)
     ap.add_argument(
         "--slow-every",
@@ -246,51 +342,40 @@ def main() -> int:
         default=10,
         help="polls between refreshes of a slow counter (the default config: 10 s / 1 s)",
     )
-    ap.add_argument("--spaced", type=int, default=200, help="polls spaced out")
-    ap.add_argument("--spaced-s", type=float, default=0.05, help="seconds between them")
+    ap.add_argument("--spaced", type=int, default=160, help="spaced ticks (3 in 4 a Sentinel poll)")
+    ap.add_argument("--spaced-s", type=float, default=0.5, help="seconds between them")
+    ap.add_argument(
+        "--load",
+        default="idle",
+        help="comma-separated GPU conditions to measure: idle, busy, light (default idle)",
+    )
     ap.add_argument("--fake", action="store_true", help="use the in-memory fake NVML")
     ap.add_argument("--out", type=Path, help="write bench_gpu.json here")
     args = ap.parse_args()
+    loads = [x.strip() for x in args.load.split(",") if x.strip()]
+    if unknown := set(loads) - set(LOADS):
+        ap.error(f"unknown --load {sorted(unknown)}: pick from {sorted(LOADS)}")
     nvml, kind = open_nvml(args.fake)
+    if kind == "fake":
+        loads = ["idle"]
+    by_load: dict[str, list[dict[str, Any]]] = {}
     try:
-        polls = bench_polls(nvml, args.polls, args.slow_every, args.spaced, args.spaced_s)
         render = bench_render(nvml, args.renders)
+        for load in loads:
+            spec = LOADS[load]
+            background = Load(*spec) if spec else None
+            try:
+                by_load[load] = bench_polls(
+                    nvml, args.polls, args.slow_every, args.spaced, args.spaced_s
+                )
+            finally:
+                if background is not None:
+                    background.stop()
     finally:
         nvml.close()
-    for r in polls:
-        print(f"\n== GPU {r['gpu']} {r['name']} ({kind}): one full poll, microseconds")
-        print(f"{'':<44}{'p50':>9}{'p99':>9}{'max':>9}")
-        rows = [
-            (f"back to back x{args.polls}: sentinel", r["back_to_back"]["sentinel"]),
-            ("back to back: naive (gpustat-style)", r["back_to_back"]["naive"]),
-            (f"{args.spaced_s} s apart x{args.spaced}: sentinel", r["spaced"]["sentinel"]),
-            (
-                "  of which polls without a slow counter",
-                r["spaced"]["sentinel_polls_without_a_slow_counter"],
-            ),
-            (
-                "  of which polls with a slow counter",
-                r["spaced"]["sentinel_polls_with_a_slow_counter"],
-            ),
-            (f"{args.spaced_s} s apart: naive", r["spaced"]["naive"]),
-        ]
-        for label, st in rows:
-            if "p50_us" in st:
-                print(f"{label:<44}{st['p50_us']:>9}{st['p99_us']:>9}{st['max_us']:>9}")
-        for phase in ("back_to_back", "spaced"):
-            o, t = r[phase]["sentinel"], r[phase]["naive"]
-            print(
-                f"    {phase}: sentinel/naive p50 {o['p50_us'] / t['p50_us']:.2f}"
-                f" p99 {o['p99_us'] / t['p99_us']:.2f}"
-            )
-        p99 = r["spaced"]["sentinel"]["p99_us"]
-        print(
-            f"    goal p99 <= 1000 us per GPU (spaced polls): {'met' if p99 <= 1000 else 'MISSED'}"
-        )
-        print(f"    per NVML call, spaced (mean us per poll): {r['per_call_mean_us_spaced']}")
-        print(f"    counter reads at open (min of 3, us): {r['counter_read_costs_at_open_us']}")
-        print(f"    counter plan (after the run): {r['counter_plan']}")
-        print(f"    unsupported: {r['unsupported']}  read errors: {r['read_errors']}")
+    for load, polls in by_load.items():
+        for r in polls:
+            print_polls(r, load, kind, args)
     w, wo = render["with_gpu"], render["without_gpu"]
     print(f"\n== /metrics render ({args.renders} renders, {render['gpu_series']} series)")
     print(f"{'':<14}{'p50 us':>9}{'p99 us':>9}{'bytes':>8}")
@@ -302,7 +387,7 @@ def main() -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench_gpu.json").write_text(
-            json.dumps({"kind": kind, "polls": polls, "render": render}, indent=2)
+            json.dumps({"kind": kind, "polls": by_load, "render": render}, indent=2)
         )
     return 0
 

@@ -55,6 +55,7 @@ SERIES = {
     "sentinel_gpu_foreign_memory_bytes": "compute_processes",
     "sentinel_gpu_lost": "",
     "sentinel_gpu_poll_duration_seconds": "",
+    "sentinel_gpu_slow_read_duration_seconds": "graphics_processes",
 }
 
 
@@ -105,7 +106,9 @@ def test_every_series_present_with_plausible_values(
     poller: GpuPoller, registry: CollectorRegistry
 ) -> None:
     poller.poll_once()
-    time.sleep(0.5)
+    time.sleep(0.25)
+    poller.refresh_slow()  # the first slow read, between polls as in the poll thread
+    time.sleep(0.25)
     snap = poller.poll_once()
     values = _values(registry)
     text = generate_latest(registry).decode()
@@ -183,6 +186,24 @@ def test_violation_fields_match_the_legacy_call(poller: GpuPoller) -> None:
             print(f"\nGPU {dev.index} policy {policy}: fields {got} s, legacy {legacy} s")
             assert got is not None
             assert abs(got - legacy) <= max(1.0, 0.01 * legacy)
+
+
+def test_slow_reads_are_made_between_polls(poller: GpuPoller) -> None:
+    """Every slow read (expensive counters, graphics processes) comes round within
+    slow_every refreshes, one per GPU at a time, and the next poll shows its cost."""
+    for dev in poller.devices:
+        print(f"\nGPU {dev.index} counter plan: {dev.counter_plan}")
+        print(f"  read costs at open (s): {dev.read_costs}")
+    names = {dev.index: {n for n, _ in dev.slow_reads()} for dev in poller.devices}
+    rounds = max(dev.slow_every + len(names[dev.index]) for dev in poller.devices)
+    for _ in range(rounds):
+        done = poller.refresh_slow()
+        assert all(index in names for index in done)
+    snap = poller.poll_once()
+    for dev in snap.devices:
+        print(f"  slow reads (s): {dev.slow_read_durations_s}")
+        assert set(dev.slow_read_durations_s) == names[dev.index]
+        assert all(0 < t < 1.0 for t in dev.slow_read_durations_s.values())
 
 
 def test_bandwidth_rises_under_a_device_to_device_copy_loop(

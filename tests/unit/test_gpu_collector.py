@@ -42,6 +42,7 @@ ALL_PER_GPU = {
     "sentinel_gpu_foreign_processes",
     "sentinel_gpu_foreign_memory_bytes",
     "sentinel_gpu_poll_duration_seconds",
+    "sentinel_gpu_slow_read_duration_seconds",
 }
 
 
@@ -79,6 +80,7 @@ def test_every_series_with_identity_labels() -> None:
     )
     lib, poller, registry = setup([gpu])
     poller.poll_once()
+    poller.refresh_slow()  # a slow read between polls (the graphics-process list)
     lib.inject_xid(0, 79)
     poller.wait_events(0.05)
     poller.poll_once()
@@ -104,6 +106,8 @@ def test_every_series_with_identity_labels() -> None:
     assert value(s, "sentinel_gpu_foreign_memory_bytes") == 3 << 30
     assert value(s, "sentinel_gpu_ecc_errors_total", type="uncorrected") == 0.0
     assert value(s, "sentinel_gpu_remapped_rows_total", cause="correctable") == 0.0
+    took = value(s, "sentinel_gpu_slow_read_duration_seconds", read="graphics_processes")
+    assert took is not None and 0 <= took < 1
 
 
 def test_a_scrape_never_calls_nvml() -> None:

@@ -231,50 +231,113 @@ def test_processes_unsupported_is_absent() -> None:
     assert s.unsupported_reads == {"compute_processes": 1, "graphics_processes": 1}
 
 
-def test_slow_counters_are_refreshed_every_slow_every_polls_one_per_poll(
+def test_cheap_counters_are_read_in_one_field_values_call_per_poll() -> None:
+    gpu = FakeGpu(memory_temperature=50, ecc_corrected=3, remapped=(1, 0, 0, 0))
+    _, device = open_one(gpu, slow_every=10)
+    assert device.counter_plan["ecc"].startswith("fields (one call for all)")
+    gpu.field_calls.clear()
+    legacy = gpu.calls.get("nvmlDeviceGetTotalEccErrors")
+    s = device.sample()
+    assert len(gpu.field_calls) == 1
+    # every cheap group's fields in that one call (the fake is fast: all are cheap)
+    assert set(gpu.field_calls[0]) == {82, 3, 4, 142, 143, 144, 145, 94, 75, 74}
+    assert (s.memory_temperature_c, s.ecc_corrected, s.remapped_correctable) == (50, 3, 1)
+    assert gpu.calls.get("nvmlDeviceGetTotalEccErrors") == legacy  # timed at open only
+
+
+def test_one_field_failing_inside_the_batch_leaves_the_others() -> None:
+    gpu = FakeGpu(ecc_corrected=5, pcie_replay=7)
+    _, device = open_one(gpu)
+    gpu.field_fail[94] = UNKNOWN  # transient, in one field of the batch
+    s = device.sample()
+    assert s.pcie_replays is None and s.ecc_corrected == 5
+    assert s.read_errors == {("pcie_replay", "unknown"): 1}
+    gpu.field_fail[94] = NOT_SUPPORTED
+    device.sample()
+    gpu.field_calls.clear()
+    s = device.sample()
+    assert 94 not in gpu.field_calls[0] and s.unsupported_reads == {"pcie_replay": 1}
+    assert s.ecc_corrected == 5
+
+
+def test_slow_reads_happen_between_polls_one_at_a_time_each_every_slow_every(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(nvml_mod, "FAST_READ_S", -1.0)  # every counter group is "slow"
-    gpu = FakeGpu(pcie_replay=1)
-    _, device = open_one(gpu, slow_every=12)
-    groups = len(nvml_mod.COUNTER_GROUPS)
+    gpu = FakeGpu(pcie_replay=1, graphics_processes=[(900, 1 << 20)])
+    _, device = open_one(gpu, slow_every=14)
     s = device.sample()
     assert s.pcie_replays == 1  # read at open: present from the first poll
-    assert all("every 12 polls" in plan for plan in device.counter_plan.values())
+    assert [p.pid for p in s.processes or ()] == [900]
+    assert all("every 14 polls, between polls" in p for p in device.counter_plan.values())
+    # a poll never makes a slow read
+    before = dict(gpu.calls)
     gpu.pcie_replay = 2
-    seen: list[str | None] = []
-    for _ in range(12 * 2):
+    for _ in range(5):
         s = device.sample()
-        seen.append(device.last_slow_read)
-    reads = [x for x in seen if x]
-    # at most one slow read per poll, each group about twice in 2 x slow_every polls
-    assert len(reads) <= len(seen)
-    assert {r for r in reads} == {g.name for g in nvml_mod.COUNTER_GROUPS}
-    assert all(reads.count(g.name) >= 2 for g in nvml_mod.COUNTER_GROUPS)
-    assert len(reads) <= 2 * 12 // (12 // groups) + 1
-    assert s.pcie_replays == 2  # refreshed
+    slow = ("nvmlDeviceGetFieldValues", "nvmlDeviceGetGraphicsRunningProcesses")
+    assert all(gpu.calls.get(f) == before.get(f) for f in slow)
+    assert s.pcie_replays == 1 and s.slow_read_durations_s == {}
+    # between polls: at most one read a call, each slow read about every 14 calls
+    names = [r[0] for r in device.slow_reads()]
+    assert names == [g.name for g in nvml_mod.COUNTER_GROUPS] + ["graphics_processes"]
+    done = [device.refresh_slow() for _ in range(14 * 2)]
+    reads = [r[0] for r in done if r is not None]
+    assert all(r is None or r[1] >= 0 for r in done)
+    assert set(reads) == set(names) and all(reads.count(n) == 2 for n in names)
+    s = device.sample()
+    assert s.pcie_replays == 2  # refreshed, exposed by the next poll
+    assert set(s.slow_read_durations_s) == set(names)
 
 
-def test_a_cheap_counter_that_turns_expensive_is_demoted_after_3_polls() -> None:
+def test_graphics_processes_are_a_slow_read() -> None:
+    gpu = FakeGpu(compute_processes=[(100, 1 << 30)])
+    _, device = open_one(gpu, slow_every=1)
+    gpu.graphics_processes = [(200, 1 << 20)]
+    s = device.sample()
+    assert [p.pid for p in s.processes or ()] == [100]  # the list read at open
+    reads = [device.refresh_slow() for _ in range(len(device.slow_reads()))]
+    assert "graphics_processes" in {r[0] for r in reads if r}
+    s = device.sample()
+    assert [p.pid for p in s.processes or ()] == [100, 200]
+
+
+def test_a_refresh_that_finds_the_gpu_lost_marks_it_lost() -> None:
+    gpu = FakeGpu()
+    _, device = open_one(gpu, slow_every=1)
+    gpu.lost = True
+    assert device.refresh_slow() is None and device.lost
+    assert device.sample().lost
+
+
+def test_a_cheap_batched_counter_that_turns_expensive_is_demoted_after_3_polls() -> None:
     gpu = FakeGpu(pcie_replay=4)
     _, device = open_one(gpu, slow_every=10)
     assert device.counter_plan["pcie_replay"].endswith("every poll")
-    gpu.delay_s["nvmlDeviceGetPcieReplayCounter"] = 0.002
-    gpu.delay_s["nvmlDeviceGetFieldValues"] = 0.002
+    gpu.field_latency_us[94] = 2000  # the driver says: this field took 2 ms
     device.sample()
     device.sample()
     assert device.counter_plan["pcie_replay"].endswith("every poll")  # not on 2 slow reads
     device.sample()
-    assert device.counter_plan["pcie_replay"].endswith(", every 10 polls")
-    del gpu.delay_s["nvmlDeviceGetPcieReplayCounter"], gpu.delay_s["nvmlDeviceGetFieldValues"]
-    reads = []
-    for _ in range(10):
+    assert device.counter_plan["pcie_replay"] == "fields, every 10 polls, between polls"
+    assert device.counter_plan["ecc"].endswith("every poll")  # the rest stay in the batch
+    gpu.field_calls.clear()
+    gpu.pcie_replay = 5
+    s = device.sample()
+    assert 94 not in gpu.field_calls[0] and s.pcie_replays == 4  # not read by the poll
+    reads = [device.refresh_slow() for _ in range(10)]
+    assert "pcie_replay" in {r[0] for r in reads if r}
+    assert device.sample().pcie_replays == 5  # refreshed between polls
+
+
+def test_a_cheap_legacy_counter_that_turns_expensive_is_demoted_after_3_polls() -> None:
+    gpu = FakeGpu(pcie_replay=4, fail={"nvmlDeviceGetFieldValues": FUNCTION_NOT_FOUND})
+    _, device = open_one(gpu, slow_every=10)
+    assert device.counter_plan["pcie_replay"] == "legacy, every poll"
+    gpu.delay_s["nvmlDeviceGetPcieReplayCounter"] = 0.002
+    for _ in range(3):
         device.sample()
-        reads.append(device.last_slow_read)
-    assert reads.count("pcie_replay") >= 1  # still refreshed, every slow_every polls
-    for _ in range(10):
-        s = device.sample()
-    assert s.pcie_replays == 4  # still exposed, from the last read
+    assert device.counter_plan["pcie_replay"] == "legacy, every 10 polls, between polls"
 
 
 def test_a_one_off_slow_read_does_not_demote() -> None:
@@ -282,6 +345,6 @@ def test_a_one_off_slow_read_does_not_demote() -> None:
     _, device = open_one(gpu, slow_every=10)
     plan = dict(device.counter_plan)
     for i in range(6):
-        gpu.delay_s["nvmlDeviceGetPcieReplayCounter"] = 0.002 if i % 2 == 0 else 0.0
+        gpu.field_latency_us[94] = 2000 if i % 2 == 0 else 0
         device.sample()
     assert device.counter_plan == plan

@@ -42,6 +42,31 @@ def test_thread_polls_at_the_interval_and_stops_promptly() -> None:
     assert lib.event_set_freed
 
 
+def test_thread_makes_the_slow_reads_between_polls_not_in_them() -> None:
+    gpu = FakeGpu(graphics_processes=[(900, 1 << 20)])
+    lib = FakeNvml([gpu])
+    p = poller_for(lib, poll_interval_s=0.05, slow_counters_interval_s=0.05)
+    assert p.open()
+    before = gpu.calls.get("nvmlDeviceGetGraphicsRunningProcesses")
+    for _ in range(3):
+        p.poll_once()
+    assert gpu.calls.get("nvmlDeviceGetGraphicsRunningProcesses") == before  # not in a poll
+    got = p.refresh_slow()
+    assert list(got) == [0] and got[0][0] == "graphics_processes"
+    p.close()
+
+    def refreshed() -> bool:
+        devices = p.snapshot.devices
+        return bool(devices) and "graphics_processes" in devices[0].slow_read_durations_s
+
+    p = poller_for(lib, poll_interval_s=0.05, slow_counters_interval_s=0.05)
+    p.start()
+    try:
+        wait_for(refreshed, 5, what="a slow read between polls, exposed by the next poll")
+    finally:
+        p.stop()
+
+
 def test_every_xid_counts_between_polls() -> None:
     lib = FakeNvml([FakeGpu(), FakeGpu(uuid="GPU-1")])
     p = poller_for(lib, poll_interval_s=5.0)  # a long interval: events still count

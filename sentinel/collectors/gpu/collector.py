@@ -107,6 +107,12 @@ def build_families(snapshot: GpuSnapshot) -> list[Metric]:
         "sentinel_gpu_read_errors", "Failed NVML reads other than unsupported.", "field", "error"
     )
     duration = _g("sentinel_gpu_poll_duration_seconds", "Time the last poll of this GPU took.")
+    slow_duration = _g(
+        "sentinel_gpu_slow_read_duration_seconds",
+        "Time the last read of a slow counter (or the graphics-process list) took; slow "
+        "reads happen between polls, every gpu.slow_counters_interval_s.",
+        "read",
+    )
 
     def put(fam: GaugeMetricFamily | CounterMetricFamily, ids: list[str], value: object) -> None:
         if value is not None:
@@ -116,6 +122,8 @@ def build_families(snapshot: GpuSnapshot) -> list[Metric]:
         ids = [str(d.index), d.uuid, d.name]
         lost.add_metric(ids, 1.0 if d.lost else 0.0)
         duration.add_metric(ids, d.poll_duration_s)
+        for read, seconds in sorted(d.slow_read_durations_s.items()):
+            slow_duration.add_metric([*ids, read], seconds)
         for code, n in sorted(d.xid_counts.items()):
             xid.add_metric([*ids, str(code)], n)
         for field, n in sorted(d.unsupported_reads.items()):
@@ -185,6 +193,7 @@ def build_families(snapshot: GpuSnapshot) -> list[Metric]:
         unsupported,
         errors,
         duration,
+        slow_duration,
     ]
 
 

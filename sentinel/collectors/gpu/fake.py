@@ -6,9 +6,11 @@ the code under test sees exactly what it would see from the real library.
 
 Faults: ``FakeGpu.fail[function name] = code`` makes that call raise;
 ``FakeGpu.field_fail[field id] = code`` makes one field of
-nvmlDeviceGetFieldValues come back with that return code; ``FakeGpu.lost = True``
+nvmlDeviceGetFieldValues come back with that return code (a field id the fake does
+not know comes back NotSupported); ``FakeGpu.lost = True``
 makes every call on the device raise GPU_IS_LOST; ``FakeGpu.delay_s[function name]``
-makes that call slow; ``FakeNvml(init_error=code)``
+makes that call slow, ``FakeGpu.field_latency_us[field id]`` one field of a
+field-values call (reported as its ``latencyUsec``); ``FakeNvml(init_error=code)``
 makes nvmlInit fail (e.g. 12: library not found, 9: driver not loaded).
 """
 
@@ -24,6 +26,7 @@ from typing import Any
 import pynvml
 
 NVMLError = pynvml.NVMLError
+NOT_SUPPORTED = 3
 GPU_IS_LOST = 15
 TIMEOUT = 10
 
@@ -51,6 +54,11 @@ class FakeGpu:
     ecc_uncorrected: int = 0
     remapped: tuple[int, int, int, int] = (0, 0, 0, 0)
     pcie_replay: int = 0
+    # accumulated time of clocks-event (throttle) reasons, ns (fields 269-271)
+    sw_thermal_slowdown_ns: int = 0
+    hw_thermal_slowdown_ns: int = 0
+    hw_power_brake_ns: int = 0
+    energy_mj: int = 0
     compute_processes: list[tuple[int, int | None]] = field(default_factory=list)
     graphics_processes: list[tuple[int, int | None]] = field(default_factory=list)
     gpm_supported: bool = True
@@ -59,6 +67,9 @@ class FakeGpu:
     gpm_metric_fail: dict[int, int] = field(default_factory=dict)
     fail: dict[str, int] = field(default_factory=dict)
     field_fail: dict[int, int] = field(default_factory=dict)
+    # field id -> the driver's time for it (latencyUsec); the call sleeps that long
+    field_latency_us: dict[int, int] = field(default_factory=dict)
+    field_calls: list[list[int]] = field(default_factory=list)  # ids of each call
     lost: bool = False
     delay_s: dict[str, float] = field(default_factory=dict)  # function name -> added latency
     calls: dict[str, int] = field(default_factory=dict)
@@ -171,8 +182,8 @@ class FakeNvml:
             total=g.memory_total, used=g.memory_used, free=g.memory_total - g.memory_used
         )
 
-    def _field(self, g: FakeGpu, fid: int) -> tuple[int, int]:
-        """(valueType, value) of one field id."""
+    def _field(self, g: FakeGpu, fid: int) -> tuple[int, int] | None:
+        """(valueType, value) of one field id; None for an id this fake does not know."""
         table = {
             82: (1, g.memory_temperature),
             3: (3, g.ecc_corrected),
@@ -184,20 +195,33 @@ class FakeNvml:
             94: (1, g.pcie_replay),
             74: (3, g.power_violation_ns),
             75: (3, g.thermal_violation_ns),
+            83: (3, g.energy_mj),
+            185: (1, g.power_mw),
+            186: (1, g.power_mw),
+            190: (1, g.power_limit_mw),
+            269: (3, g.sw_thermal_slowdown_ns),
+            270: (3, g.hw_thermal_slowdown_ns),
+            271: (3, g.hw_power_brake_ns),
         }
-        return table[fid]
+        return table.get(fid)
 
     def nvmlDeviceGetFieldValues(self, h: FakeHandle, ids: list[int]) -> list[SimpleNamespace]:
         g = self._gpu(h, "nvmlDeviceGetFieldValues")
+        g.field_calls.append(list(ids))
+        if latency := sum(g.field_latency_us.get(fid, 0) for fid in ids):
+            time.sleep(latency * 1e-6)
         members = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal"}
         out = []
         for fid in ids:
-            vtype, value = self._field(g, fid)
-            ret = g.field_fail.get(fid, 0)
+            known = self._field(g, fid)
+            vtype, value = known if known is not None else (1, 0)
+            ret = g.field_fail.get(fid, 0 if known is not None else NOT_SUPPORTED)
             out.append(
                 SimpleNamespace(
                     fieldId=fid,
                     nvmlReturn=ret,
+                    timestamp=0,
+                    latencyUsec=g.field_latency_us.get(fid, 0),
                     valueType=vtype,
                     value=SimpleNamespace(**{members[vtype]: value}),
                 )

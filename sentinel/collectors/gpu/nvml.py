@@ -7,15 +7,29 @@ transient); GPU-is-lost (or reset-required) marks the whole device lost, and it 
 not read again. NVML missing (no library, no driver) raises ``NvmlUnavailable`` once,
 at load time.
 
-Cost: one full read of one device is ~10 NVML calls. Identity and maximum clocks
-are read once. The counters (memory temperature, ECC, remapped rows, PCIe replays,
-violation times) can each be read through nvmlDeviceGetFieldValues or an older
-one-value call; at open, each way is timed on the device and the cheaper kept; the
-cheap ones are read every poll. The expensive ones (over ``FAST_READ_S`` at open,
-or 3 polls in a row later; on the H100 we measured, in a VM: each violation time
-~0.7 ms, the PCIe replay counter ~0.17 ms) are refreshed every ``slow_every`` polls
-instead, staggered so that no poll reads more than one of them; their last values
-are exposed in between.
+Cost (measured on an H100 in a VM, driver 580, ``bench/gpu_calls.py``): most calls
+take 5-30 us, but the first call of a poll ~40-100 us more, GPM's sample ~200 us when
+polls are spaced out (~40 us back to back), the process list 30 us idle and ~150 us
+with a process on a busy GPU, and some counters are firmware round trips of 0.4-2 ms
+that get 2-3 times slower when the GPU is busy (thermal violation time, PCIe
+replays). NVML serializes calls on a device: spreading a poll over threads gains
+nothing. So:
+
+- identity and maximum clocks are read once;
+- the counters (memory temperature, ECC, remapped rows, PCIe replays, violation
+  times) can each be read through nvmlDeviceGetFieldValues or an older one-value
+  call; at open, each way is timed and the cheaper kept. The cheap fields are read
+  every poll in ONE field-values call (its cost grows ~1.5 us a field: per-field
+  return codes keep each field's safety); a cheap one-value call is read every poll
+  on its own;
+- the expensive counters (over ``FAST_READ_S`` at open, or 3 polls in a row later,
+  judged by the driver's per-field ``latencyUsec`` inside the batch or the call's
+  time) and the graphics-process list (none on a compute server) are "slow reads":
+  ``refresh_slow()``, which the poll thread calls between polls, reads at most one of
+  them, each every ``slow_every`` polls, staggered; polls expose their last values.
+  A poll never pays for them: their cost is reported on its own
+  (``slow_read_durations_s``).
+
 Utilization comes from GPM (one sample a poll, metrics between the last two), and
 from NVML's utilization rates only where GPM is unsupported. PCIe throughput is not
 read (NVML samples it over 20 ms on every call).
@@ -30,6 +44,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sentinel.collectors.gpu.sample import GpuProcess, GpuSample
@@ -74,9 +89,12 @@ GPM_DRAM_BW_UTIL = 10
 _MHZ = 1_000_000.0
 _NS = 1e-9
 
-# A counter read costing more than this (measured per device at open) is "slow": it is
-# refreshed every ``slow_every`` polls, at most one slow read per poll.
+# A counter read costing more than this (measured per device at open, or 3 polls in a
+# row later) is "slow": it is read by ``refresh_slow()`` between polls, every
+# ``slow_every`` polls, at most one slow read each time.
 FAST_READ_S = 150e-6
+# Polls in a row over FAST_READ_S that make a cheap counter read slow.
+DEMOTE_AFTER = 3
 # nvmlValueType_t -> member of the nvmlValue_t union
 _VALUE_MEMBER = {
     0: "dVal",
@@ -272,7 +290,8 @@ class _Gpm:
 
 
 class GpuDevice:
-    """One GPU: identity and maxima read once, then ``sample()`` every poll."""
+    """One GPU: identity and maxima read once, then ``sample()`` every poll and
+    ``refresh_slow()`` between polls."""
 
     def __init__(self, lib: Any, index: int, slow_every: int = 1) -> None:
         self.lib = lib
@@ -291,15 +310,18 @@ class GpuDevice:
         self._reasons_fn: Callable[[Any], int] | None = None
         self._fields_ok = True
         self._planned_fields_ok = True
-        self._fast: list[tuple[CounterGroup, str]] | None = None  # None: not planned yet
-        self._over: dict[str, int] = {}  # fast group -> consecutive polls over FAST_READ_S
+        self._batch: list[CounterGroup] | None = None  # None: not planned yet
+        self._fast_legacy: list[CounterGroup] = []
+        self._over: dict[str, int] = {}  # cheap group -> consecutive polls over FAST_READ_S
         self._slow: list[tuple[CounterGroup, str]] = []
-        self._polls = 0
-        self.last_slow_read: str | None = None  # the slow counter group the last poll read
+        self._refreshes = 0
+        self.field_latency_s: dict[str, float] = {}  # the driver's latencyUsec, last read
+        self._graphics: list[Any] | None = None  # the last graphics-process list
         self.slow_every = max(1, slow_every)
         self._cache: dict[str, Any] = {}
         self.read_costs: dict[str, dict[str, float]] = {}
         self.counter_plan: dict[str, str] = {}
+        self.slow_read_durations_s: dict[str, float] = {}  # slow read -> its last duration
 
     # ---- safe reads --------------------------------------------------------
     def note_failure(self, field: str, code: int) -> None:
@@ -346,6 +368,7 @@ class GpuDevice:
                 self.unsupported.add("gpm")
                 self.unsupported_reads["gpm"] += 1
             self.plan_counters()
+            self._read_graphics()
         except lib.NVMLError as exc:  # the handle itself
             self.lost = exc.value in _LOST
             if not self.lost:
@@ -363,8 +386,9 @@ class GpuDevice:
     def sample(
         self, roles: Mapping[int, str] | None = None, owned: Collection[int] = ()
     ) -> GpuSample:
-        """Read everything once. ``roles`` maps engine pids to their role; ``owned`` holds
-        other pids Sentinel started (their role is ``other``)."""
+        """Read everything but the slow reads once (those: ``refresh_slow()``).
+        ``roles`` maps engine pids to their role; ``owned`` holds other pids Sentinel
+        started (their role is ``other``)."""
         start = time.perf_counter()
         values: dict[str, Any] = {}
         if not self.lost:
@@ -384,6 +408,7 @@ class GpuDevice:
             unsupported_reads=dict(self.unsupported_reads),
             read_errors=dict(self.read_errors),
             poll_duration_s=time.perf_counter() - start,
+            slow_read_durations_s=dict(self.slow_read_durations_s),
             **values,
         )
 
@@ -407,7 +432,7 @@ class GpuDevice:
             v["memory_total_bytes"] = int(meminfo.total)
         v.update(self._utilization())
         v.update(self._counters())
-        v["processes"] = self.processes(roles, owned)
+        v["processes"] = self.processes(roles, owned, graphics=False)
         return v
 
     def _utilization(self) -> dict[str, Any]:
@@ -440,7 +465,8 @@ class GpuDevice:
 
     # ---- counters: memory temperature, ECC, remapped rows, PCIe replays, violations ----
     def read_fields(self, pairs: tuple[tuple[str, int], ...]) -> dict[str, Any]:
-        """Field values in one nvmlDeviceGetFieldValues call: {name: value, or None}."""
+        """Field values in one nvmlDeviceGetFieldValues call: {name: value, or None}.
+        The driver's time for each field (``latencyUsec``) lands in ``field_latency_s``."""
         wanted = [(name, fid) for name, fid in pairs if name not in self.unsupported]
         if not wanted or not self._fields_ok:
             return {}
@@ -453,6 +479,7 @@ class GpuDevice:
             return {name: None for name, _ in wanted}
         out: dict[str, Any] = {}
         for (name, _), fv in zip(wanted, values, strict=False):
+            self.field_latency_s[name] = int(getattr(fv, "latencyUsec", 0) or 0) * 1e-6
             member = _VALUE_MEMBER.get(int(fv.valueType))
             if fv.nvmlReturn != SUCCESS or member is None:
                 self.note_failure(name, fv.nvmlReturn if fv.nvmlReturn != SUCCESS else 2)
@@ -468,10 +495,11 @@ class GpuDevice:
         return lambda: group.legacy(self)  # type: ignore[misc]
 
     def plan_counters(self) -> None:
-        """Time each counter group's readers (field values, legacy call) on this device;
-        keep the cheaper; read the cheap groups every poll and refresh the expensive ones
-        every ``slow_every`` polls. The reads also fill the cache."""
-        self._fast, self._slow, self._over = [], [], {}
+        """Time each counter group's readers (field values, legacy call) on this device.
+        A group is cheap when a reader costs at most FAST_READ_S: field values then
+        (read every poll in one batch), else the cheap legacy call (every poll, on its
+        own). Other groups are slow reads, the cheaper way. The reads fill the cache."""
+        self._batch, self._fast_legacy, self._slow, self._over = [], [], [], {}
         self.read_costs, self.counter_plan = {}, {}
         for group in COUNTER_GROUPS:
             costs: dict[str, float] = {}
@@ -488,43 +516,51 @@ class GpuDevice:
             self.read_costs[group.name] = costs
             if not costs:
                 continue  # unsupported on this device (counted)
-            how = min(costs, key=lambda k: costs[k])
-            if costs[how] <= FAST_READ_S:
-                self._fast.append((group, how))
-                self.counter_plan[group.name] = f"{how}, every poll"
+            if costs.get("fields", float("inf")) <= FAST_READ_S:
+                self._batch.append(group)
+                self.counter_plan[group.name] = "fields (one call for all), every poll"
+            elif costs.get("legacy", float("inf")) <= FAST_READ_S:
+                self._fast_legacy.append(group)
+                self.counter_plan[group.name] = "legacy, every poll"
             else:
-                self._demote(group, how)
+                self._demote(group, min(costs, key=lambda k: costs[k]))
         self._planned_fields_ok = self._fields_ok
 
     def _demote(self, group: CounterGroup, how: str) -> None:
         self._slow.append((group, how))
-        self.counter_plan[group.name] = f"{how}, every {self.slow_every} polls"
+        self.counter_plan[group.name] = f"{how}, every {self.slow_every} polls, between polls"
+
+    def _over_budget(self, group: CounterGroup, seconds: float) -> bool:
+        """Whether a cheap group has now cost over FAST_READ_S DEMOTE_AFTER polls in a
+        row (a driver cache that the back-to-back timing at open hit, or a busy GPU)."""
+        if seconds <= FAST_READ_S:
+            self._over.pop(group.name, None)
+            return False
+        n = self._over.get(group.name, 0) + 1
+        self._over[group.name] = n
+        return n >= DEMOTE_AFTER
 
     def _counters(self) -> dict[str, Any]:
-        self.last_slow_read: str | None = None
-        if self._fast is None or self._planned_fields_ok != self._fields_ok:
+        if self._batch is None or self._planned_fields_ok != self._fields_ok:
             self.plan_counters()
         else:
-            # a cheap read turning out expensive at the real cadence (a driver cache
-            # that the back-to-back timing at open hit) 3 polls in a row becomes slow
-            for group, how in list(self._fast):
+            if self._batch:
+                pairs = tuple(field for group in self._batch for field in group.fields)
+                self._cache.update(self.read_fields(pairs))
+                latency = self.field_latency_s
+                if self._over or any(latency.get(name, 0.0) > FAST_READ_S for name, _ in pairs):
+                    for group in list(self._batch):
+                        # the driver's time of the group's fields within the one call
+                        cost = max(latency.get(name, 0.0) for name, _ in group.fields)
+                        if self._over_budget(group, cost):
+                            self._batch.remove(group)
+                            self._demote(group, "fields")
+            for group in list(self._fast_legacy):
                 t0 = time.perf_counter()
-                self._cache.update(self._reader(group, how)())
-                if time.perf_counter() - t0 <= FAST_READ_S:
-                    self._over.pop(group.name, None)
-                elif (n := self._over.get(group.name, 0) + 1) < 3:
-                    self._over[group.name] = n
-                else:
-                    self._fast.remove((group, how))
-                    self._demote(group, how)
-            if self._slow:
-                # each slow group every slow_every polls, staggered: one read at most
-                step = max(1, self.slow_every // len(self._slow))
-                if self._polls % step == 0:
-                    group, how = self._slow[(self._polls // step) % len(self._slow)]
-                    self._cache.update(self._reader(group, how)())
-                    self.last_slow_read = group.name
-            self._polls += 1
+                self._cache.update(self._reader(group, "legacy")())
+                if self._over_budget(group, time.perf_counter() - t0):
+                    self._fast_legacy.remove(group)
+                    self._demote(group, "legacy")
         raw, out = self._cache, {}
         if (t := raw.get("memory_temperature")) is not None:
             out["memory_temperature_c"] = float(t)
@@ -538,24 +574,65 @@ class GpuDevice:
                 out[f"{name}_s"] = x * _NS
         return out
 
-    def processes(
-        self, roles: Mapping[int, str], owned: Collection[int]
-    ) -> tuple[GpuProcess, ...] | None:
-        lib, h = self.lib, self.handle
-        used: dict[int, int] = {}
-        any_read = False
-        for field, fn in (
-            ("compute_processes", lib.nvmlDeviceGetComputeRunningProcesses),
-            ("graphics_processes", lib.nvmlDeviceGetGraphicsRunningProcesses),
-        ):
-            procs = self.read(field, fn, h)
-            if procs is None:
-                continue
-            any_read = True
-            for p in procs:
-                used[int(p.pid)] = max(used.get(int(p.pid), 0), int(p.usedGpuMemory or 0))
-        if not any_read:
+    # ---- between polls -----------------------------------------------------
+    def slow_reads(self) -> list[tuple[str, Callable[[], Any]]]:
+        """What ``refresh_slow()`` takes turns at: the slow counter groups, then the
+        graphics-process list."""
+        out: list[tuple[str, Callable[[], Any]]] = [
+            (group.name, partial(self._read_group, group, how)) for group, how in self._slow
+        ]
+        if "graphics_processes" not in self.unsupported:
+            out.append(("graphics_processes", self._read_graphics))
+        return out
+
+    def _read_group(self, group: CounterGroup, how: str) -> None:
+        self._cache.update(self._reader(group, how)())
+
+    def refresh_slow(self) -> tuple[str, float] | None:
+        """One slow read, if one is due (each every ``slow_every`` calls, staggered):
+        (its name, seconds it took), else None. Meant for the gap between two polls,
+        once per poll interval; the next ``sample()`` exposes what it read."""
+        if self.lost:
             return None
+        reads = self.slow_reads()
+        if not reads:
+            return None
+        step = max(1, self.slow_every // len(reads))
+        k, self._refreshes = self._refreshes, self._refreshes + 1
+        if k % step:
+            return None
+        name, fn = reads[(k // step) % len(reads)]
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except GpuLost:
+            self.lost = True
+            return None
+        took = time.perf_counter() - t0
+        self.slow_read_durations_s[name] = took
+        return name, took
+
+    def _read_graphics(self) -> None:
+        procs = self.read(
+            "graphics_processes", self.lib.nvmlDeviceGetGraphicsRunningProcesses, self.handle
+        )
+        self._graphics = list(procs) if procs is not None else None
+
+    def processes(
+        self, roles: Mapping[int, str], owned: Collection[int], graphics: bool = True
+    ) -> tuple[GpuProcess, ...] | None:
+        """Every process on the GPU; with ``graphics=False`` the graphics processes are
+        those of the last slow read (compute processes are always read now)."""
+        if graphics:
+            self._read_graphics()
+        used: dict[int, int] = {}
+        compute = self.read(
+            "compute_processes", self.lib.nvmlDeviceGetComputeRunningProcesses, self.handle
+        )
+        if compute is None and self._graphics is None:
+            return None
+        for p in (*(compute or ()), *(self._graphics or ())):
+            used[int(p.pid)] = max(used.get(int(p.pid), 0), int(p.usedGpuMemory or 0))
         return tuple(
             GpuProcess(
                 pid=pid,

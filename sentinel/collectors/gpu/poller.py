@@ -1,7 +1,10 @@
 """The GPU poll thread: reads every GPU at ``gpu.poll_interval_s``, never on the event loop.
 
 Each poll builds an immutable ``GpuSnapshot`` and swaps it in (one attribute store);
-the collector and the CLI only read the latest. Between polls the thread waits on
+the collector and the CLI only read the latest. Halfway between two polls the thread
+makes the slow reads that are due (``GpuDevice.refresh_slow``: expensive counters,
+graphics processes; at most one per GPU), so that no poll pays for them; the next
+poll exposes their values. Between polls the thread waits on
 NVML's XID event set (in slices of at most 0.25 s, so ``stop()`` is prompt), so
 every XID is counted the moment it happens, whatever the poll interval.
 
@@ -154,6 +157,14 @@ class GpuPoller:
             self.health.apply(snapshot)
         return snapshot
 
+    def refresh_slow(self) -> dict[int, tuple[str, float]]:
+        """The slow reads due now, at most one per GPU: {gpu index: (read, seconds)}."""
+        done: dict[int, tuple[str, float]] = {}
+        for device in self.devices:
+            if (got := device.refresh_slow()) is not None:
+                done[device.index] = got
+        return done
+
     def wait_events(self, timeout_s: float) -> None:
         """Count XID events for up to ``timeout_s`` (or just wait, without an event set)."""
         deadline = time.monotonic() + timeout_s
@@ -176,7 +187,11 @@ class GpuPoller:
             now = time.monotonic()
             if next_at < now:  # a slow poll: skip the missed ticks, keep the cadence
                 next_at = now + interval
-            self.wait_events(next_at - now)
+            self.wait_events((next_at - now) / 2)
+            if self._stop.is_set():
+                break
+            self.refresh_slow()
+            self.wait_events(next_at - time.monotonic())
 
     # ---- for the supervisor ------------------------------------------------
     def gpu_processes(self) -> list[tuple[int, int, int]]:

@@ -72,6 +72,9 @@ class GpuSample:
     unsupported_reads: dict[str, int] = field(default_factory=dict)
     read_errors: dict[tuple[str, str], int] = field(default_factory=dict)
     poll_duration_s: float = 0.0
+    # slow read (counter group, graphics_processes) -> how long its last read took;
+    # slow reads happen between polls, not in ``poll_duration_s``
+    slow_read_durations_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def reasons(self) -> list[str]:
