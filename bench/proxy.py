@@ -9,7 +9,8 @@ Processes (each its own interpreter, so the load generator is never the bottlene
              default 1% sample
   loadgen    raw asyncio + httptools keep-alive client; one connection per worker
 
-Side by side in one run, direct then through the proxy, for each scenario:
+Side by side in one run, direct and through the proxy alternated over 3 rounds (the
+samples of each side pooled), for each scenario:
   1. non-streaming, concurrency 1: latency p50/p99, added p50 (goal <= 0.5 ms) and
      added p99 (goal <= 2 ms);
   2. non-streaming, concurrency 64: requests/s (goal >= 1500 through the proxy) and
@@ -18,7 +19,11 @@ Side by side in one run, direct then through the proxy, for each scenario:
      time-to-first-token p99 (goal <= 1 ms) in steady state (stream starts spread
      out, 64 always in flight), and for synchronized bursts of 64 new streams;
   4. (with --vllm URL or --start-vllm) real vLLM streaming at concurrency 16: tokens/s
-     through the proxy vs direct (goal >= 98%).
+     through the proxy vs direct, 8 alternated rounds (goal >= 98%), and the CPU the
+     proxy spends per relayed token against the engine's own (with --start-vllm).
+
+The goals are judged on the median of the rounds' own figures (robust to one round
+caught by a slow spell of a shared machine); the pooled figures are printed beside.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import httptools
+import psutil
 
 from bench import common
 
@@ -333,6 +339,58 @@ async def _load(
     }
 
 
+ROUNDS = 5
+
+
+async def _paired(
+    up: int,
+    px: int,
+    concurrency: int,
+    requests: int | None,
+    duration: float | None,
+    body: dict[str, Any],
+    **kw: Any,
+) -> tuple[dict[str, Any], dict[str, Any], list[tuple[dict[str, Any], dict[str, Any]]]]:
+    """Direct and proxied runs alternated over ROUNDS rounds (each a ROUNDS-th of the
+    work), so that a slow spell of a shared machine hits both sides alike. Returns the
+    pooled samples of each side and the rounds' own (direct, proxy) results."""
+    out: list[dict[str, Any]] = [{}, {}]
+    rounds: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    for _ in range(ROUNDS):
+        pair = []
+        for side, port in enumerate((up, px)):
+            r = await _load(
+                port,
+                concurrency,
+                requests // ROUNDS if requests else None,
+                duration / ROUNDS if duration else None,
+                body,
+                **kw,
+            )
+            pair.append(r)
+            acc = out[side]
+            for key in ("lat", "ttft", "events"):
+                acc.setdefault(key, []).extend(r[key])
+            for key in ("errors", "wall", "n"):
+                acc[key] = acc.get(key, 0) + r[key]
+        rounds.append((pair[0], pair[1]))
+    return out[0], out[1], rounds
+
+
+def added_by_round(
+    rounds: list[tuple[dict[str, Any], dict[str, Any]]], key: str, p: float
+) -> tuple[list[float], float]:
+    """Each round's added percentile (proxy minus direct, seconds), and their median:
+    the figure a goal is judged by, robust to one round caught by a slow spell of
+    the machine (the pooled figure is printed beside it)."""
+    added = [pct(pr[key], p) - pct(dr[key], p) for dr, pr in rounds]
+    return added, statistics.median(added)
+
+
+def _rounds_text(added: list[float]) -> str:
+    return "[" + ", ".join(f"{x * 1e3:.2f}" for x in added) + "] ms"
+
+
 def pct(xs: list[float], p: float) -> float:
     """Percentile p (0..100)."""
     return common.pct(xs, p / 100)
@@ -378,26 +436,31 @@ async def scenarios(
     body = {"model": "bench", "prompt": "hi", "max_tokens": 2}
 
     print("\n== 1. non-streaming, concurrency 1")
-    d = await _load(up, 1, n1, None, body)
-    p = await _load(px, 1, n1, None, body)
-    a50 = pct(p["lat"], 50) - pct(d["lat"], 50)
-    a99 = pct(p["lat"], 99) - pct(d["lat"], 99)
+    d, p, rounds = await _paired(up, px, 1, n1, None, body)
+    pooled50 = pct(p["lat"], 50) - pct(d["lat"], 50)
+    pooled99 = pct(p["lat"], 99) - pct(d["lat"], 99)
+    r50, a50 = added_by_round(rounds, "lat", 50)
+    r99, a99 = added_by_round(rounds, "lat", 99)
     print(f"  direct p50 {ms(pct(d['lat'], 50))} p99 {ms(pct(d['lat'], 99))}")
     print(f"  proxy  p50 {ms(pct(p['lat'], 50))} p99 {ms(pct(p['lat'], 99))}  errors {p['errors']}")
+    print(f"  added p50 by round {_rounds_text(r50)}; p99 by round {_rounds_text(r99)}")
     print(
-        f"  added  p50 {ms(a50)} (goal <= 0.5 ms: {_judge(a50 <= 0.0005)})  "
-        f"p99 {ms(a99)} (goal <= 2 ms: {_judge(a99 <= 0.002)})"
+        f"  added (median of rounds) p50 {ms(a50)} (goal <= 0.5 ms: {_judge(a50 <= 0.0005)})  "
+        f"p99 {ms(a99)} (goal <= 2 ms: {_judge(a99 <= 0.002)}); pooled p50 {ms(pooled50)} "
+        f"p99 {ms(pooled99)}"
     )
     res["c1"] = {
         "added_p50_ms": a50 * 1e3,
         "added_p99_ms": a99 * 1e3,
+        "added_p99_by_round_ms": [x * 1e3 for x in r99],
+        "pooled_added_p50_ms": pooled50 * 1e3,
+        "pooled_added_p99_ms": pooled99 * 1e3,
         "errors": p["errors"] + d["errors"],
     }
 
     print("\n== 2. non-streaming, concurrency 64, proxy pinned to one core")
     dur = 4.0 if quick else 10.0
-    d = await _load(up, 64, None, dur, body)
-    p = await _load(px, 64, None, dur, body)
+    d, p, _ = await _paired(up, px, 64, None, dur, body)
     rps_d, rps_p = d["n"] / d["wall"], p["n"] / p["wall"]
     a99 = pct(p["lat"], 99) - pct(d["lat"], 99)
     print(f"  direct {rps_d:8.0f} req/s  p50 {ms(pct(d['lat'], 50))} p99 {ms(pct(d['lat'], 99))}")
@@ -411,21 +474,26 @@ async def scenarios(
         f"(saturated)"
     )
     print("   (saturated, closed loop: latency there is queueing, 64 / throughput)")
-    d = await _load(up, 64, None, dur, body, rate=1500)
-    p = await _load(px, 64, None, dur, body, rate=1500)
-    b99 = pct(p["lat"], 99) - pct(d["lat"], 99)
+    d, p, rounds = await _paired(up, px, 64, None, dur, body, rate=1500)
+    pooled = pct(p["lat"], 99) - pct(d["lat"], 99)
+    rb99, b99 = added_by_round(rounds, "lat", 99)
     print(
         f"  at 1500 req/s offered over 64 connections: direct p50 {ms(pct(d['lat'], 50))} "
         f"p99 {ms(pct(d['lat'], 99))}; proxy p50 {ms(pct(p['lat'], 50))} "
         f"p99 {ms(pct(p['lat'], 99))} ({p['n'] / p['wall']:.0f} req/s done, "
         f"errors {p['errors']})"
     )
-    print(f"  added p99 at 1500 req/s {ms(b99)} (goal <= 5 ms: {_judge(b99 <= 0.005)})")
+    print(
+        f"  added p99 at 1500 req/s by round {_rounds_text(rb99)}: median {ms(b99)} "
+        f"(goal <= 5 ms: {_judge(b99 <= 0.005)}); pooled {ms(pooled)}"
+    )
     res["c64"] = {
         "rps_proxy": rps_p,
         "rps_direct": rps_d,
         "added_p99_saturated_ms": a99 * 1e3,
         "added_p99_at_1500_ms": b99 * 1e3,
+        "added_p99_at_1500_by_round_ms": [x * 1e3 for x in rb99],
+        "pooled_added_p99_at_1500_ms": pooled * 1e3,
         "errors": p["errors"] + d["errors"],
     }
 
@@ -438,11 +506,11 @@ async def scenarios(
     # synchronized burst: all 64 start together, every wave (worst case: the 64th new
     # request waits for the 63 before it)
     for label, stagger in (("steady", 32 * 0.02 / 64), ("burst", 0.0)):
-        d = await _load(up, 64, ns, None, sbody, stagger=stagger)
-        p = await _load(px, 64, ns, None, sbody, stagger=stagger)
+        d, p, rounds = await _paired(up, px, 64, ns, None, sbody, stagger=stagger)
         ok_d = sum(1 for e in d["events"] if e == want)
         ok_p = sum(1 for e in p["events"] if e == want)
-        a99 = pct(p["ttft"], 99) - pct(d["ttft"], 99)
+        pooled = pct(p["ttft"], 99) - pct(d["ttft"], 99)
+        r99, a99 = added_by_round(rounds, "ttft", 99)
         a50 = pct(p["ttft"], 50) - pct(d["ttft"], 50)
         same = ok_p == p["n"] and sum(p["events"]) == sum(d["events"])
         print(f"  [{label}]")
@@ -458,19 +526,47 @@ async def scenarios(
         print(
             f"  events out == events in: {_judge(same)}"
             f" ({sum(p['events'])} vs {sum(d['events'])}); added ttft p50 {ms(a50)}, "
-            f"p99 {ms(a99)}{goal}"
+            f"p99 by round {_rounds_text(r99)}: median {ms(a99)}{goal}; pooled {ms(pooled)}"
         )
         res["stream" if label == "steady" else "stream_burst"] = {
             "events_proxy": sum(p["events"]),
             "events_direct": sum(d["events"]),
             "added_ttft_p99_ms": a99 * 1e3,
+            "added_ttft_p99_by_round_ms": [x * 1e3 for x in r99],
+            "pooled_added_ttft_p99_ms": pooled * 1e3,
             "added_ttft_p50_ms": a50 * 1e3,
         }
 
     return res
 
 
-async def real_vllm(vllm: str, vllm_px: int, quick: bool, vllm_model: str) -> dict[str, Any]:
+def _tree_cpu_s(pid: int | None) -> float:
+    """CPU seconds of a process and all its descendants (0 when unknown or gone)."""
+    if pid is None:
+        return 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
+async def real_vllm(
+    vllm: str,
+    vllm_px: int,
+    quick: bool,
+    vllm_model: str,
+    proxy_pid: int | None = None,
+    engine_pid: int | None = None,
+) -> dict[str, Any]:
     res: dict[str, Any] = {}
     print("\n== 4. real vLLM streaming, concurrency 16 (64 tokens each, ignore_eos)")
     port_v = int(vllm.rsplit(":", 1)[1])
@@ -482,21 +578,49 @@ async def real_vllm(vllm: str, vllm_px: int, quick: bool, vllm_model: str) -> di
         "ignore_eos": True,
         "temperature": 0,
     }
-    vd = {"tok": 0, "wall": 0.0}
-    vp = {"tok": 0, "wall": 0.0}
-    rounds = 2 if quick else 4
-    each = 8.0 if quick else 10.0
+    acc = {side: {"tok": 0, "wall": 0.0, "engine_cpu": 0.0, "proxy_cpu": 0.0} for side in "dp"}
+    ratios: list[float] = []
+    rounds = 3 if quick else 8
+    each = 6.0 if quick else 8.0
     for _ in range(rounds):  # alternate to cancel drift on a shared machine
-        for port, acc in ((port_v, vd), (vllm_px, vp)):
+        tps = {}
+        for side, port in (("d", port_v), ("p", vllm_px)):
+            e0, p0 = _tree_cpu_s(engine_pid), _tree_cpu_s(proxy_pid)
             r = await _load(port, 16, None, each, vbody)
-            acc["tok"] += sum(max(e - 1, 0) for e in r["events"])
-            acc["wall"] += r["wall"]
-    td, tp = vd["tok"] / vd["wall"], vp["tok"] / vp["wall"]
+            tok = sum(max(e - 1, 0) for e in r["events"])
+            a = acc[side]
+            a["tok"] += tok
+            a["wall"] += r["wall"]
+            a["engine_cpu"] += _tree_cpu_s(engine_pid) - e0
+            a["proxy_cpu"] += _tree_cpu_s(proxy_pid) - p0
+            tps[side] = tok / r["wall"]
+        ratios.append(tps["p"] / tps["d"])
+    d, p = acc["d"], acc["p"]
+    td, tp = d["tok"] / d["wall"], p["tok"] / p["wall"]
+    ratio = statistics.median(ratios)
+    print(f"  direct {td:8.1f} tokens/s   proxy {tp:8.1f} tokens/s   pooled ratio {tp / td:.3f}")
     print(
-        f"  direct {td:8.1f} tokens/s   proxy {tp:8.1f} tokens/s   ratio {tp / td:.3f}"
-        f" (goal >= 0.98: {_judge(tp / td >= 0.98)})"
+        f"  ratio by round [{', '.join(f'{x:.3f}' for x in ratios)}]: median {ratio:.3f}"
+        f" (goal >= 0.98: {_judge(ratio >= 0.98)})"
     )
-    res["vllm"] = {"tps_direct": td, "tps_proxy": tp, "ratio": tp / td}
+    out = {"tps_direct": td, "tps_proxy": tp, "ratio": ratio, "pooled_ratio": tp / td}
+    out["ratio_by_round"] = ratios
+    if proxy_pid is not None and p["tok"]:
+        proxy_us = p["proxy_cpu"] / p["tok"] * 1e6
+        out["proxy_cpu_us_per_token"] = proxy_us
+        line = f"  proxy CPU {proxy_us:.1f} us per relayed token"
+        if engine_pid is not None and d["tok"]:
+            engine_us = d["engine_cpu"] / d["tok"] * 1e6
+            cpu_ratio = engine_us / (engine_us + proxy_us)
+            out["engine_cpu_us_per_token"] = engine_us
+            out["cpu_bound_ratio"] = cpu_ratio
+            line += (
+                f"; engine CPU {engine_us:.1f} us per token: where CPU is the bottleneck "
+                f"(a CPU engine), tokens/s through the proxy can be at most {cpu_ratio:.3f}"
+                " of direct"
+            )
+        print(line)
+    res["vllm"] = out
     return res
 
 
@@ -626,7 +750,18 @@ def main() -> None:
                     None,
                 )
             )
-            res.update(loop.run_until_complete(real_vllm(vllm, vpx, a.quick, a.vllm_model)))
+            res.update(
+                loop.run_until_complete(
+                    real_vllm(
+                        vllm,
+                        vpx,
+                        a.quick,
+                        a.vllm_model,
+                        proxy_pid=procs[-1].pid,
+                        engine_pid=vllm_proc.pid if vllm_proc is not None else None,
+                    )
+                )
+            )
         if a.json:
             Path(a.json).write_text(json.dumps(res, indent=2))
     finally:
@@ -634,7 +769,6 @@ def main() -> None:
             _stop(p)
         if vllm_proc is not None:
             os.killpg(vllm_proc.pid, signal.SIGKILL)
-    _ = statistics  # (kept for readers extending the script)
 
 
 if __name__ == "__main__":

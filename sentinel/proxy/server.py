@@ -3,9 +3,10 @@ so port 0 works and the bound port is known; uvicorn's own signal capture is
 disabled because Sentinel's loop owns the signals.
 
 uvicorn writes a response's head and its body with one ``transport.write`` each: two
-send() system calls for every non-streamed answer. The connections' transports are
-corked: what is written during one event-loop step leaves in one system call at the
-end of that step (head and body together; a streamed chunk alone, one step later).
+send() system calls for every non-streamed answer. The connections' transports hold
+a response head back until the first body part is written (or the event-loop step
+ends), and send both in one system call; later body parts (a stream's chunks) go
+straight through.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class _Server(uvicorn.Server):
 
 
 class _CorkedTransport:
-    """A transport whose writes within one loop step are joined into one write."""
+    """A transport that sends a response head together with the first body part."""
 
     __slots__ = ("_transport", "_loop", "_buf", "_scheduled")
 
@@ -44,13 +45,23 @@ class _CorkedTransport:
     def write(self, data: bytes) -> None:
         if not data:
             return
-        self._buf.append(data)
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self.flush)
+        buf = self._buf
+        if buf:  # a head is waiting: it leaves with this body part, now
+            buf.append(data)
+            self.flush()
+        elif data.startswith(b"HTTP/"):  # a response head: wait for the body's first part
+            buf.append(data)
+            if not self._scheduled:
+                self._scheduled = True
+                self._loop.call_soon(self._step_end)
+        elif not self._transport.is_closing():
+            self._transport.write(data)  # body parts of a stream: straight through
+
+    def _step_end(self) -> None:
+        self._scheduled = False
+        self.flush()
 
     def flush(self) -> None:
-        self._scheduled = False
         buf = self._buf
         if buf:
             data = buf[0] if len(buf) == 1 else b"".join(buf)

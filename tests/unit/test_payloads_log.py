@@ -256,3 +256,19 @@ def test_proxied_requests_leave_metadata_and_samples(tmp_path: Path) -> None:
     err = all_recs[n + 1]
     assert err["status"] == 400 and err["sampled"] is True  # log_errors: bodies of errors
     assert "invalid_json" in err["response_body"]
+
+
+def test_token_usage_is_read_from_the_last_usage_object() -> None:
+    from sentinel.payloads.record import usage_of
+
+    stream = (
+        b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":1}}\n\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":5, "completion_tokens": 7}}\n\n'
+        b'data: {"choices":[],"usage":null}\n\ndata: [DONE]\n\n'
+    )
+    assert usage_of(stream, True) == {"prompt_tokens": 5, "completion_tokens": 7}
+    body = b'{"usage": {"prompt_tokens": 3, "total_tokens": 3}, "model": "m"}'
+    assert usage_of(body, False) == {"prompt_tokens": 3, "total_tokens": 3}
+    assert usage_of(b'{"usage": {"prompt_tokens": "3"}}', False) is None
+    assert usage_of(b'{"usage": null}', False) is None
+    assert usage_of(b"not json at all", False) is None
