@@ -22,5 +22,8 @@ lint:
 	$(PY) -m ruff check sentinel tests bench dashboards
 	$(PY) -m ruff format --check sentinel tests bench
 
-bench:
-	$(PY) -m bench.run_all
+# The CPU benchmarks (bench.gpu and bench.gpu_calls need a GPU with NVML).
+bench: setup
+	$(PY) -m bench.supervisor
+	$(PY) -m bench.metrics
+	$(PY) -m bench.proxy --start-vllm

@@ -26,6 +26,7 @@ Sentinel's own Python overhead, not the driver (and ``--load`` is ignored).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
@@ -41,6 +42,8 @@ from bench.common import pct, summarize
 from sentinel.collectors.gpu.collector import GpuCollector
 from sentinel.collectors.gpu.nvml import GpuDevice, Nvml, NvmlUnavailable, load_nvml
 from sentinel.collectors.gpu.sample import GpuSnapshot
+from sentinel.config.schema import RuntimeConfig
+from sentinel.runtime import tune_gc
 
 
 def summary(ns: list[int]) -> dict[str, float]:
@@ -143,13 +146,30 @@ class Load:
 def per_call(ns: dict[str, list[int]], polls: int) -> dict[str, dict[str, float]]:
     """Each NVML function inside one poll: mean time per poll, p99 of one call (us)."""
     return {
-        k: {"mean": round(sum(v) / polls / 1000, 1), "p99": round(pct(v, 0.99) / 1000, 1)}
+        k: {
+            "mean": round(sum(v) / polls / 1000, 1),
+            "p99": round(pct(v, 0.99) / 1000, 1),
+            "max": round(max(v) / 1000, 1),
+        }
         for k, v in sorted(ns.items(), key=lambda kv: -sum(kv[1]))
     }
 
 
+_GC_STARTS = [0]
+
+
+def _count_gc(phase: str, _info: dict[str, Any]) -> None:
+    if phase == "start":
+        _GC_STARTS[0] += 1
+
+
 def bench_polls(
-    nvml: Nvml, polls: int, slow_every: int, spaced_ticks: int, spaced_s: float
+    nvml: Nvml,
+    polls: int,
+    slow_every: int,
+    spaced_ticks: int,
+    spaced_s: float,
+    per_call_polls: int = 20,
 ) -> list[dict[str, Any]]:
     results = []
     for device in nvml.open_devices(slow_every=slow_every):
@@ -176,6 +196,7 @@ def bench_polls(
         sp_theirs: list[int] = []
         with_slow: list[int] = []  # poll + the slow read in the gap before it
         slow: dict[str, list[int]] = defaultdict(list)
+        polls_with_gc: list[int] = []  # a garbage collection ran inside the poll
         for i in range(spaced_ticks):
             if i % 4 == 3:
                 time.sleep(spaced_s)
@@ -188,7 +209,10 @@ def bench_polls(
             if got is not None:
                 slow[got[0]].append(int(got[1] * 1e9))
             time.sleep(spaced_s / 2)
+            gc_before = _GC_STARTS[0]
             sp_ours.append(_timed(device.sample))
+            if _GC_STARTS[0] != gc_before:
+                polls_with_gc.append(sp_ours[-1])
             with_slow.append(sp_ours[-1] + (gap if got is not None else 0))
         # C: each NVML function inside one poll (and its slow reads), spaced
         timing = TimingLib(nvml.lib)
@@ -198,7 +222,7 @@ def bench_polls(
             time.sleep(spaced_s)
             probe.sample()
         timing.ns.clear()
-        n = min(spaced_ticks, 20)
+        n = per_call_polls
         for _ in range(n):
             time.sleep(spaced_s)
             probe.sample()
@@ -224,7 +248,12 @@ def bench_polls(
                         k: {"count": len(v), **summary(v)} for k, v in sorted(slow.items())
                     },
                     "nvml_us_per_interval_mean": round(sum(with_slow) / len(with_slow) / 1e3, 1),
+                    "polls_with_a_gc": {
+                        "count": len(polls_with_gc),
+                        "us": [round(x / 1e3, 1) for x in polls_with_gc],
+                    },
                 },
+                "per_call_polls": n,
                 "per_call_spaced_us": poll_calls,
                 "per_call_slow_reads_us": {
                     k: round(sum(v) / len(v) / 1000, 1) for k, v in timing.ns.items()
@@ -324,7 +353,11 @@ def print_polls(r: dict[str, Any], load: str, kind: str, args: argparse.Namespac
         f" {'met' if p99 <= 1000 else 'MISSED'} ({p99} us); NVML time per poll interval,"
         f" slow reads included: mean {sp['nvml_us_per_interval_mean']} us"
     )
-    calls = ", ".join(f"{k} {v['mean']}/{v['p99']}" for k, v in r["per_call_spaced_us"].items())
+    calls = ", ".join(
+        f"{k} {v['mean']}/{v['p99']}/{v['max']}" for k, v in r["per_call_spaced_us"].items()
+    )
+    gcs = r["spaced"]["polls_with_a_gc"]
+    print(f"    spaced polls with a garbage collection inside: {gcs['count']} {gcs['us']} us")
     print(f"    per NVML call in a spaced poll (us per poll, mean/p99 of one call): {calls}")
     print(f"    slow reads, per call (mean us): {r['per_call_slow_reads_us']}")
     print(f"    counter reads at open (min of 3, us): {r['counter_read_costs_at_open_us']}")
@@ -349,6 +382,16 @@ def main() -> int:
         default="idle",
         help="comma-separated GPU conditions to measure: idle, busy, light (default idle)",
     )
+    ap.add_argument(
+        "--per-call-polls", type=int, default=20, help="spaced polls timed call by call"
+    )
+    ap.add_argument(
+        "--gc",
+        default="tuned",
+        choices=["tuned", "default"],
+        help="this process's garbage collector: as `sentinel run` sets it (runtime.gc_*), "
+        "or CPython's defaults",
+    )
     ap.add_argument("--fake", action="store_true", help="use the in-memory fake NVML")
     ap.add_argument("--out", type=Path, help="write bench_gpu.json here")
     args = ap.parse_args()
@@ -356,6 +399,9 @@ def main() -> int:
     if unknown := set(loads) - set(LOADS):
         ap.error(f"unknown --load {sorted(unknown)}: pick from {sorted(LOADS)}")
     nvml, kind = open_nvml(args.fake)
+    if args.gc == "tuned":
+        tune_gc(RuntimeConfig())
+    gc.callbacks.append(_count_gc)
     if kind == "fake":
         loads = ["idle"]
     by_load: dict[str, list[dict[str, Any]]] = {}
@@ -366,7 +412,12 @@ def main() -> int:
             background = Load(*spec) if spec else None
             try:
                 by_load[load] = bench_polls(
-                    nvml, args.polls, args.slow_every, args.spaced, args.spaced_s
+                    nvml,
+                    args.polls,
+                    args.slow_every,
+                    args.spaced,
+                    args.spaced_s,
+                    args.per_call_polls,
                 )
             finally:
                 if background is not None:

@@ -160,5 +160,5 @@ def test_fast_sample_values_agree_with_the_full_parse_on_real_vllm_output() -> N
 
 
 def test_fast_sample_values_count_malformed_lines() -> None:
-    values, errors = sample_values("vllm:broken{{{ 1\nvllm:ok 2\nvllm:x_bucket{le=\"1\"} 3\n")
+    values, errors = sample_values('vllm:broken{{{ 1\nvllm:ok 2\nvllm:x_bucket{le="1"} 3\n')
     assert values == {"vllm:ok": 2.0} and errors == 1
