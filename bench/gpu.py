@@ -14,8 +14,11 @@ decoding; ``light``: the same at ~10% duty):
 - the slow reads Sentinel makes halfway between two spaced polls (``refresh_slow``:
   expensive counters, graphics processes; at most one per gap), per read, and the
   NVML time per poll interval with them (poll + that gap's slow read);
-- the cost of each NVML function inside one Sentinel poll (mean and p99, spaced), and
-  each counter group's read cost as timed at open (field values vs. the older call);
+- the cost of each NVML function inside a Sentinel poll (mean, p99 and max over
+  ``--per-call-polls`` spaced polls), and each counter group's read cost as timed at
+  open (field values vs. the older call);
+- how many spaced polls had a garbage collection inside them (the process's collector
+  is set as ``sentinel run`` sets it, ``runtime.gc_*``; ``--gc default`` for CPython's);
 - /metrics: ``generate_latest`` of a registry with ~40 other Sentinel-like series,
   with and without the GPU collector registered (GPU idle).
 
