@@ -311,6 +311,7 @@ class GpuDevice:
         self._fields_ok = True
         self._planned_fields_ok = True
         self._batch: list[CounterGroup] | None = None  # None: not planned yet
+        self._batch_fields: tuple[tuple[str, int], ...] = ()  # the batch's (name, field id)
         self._fast_legacy: list[CounterGroup] = []
         self._over: dict[str, int] = {}  # cheap group -> consecutive polls over FAST_READ_S
         self._slow: list[tuple[CounterGroup, str]] = []
@@ -524,7 +525,11 @@ class GpuDevice:
                 self.counter_plan[group.name] = "legacy, every poll"
             else:
                 self._demote(group, min(costs, key=lambda k: costs[k]))
+        self._set_batch_fields()
         self._planned_fields_ok = self._fields_ok
+
+    def _set_batch_fields(self) -> None:
+        self._batch_fields = tuple(f for group in self._batch or () for f in group.fields)
 
     def _demote(self, group: CounterGroup, how: str) -> None:
         self._slow.append((group, how))
@@ -545,7 +550,7 @@ class GpuDevice:
             self.plan_counters()
         else:
             if self._batch:
-                pairs = tuple(field for group in self._batch for field in group.fields)
+                pairs = self._batch_fields
                 self._cache.update(self.read_fields(pairs))
                 latency = self.field_latency_s
                 if self._over or any(latency.get(name, 0.0) > FAST_READ_S for name, _ in pairs):
@@ -554,6 +559,7 @@ class GpuDevice:
                         cost = max(latency.get(name, 0.0) for name, _ in group.fields)
                         if self._over_budget(group, cost):
                             self._batch.remove(group)
+                            self._set_batch_fields()
                             self._demote(group, "fields")
             for group in list(self._fast_legacy):
                 t0 = time.perf_counter()
@@ -644,20 +650,13 @@ class GpuDevice:
 
 
 # ---- counter groups: the same values through field values or one legacy call each ----
-_INT_COUNTERS = (
-    "ecc_corrected",
-    "ecc_uncorrected",
-    "remapped_correctable",
-    "remapped_uncorrectable",
-    "remapped_pending",
-    "remapped_failure",
-)
 _REMAPPED = (
     "remapped_correctable",
     "remapped_uncorrectable",
     "remapped_pending",
     "remapped_failure",
 )
+_INT_COUNTERS = ("ecc_corrected", "ecc_uncorrected", *_REMAPPED)
 
 
 def _legacy_ecc(d: GpuDevice) -> dict[str, Any]:
