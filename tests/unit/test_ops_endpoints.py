@@ -25,12 +25,6 @@ SECRET_CFG = {
 }
 
 
-@pytest.fixture(scope="module")
-def engine():
-    with FakeEngine(model="tiny") as eng:
-        yield eng
-
-
 @pytest.fixture(autouse=True)
 def _reset(engine):
     engine.mode.update(

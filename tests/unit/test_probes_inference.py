@@ -11,13 +11,6 @@ import pytest
 from sentinel.config.schema import EngineConfig
 from sentinel.probes.inference import InferenceProbe, configured_model_name, engine_api_key
 from tests.helpers import free_port
-from tests.unit.fake_engine import FakeEngine
-
-
-@pytest.fixture(scope="module")
-def engine():
-    with FakeEngine(model="tiny") as eng:
-        yield eng
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ from sentinel.probes.progress import StallDetector
 from sentinel.probes.readiness import evaluate_readiness
 from sentinel.probes.runner import ProbeRunner
 from sentinel.state import EngineStatus, Lifecycle, ProbeResult
-from tests.unit.fake_engine import FakeEngine, vllm_metrics
+from tests.unit.fake_engine import vllm_metrics
 
 
 class Clock:
@@ -35,12 +35,6 @@ class Control:
 
     def request_restart(self, reason: str, detail: str = "") -> None:
         self.restarts.append((reason, detail))
-
-
-@pytest.fixture(scope="module")
-def engine():
-    with FakeEngine(model="tiny") as eng:
-        yield eng
 
 
 @pytest.fixture(autouse=True)
