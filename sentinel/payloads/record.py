@@ -63,7 +63,7 @@ def usage_of(body: bytes, streamed: bool) -> dict[str, int] | None:
     while at >= 0:
         m = _USAGE.match(data, at)
         if m is not None:
-            found = {k.decode(): int(v) for k, v in _USAGE_KEYS.findall(m.group(1) + b" ")}
+            found = {k.decode(): int(v) for k, v in _USAGE_KEYS.findall(m.group(1))}
             return found or None
         at = data.rfind(b'"usage"', 0, at)
     return None
