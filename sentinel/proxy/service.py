@@ -101,9 +101,10 @@ class ProxyService:
 
     async def run(self) -> None:
         self.prepare()
-        # The payload writer is a thread: while it formats a batch it holds the GIL, and
-        # the event loop waits up to the switch interval (5 ms by default) to get it back
-        # — a 5 ms tail on proxied requests. 0.5 ms bounds that wait.
+        # Threads beside the loop (the payload writer redacting sampled and failed
+        # requests' bodies, the GPU poller) hold the GIL between their releases, and the
+        # event loop waits up to the switch interval (5 ms by default) to get it back:
+        # a 5 ms tail on proxied requests. 0.5 ms bounds that wait.
         if sys.getswitchinterval() > SWITCH_INTERVAL_S:
             sys.setswitchinterval(SWITCH_INTERVAL_S)
         if self.payloads is not None:
