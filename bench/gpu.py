@@ -17,6 +17,11 @@ decoding; ``light``: the same at ~10% duty):
 - the cost of each NVML function inside a Sentinel poll (mean, p99 and max over
   ``--per-call-polls`` spaced polls), and each counter group's read cost as timed at
   open (field values vs. the older call);
+- where a slow poll's time went: the poll thread's CPU time in each spaced poll
+  (equal to the wall time: the thread was running, not waiting or preempted), the
+  Python time outside NVML calls per timed poll, and for the slowest timed polls
+  their largest calls, page faults and context switches; with the share of the VM's
+  CPU time stolen by the hypervisor during the spaced polls (/proc/stat);
 - how many spaced polls had a garbage collection inside them (the process's collector
   is set as ``sentinel run`` sets it, ``runtime.gc_*``; ``--gc default`` for CPython's);
 - /metrics: ``generate_latest`` of a registry with ~40 other Sentinel-like series,
@@ -31,6 +36,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import resource
 import subprocess
 import sys
 import time
@@ -113,6 +120,23 @@ def open_nvml(fake: bool) -> tuple[Nvml, str]:
     from sentinel.collectors.gpu.fake import FakeGpu, FakeNvml
 
     return load_nvml(FakeNvml([FakeGpu(compute_processes=[(1234, 1 << 30)])])), "fake"
+
+
+def host_steal_s() -> float:
+    """Seconds the hypervisor has taken from this VM's CPUs so far (/proc/stat steal)."""
+    try:
+        with open("/proc/stat") as f:
+            return int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _timed_cpu(fn: Callable[[], object]) -> tuple[int, int]:
+    """(wall ns, this thread's CPU ns) of one call: a wall time far above the CPU time
+    is time the thread was not running (preempted, descheduled, or asleep in the driver)."""
+    c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
+    fn()
+    return time.perf_counter_ns() - t0, time.thread_time_ns() - c0
 
 
 def _timed(fn: Callable[[], object]) -> int:
@@ -200,6 +224,8 @@ def bench_polls(
         with_slow: list[int] = []  # poll + the slow read in the gap before it
         slow: dict[str, list[int]] = defaultdict(list)
         polls_with_gc: list[int] = []  # a garbage collection ran inside the poll
+        sp_cpu: list[int] = []  # the poll thread's CPU time in each poll
+        steal0, wall0 = host_steal_s(), time.monotonic()
         for i in range(spaced_ticks):
             if i % 4 == 3:
                 time.sleep(spaced_s)
@@ -213,10 +239,13 @@ def bench_polls(
                 slow[got[0]].append(int(got[1] * 1e9))
             time.sleep(spaced_s / 2)
             gc_before = _GC_STARTS[0]
-            sp_ours.append(_timed(device.sample))
+            took, cpu = _timed_cpu(device.sample)
+            sp_ours.append(took)
+            sp_cpu.append(cpu)
             if _GC_STARTS[0] != gc_before:
                 polls_with_gc.append(sp_ours[-1])
             with_slow.append(sp_ours[-1] + (gap if got is not None else 0))
+        steal_share = (host_steal_s() - steal0) / max(1e-9, time.monotonic() - wall0)
         # C: each NVML function inside one poll (and its slow reads), spaced
         timing = TimingLib(nvml.lib)
         probe = GpuDevice(timing, device.index, slow_every)
@@ -226,10 +255,33 @@ def bench_polls(
             probe.sample()
         timing.ns.clear()
         n = per_call_polls
+        anatomy: list[tuple[int, list[tuple[str, int]]]] = []  # (poll ns, its calls)
         for _ in range(n):
             time.sleep(spaced_s)
-            probe.sample()
+            marks = {k: len(v) for k, v in timing.ns.items()}
+            r0 = resource.getrusage(resource.RUSAGE_THREAD)
+            took = _timed(probe.sample)
+            r1 = resource.getrusage(resource.RUSAGE_THREAD)
+            calls = [(k, x) for k, v in timing.ns.items() for x in v[marks.get(k, 0) :]]
+            faults = r1.ru_minflt - r0.ru_minflt + r1.ru_majflt - r0.ru_majflt
+            switches = r1.ru_nivcsw - r0.ru_nivcsw + r1.ru_nvcsw - r0.ru_nvcsw
+            anatomy.append((took, calls, faults, switches))
         poll_calls = per_call(timing.ns, n)
+        python_ns = [took - sum(x for _, x in calls) for took, calls, _, _ in anatomy]
+        slowest = [
+            {
+                "poll_us": round(took / 1e3, 1),
+                "python_us": round((took - sum(x for _, x in calls)) / 1e3, 1),
+                "calls_us": {
+                    k: round(x / 1e3, 1) for k, x in sorted(calls, key=lambda c: -c[1])[:3]
+                },
+                "page_faults": faults,
+                "context_switches": switches,
+            }
+            for took, calls, faults, switches in sorted(anatomy, key=lambda a: -a[0])[
+                : max(3, n // 100)
+            ]
+        ]
         timing.ns.clear()
         n_slow = len(probe.slow_reads())
         for _ in range(n_slow * max(1, slow_every // max(1, n_slow))):
@@ -247,6 +299,8 @@ def bench_polls(
                     "sentinel": summary(sp_ours),
                     "naive": summary(sp_theirs),
                     "sentinel_with_the_gaps_slow_read": summary(with_slow),
+                    "sentinel_thread_cpu": summary(sp_cpu),
+                    "host_steal_share": round(steal_share, 4),
                     "slow_reads_between_polls": {
                         k: {"count": len(v), **summary(v)} for k, v in sorted(slow.items())
                     },
@@ -258,6 +312,9 @@ def bench_polls(
                 },
                 "per_call_polls": n,
                 "per_call_spaced_us": poll_calls,
+                "slowest_timed_polls": slowest,
+                "python_per_timed_poll": summary(python_ns),
+                "page_faults_per_timed_poll_mean": sum(a[2] for a in anatomy) / max(1, n),
                 "per_call_slow_reads_us": {
                     k: round(sum(v) / len(v) / 1000, 1) for k, v in timing.ns.items()
                 },
@@ -336,6 +393,7 @@ def print_polls(r: dict[str, Any], load: str, kind: str, args: argparse.Namespac
         ("back to back: naive (gpustat-style)", r["back_to_back"]["naive"]),
         (f"{args.spaced_s} s apart x{sp['polls']}: sentinel", sp["sentinel"]),
         ("  + the slow read made in the gap before it", sp["sentinel_with_the_gaps_slow_read"]),
+        ("  its thread's CPU time in the poll", sp["sentinel_thread_cpu"]),
         (f"{args.spaced_s} s apart: naive", sp["naive"]),
     ]
     for label, st in rows:
@@ -362,6 +420,19 @@ def print_polls(r: dict[str, Any], load: str, kind: str, args: argparse.Namespac
     gcs = r["spaced"]["polls_with_a_gc"]
     print(f"    spaced polls with a garbage collection inside: {gcs['count']} {gcs['us']} us")
     print(f"    per NVML call in a spaced poll (us per poll, mean/p99 of one call): {calls}")
+    py = r["python_per_timed_poll"]
+    print(
+        f"    Python outside NVML calls per timed poll: p50 {py['p50_us']} p99 {py['p99_us']}"
+        f" max {py['max_us']} us; CPU time the hypervisor stole from this VM during the "
+        f"spaced polls: {sp['host_steal_share'] * 100:.2f}%; page faults per timed poll "
+        f"{r['page_faults_per_timed_poll_mean']:.2f}"
+    )
+    for slow in r.get("slowest_timed_polls", []):
+        print(
+            f"    slowest of the {r['per_call_polls']} timed polls: {slow['poll_us']} us "
+            f"(Python {slow['python_us']} us; largest calls {slow['calls_us']}; "
+            f"{slow['page_faults']} page faults, {slow['context_switches']} context switches)"
+        )
     print(f"    slow reads, per call (mean us): {r['per_call_slow_reads_us']}")
     print(f"    counter reads at open (min of 3, us): {r['counter_read_costs_at_open_us']}")
     print(f"    counter plan (after the run): {r['counter_plan']}")

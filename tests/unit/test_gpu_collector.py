@@ -80,7 +80,8 @@ def test_every_series_with_identity_labels() -> None:
     )
     lib, poller, registry = setup([gpu])
     poller.poll_once()
-    poller.refresh_slow()  # a slow read between polls (the graphics-process list)
+    for _ in range(10):  # slow reads between polls: the power limit, the graphics processes
+        poller.refresh_slow()
     lib.inject_xid(0, 79)
     poller.wait_events(0.05)
     poller.poll_once()

@@ -99,14 +99,82 @@ def test_gpm_query_not_supported_uses_nvml() -> None:
 
 @pytest.mark.parametrize("code", [NOT_SUPPORTED, NO_PERMISSION, FUNCTION_NOT_FOUND])
 def test_unsupported_call_is_absent_counted_once_and_not_asked_again(code: int) -> None:
-    gpu = FakeGpu(fail={"nvmlDeviceGetPowerUsage": code})
+    gpu = FakeGpu(fail={"nvmlDeviceGetTemperature": code})
     _, device = open_one(gpu)
     for _ in range(4):
         s = device.sample()
-    assert s.power_w is None
+    assert s.temperature_c is None
     assert s.power_limit_w == 700.0  # the rest still read
+    assert s.unsupported_reads == {"temperature": 1}
+    assert gpu.calls["nvmlDeviceGetTemperature"] == 1
+
+
+def test_power_draw_rides_in_the_field_values_batch() -> None:
+    gpu = FakeGpu(power_mw=312_000)
+    _, device = open_one(gpu, slow_every=10)
+    before = gpu.calls.get("nvmlDeviceGetPowerUsage", 0)
+    gpu.field_calls.clear()
+    for _ in range(3):
+        s = device.sample()
+    assert s.power_w == 312.0
+    assert all(185 in ids for ids in gpu.field_calls)
+    assert gpu.calls.get("nvmlDeviceGetPowerUsage", 0) == before  # timed at open only
+
+
+@pytest.mark.parametrize("code", [NOT_SUPPORTED, NO_PERMISSION])
+def test_power_draw_without_its_field_falls_back_to_the_older_call(code: int) -> None:
+    # before Ampere (and on GA100) field 185 is unsupported, nvmlDeviceGetPowerUsage works
+    gpu = FakeGpu(power_mw=250_500, field_fail={185: code})
+    _, device = open_one(gpu)
+    for _ in range(3):
+        s = device.sample()
+    assert s.power_w == pytest.approx(250.5)
+    assert device.counter_plan["power"] == "legacy, every poll"
+    assert s.unsupported_reads == {}  # the value is there: nothing to count
+
+
+def test_power_draw_unsupported_both_ways_is_absent_and_counted_once() -> None:
+    gpu = FakeGpu(fail={"nvmlDeviceGetPowerUsage": NOT_SUPPORTED}, field_fail={185: NOT_SUPPORTED})
+    _, device = open_one(gpu)
+    for _ in range(4):
+        s = device.sample()
+    assert s.power_w is None and s.power_limit_w == 700.0
     assert s.unsupported_reads == {"power": 1}
-    assert gpu.calls["nvmlDeviceGetPowerUsage"] == 1
+
+
+def test_the_power_limit_is_a_setting_read_between_polls() -> None:
+    gpu = FakeGpu(power_limit_mw=700_000)
+    _, device = open_one(gpu, slow_every=10)
+    assert device.counter_plan["power_limit"] == "legacy, every 10 polls, between polls"
+    calls = gpu.calls["nvmlDeviceGetEnforcedPowerLimit"]
+    gpu.power_limit_mw = 500_000  # an operator lowers it
+    for _ in range(3):
+        s = device.sample()
+    assert gpu.calls["nvmlDeviceGetEnforcedPowerLimit"] == calls  # no poll reads it
+    assert s.power_limit_w == 700.0
+    reads = [device.refresh_slow() for _ in range(10)]
+    assert "power_limit" in {r[0] for r in reads if r}
+    assert device.sample().power_limit_w == 500.0  # within slow_every polls
+
+
+def test_the_compute_process_list_is_read_again_when_memory_use_changes() -> None:
+    gpu = FakeGpu(compute_processes=[(100, 1 << 30)], memory_used=1 << 30)
+    _, device = open_one(gpu, slow_every=5)
+    device.sample()
+    calls = gpu.calls["nvmlDeviceGetComputeRunningProcesses"]
+    for _ in range(3):  # nothing changed: the last list stands
+        s = device.sample(roles={100: "worker"})
+    assert gpu.calls["nvmlDeviceGetComputeRunningProcesses"] == calls
+    assert [(p.pid, p.role) for p in s.processes or ()] == [(100, "worker")]  # roles now
+    # a foreign process allocates: memory used moves, the next poll lists it
+    gpu.compute_processes.append((777, 2 << 30))
+    gpu.memory_used += 2 << 30
+    s = device.sample()
+    assert [p.pid for p in s.processes or ()] == [100, 777]
+    # an unchanged total still gets a fresh list every slow_every polls
+    gpu.compute_processes = [(100, 1 << 30), (778, 2 << 30)]  # same bytes, new pid
+    seen = [[p.pid for p in device.sample().processes or ()] for _ in range(5)]
+    assert seen[-1] == [100, 778] and seen[0] == [100, 777]
 
 
 def test_unsupported_field_value_is_absent_and_counted() -> None:
@@ -240,7 +308,7 @@ def test_cheap_counters_are_read_in_one_field_values_call_per_poll() -> None:
     s = device.sample()
     assert len(gpu.field_calls) == 1
     # every cheap group's fields in that one call (the fake is fast: all are cheap)
-    assert set(gpu.field_calls[0]) == {82, 3, 4, 142, 143, 144, 145, 94, 75, 74}
+    assert set(gpu.field_calls[0]) == {82, 3, 4, 142, 143, 144, 145, 94, 75, 74, 185}
     assert (s.memory_temperature_c, s.ecc_corrected, s.remapped_correctable) == (50, 3, 1)
     assert gpu.calls.get("nvmlDeviceGetTotalEccErrors") == legacy  # timed at open only
 
@@ -265,11 +333,12 @@ def test_slow_reads_happen_between_polls_one_at_a_time_each_every_slow_every(
 ) -> None:
     monkeypatch.setattr(nvml_mod, "FAST_READ_S", -1.0)  # every counter group is "slow"
     gpu = FakeGpu(pcie_replay=1, graphics_processes=[(900, 1 << 20)])
-    _, device = open_one(gpu, slow_every=14)
+    every = 2 * (len(nvml_mod.COUNTER_GROUPS) + 1)  # each slow read every 2 calls
+    _, device = open_one(gpu, slow_every=every)
     s = device.sample()
     assert s.pcie_replays == 1  # read at open: present from the first poll
     assert [p.pid for p in s.processes or ()] == [900]
-    assert all("every 14 polls, between polls" in p for p in device.counter_plan.values())
+    assert all(f"every {every} polls, between polls" in p for p in device.counter_plan.values())
     # a poll never makes a slow read
     before = dict(gpu.calls)
     gpu.pcie_replay = 2
@@ -278,10 +347,10 @@ def test_slow_reads_happen_between_polls_one_at_a_time_each_every_slow_every(
     slow = ("nvmlDeviceGetFieldValues", "nvmlDeviceGetGraphicsRunningProcesses")
     assert all(gpu.calls.get(f) == before.get(f) for f in slow)
     assert s.pcie_replays == 1 and s.slow_read_durations_s == {}
-    # between polls: at most one read a call, each slow read about every 14 calls
+    # between polls: at most one read a call, each slow read every `every` calls
     names = [r[0] for r in device.slow_reads()]
     assert names == [g.name for g in nvml_mod.COUNTER_GROUPS] + ["graphics_processes"]
-    done = [device.refresh_slow() for _ in range(14 * 2)]
+    done = [device.refresh_slow() for _ in range(every * 2)]
     reads = [r[0] for r in done if r is not None]
     assert all(r is None or r[1] >= 0 for r in done)
     assert set(reads) == set(names) and all(reads.count(n) == 2 for n in names)

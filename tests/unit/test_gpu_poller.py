@@ -51,8 +51,10 @@ def test_thread_makes_the_slow_reads_between_polls_not_in_them() -> None:
     for _ in range(3):
         p.poll_once()
     assert gpu.calls.get("nvmlDeviceGetGraphicsRunningProcesses") == before  # not in a poll
-    got = p.refresh_slow()
-    assert list(got) == [0] and got[0][0] == "graphics_processes"
+    got = [p.refresh_slow() for _ in range(3)]  # the power limit, the graphics processes
+    assert all(list(g) == [0] for g in got if g)
+    assert "graphics_processes" in {g[0][0] for g in got if g}
+    assert gpu.calls.get("nvmlDeviceGetGraphicsRunningProcesses") == before + 1
     p.close()
 
     def refreshed() -> bool:

@@ -17,8 +17,8 @@ nothing. So:
 
 - identity and maximum clocks are read once;
 - the counters (memory temperature, ECC, remapped rows, PCIe replays, violation
-  times) can each be read through nvmlDeviceGetFieldValues or an older one-value
-  call; at open, each way is timed and the cheaper kept. The cheap fields are read
+  times, power draw) can each be read through nvmlDeviceGetFieldValues or an older
+  one-value call; at open, each way is timed and the cheaper kept. The cheap fields are read
   every poll in ONE field-values call (its cost grows ~1.5 us a field: per-field
   return codes keep each field's safety); a cheap one-value call is read every poll
   on its own;
@@ -28,7 +28,11 @@ nothing. So:
   ``refresh_slow()``, which the poll thread calls between polls, reads at most one of
   them, each every ``slow_every`` polls, staggered; polls expose their last values.
   A poll never pays for them: their cost is reported on its own
-  (``slow_read_durations_s``).
+  (``slow_read_durations_s``). The enforced power limit, a setting, is one of them
+  whatever it costs;
+- the compute-process list (~150 us on a busy GPU) is read again when the memory
+  used changed since the last read (a process came, went, grew or shrank), and at
+  least every ``slow_every`` polls.
 
 Utilization comes from GPM (one sample a poll, metrics between the last two), and
 from NVML's utilization rates only where GPM is unsupported. PCIe throughput is not
@@ -95,6 +99,7 @@ _NS = 1e-9
 FAST_READ_S = 150e-6
 # Polls in a row over FAST_READ_S that make a cheap counter read slow.
 DEMOTE_AFTER = 3
+_NEVER = object()
 # nvmlValueType_t -> member of the nvmlValue_t union
 _VALUE_MEMBER = {
     0: "dVal",
@@ -318,6 +323,9 @@ class GpuDevice:
         self._refreshes = 0
         self.field_latency_s: dict[str, float] = {}  # the driver's latencyUsec, last read
         self._graphics: list[Any] | None = None  # the last graphics-process list
+        self._compute: list[Any] | None = None  # the last compute-process list
+        self._compute_read_at: Any = _NEVER  # memory used when it was read
+        self._polls_since_compute = 0
         self.slow_every = max(1, slow_every)
         self._cache: dict[str, Any] = {}
         self.read_costs: dict[str, dict[str, float]] = {}
@@ -423,17 +431,23 @@ class GpuDevice:
         mem = read("memory_clock", lib.nvmlDeviceGetClockInfo, h, CLOCK_MEM)
         v["sm_clock_hz"] = sm * _MHZ if sm is not None else None
         v["memory_clock_hz"] = mem * _MHZ if mem is not None else None
-        power = read("power", lib.nvmlDeviceGetPowerUsage, h)
-        limit = read("power_limit", lib.nvmlDeviceGetEnforcedPowerLimit, h)
-        v["power_w"] = power / 1000.0 if power is not None else None
-        v["power_limit_w"] = limit / 1000.0 if limit is not None else None
         meminfo = read("memory", lib.nvmlDeviceGetMemoryInfo, h)
+        used = None
         if meminfo is not None:
-            v["memory_used_bytes"] = int(meminfo.used)
+            used = v["memory_used_bytes"] = int(meminfo.used)
             v["memory_total_bytes"] = int(meminfo.total)
         v.update(self._utilization())
         v.update(self._counters())
-        v["processes"] = self.processes(roles, owned, graphics=False)
+        self._polls_since_compute += 1
+        if (
+            self._compute_read_at is _NEVER
+            or used is None
+            or used != self._compute_read_at
+            or self._polls_since_compute >= self.slow_every
+        ):
+            self._read_compute()
+            self._compute_read_at = used
+        v["processes"] = self._process_list(roles, owned)
         return v
 
     def _utilization(self) -> dict[str, Any]:
@@ -504,9 +518,13 @@ class GpuDevice:
         self.read_costs, self.counter_plan = {}, {}
         for group in COUNTER_GROUPS:
             costs: dict[str, float] = {}
-            hows = (["fields"] if self._fields_ok else []) + (["legacy"] if group.legacy else [])
+            hows = ["fields"] if self._fields_ok and group.fields else []
+            hows += ["legacy"] if group.legacy else []
             for how in hows:
                 reader, best, got = self._reader(group, how), float("inf"), {}
+                # a field the driver lacks may still have its older call (power draw
+                # before Ampere): the legacy try has its own say on support
+                before = (set(self.unsupported), Counter(self.unsupported_reads))
                 for _ in range(3):
                     t0 = time.perf_counter()
                     got = reader()
@@ -514,10 +532,14 @@ class GpuDevice:
                 self._cache.update(got)
                 if any(v is not None for v in got.values()):
                     costs[how] = best
+                elif how == "fields" and group.legacy is not None:
+                    self.unsupported, self.unsupported_reads = before
             self.read_costs[group.name] = costs
             if not costs:
                 continue  # unsupported on this device (counted)
-            if costs.get("fields", float("inf")) <= FAST_READ_S:
+            if group.settled:  # a setting, not a measurement: between polls
+                self._demote(group, min(costs, key=lambda k: costs[k]))
+            elif costs.get("fields", float("inf")) <= FAST_READ_S:
                 self._batch.append(group)
                 self.counter_plan[group.name] = "fields (one call for all), every poll"
             elif costs.get("legacy", float("inf")) <= FAST_READ_S:
@@ -578,6 +600,9 @@ class GpuDevice:
         for name in ("thermal_violation", "power_violation"):
             if (x := raw.get(name)) is not None:
                 out[f"{name}_s"] = x * _NS
+        for name in ("power", "power_limit"):  # milliwatts
+            if (x := raw.get(name)) is not None:
+                out[f"{name}_w"] = x / 1000.0
         return out
 
     # ---- between polls -----------------------------------------------------
@@ -624,19 +649,29 @@ class GpuDevice:
         )
         self._graphics = list(procs) if procs is not None else None
 
-    def processes(
-        self, roles: Mapping[int, str], owned: Collection[int], graphics: bool = True
-    ) -> tuple[GpuProcess, ...] | None:
-        """Every process on the GPU; with ``graphics=False`` the graphics processes are
-        those of the last slow read (compute processes are always read now)."""
-        if graphics:
-            self._read_graphics()
-        used: dict[int, int] = {}
-        compute = self.read(
+    def _read_compute(self) -> None:
+        procs = self.read(
             "compute_processes", self.lib.nvmlDeviceGetComputeRunningProcesses, self.handle
         )
+        self._compute = list(procs) if procs is not None else None
+        self._polls_since_compute = 0
+
+    def processes(
+        self, roles: Mapping[int, str], owned: Collection[int]
+    ) -> tuple[GpuProcess, ...] | None:
+        """Every process on the GPU, both lists read now."""
+        self._read_graphics()
+        self._read_compute()
+        return self._process_list(roles, owned)
+
+    def _process_list(
+        self, roles: Mapping[int, str], owned: Collection[int]
+    ) -> tuple[GpuProcess, ...] | None:
+        """The processes of the last compute and graphics reads, with today's roles."""
+        compute = self._compute
         if compute is None and self._graphics is None:
             return None
+        used: dict[int, int] = {}
         for p in (*(compute or ()), *(self._graphics or ())):
             used[int(p.pid)] = max(used.get(int(p.pid), 0), int(p.usedGpuMemory or 0))
         return tuple(
@@ -696,16 +731,26 @@ def _legacy_power(d: GpuDevice) -> dict[str, Any]:
     return _violation(d, "power_violation", PERF_POLICY_POWER)
 
 
+def _legacy_power_draw(d: GpuDevice) -> dict[str, Any]:
+    return {"power": d.read("power", d.lib.nvmlDeviceGetPowerUsage, d.handle)}
+
+
+def _legacy_power_limit(d: GpuDevice) -> dict[str, Any]:
+    return {"power_limit": d.read("power_limit", d.lib.nvmlDeviceGetEnforcedPowerLimit, d.handle)}
+
+
 @dataclass(frozen=True)
 class CounterGroup:
     name: str
     fields: tuple[tuple[str, int], ...]  # (value name, NVML field id)
     legacy: Callable[[GpuDevice], dict[str, Any]] | None
+    settled: bool = False  # a setting that rarely changes: a slow read whatever it costs
 
 
 # field ids: NVML_FI_DEV_MEMORY_TEMP 82, _ECC_SBE_VOL_TOTAL 3, _ECC_DBE_VOL_TOTAL 4,
 # _REMAPPED_COR/UNC/PENDING/FAILURE 142-145, _PCIE_REPLAY_COUNTER 94,
-# _PERF_POLICY_POWER 74 and _THERMAL 75 (violation time, ns, as nvmlDeviceGetViolationStatus)
+# _PERF_POLICY_POWER 74 and _THERMAL 75 (violation time, ns, as nvmlDeviceGetViolationStatus),
+# _POWER_AVERAGE 185 (mW over 1 s, as nvmlDeviceGetPowerUsage on Ampere and later)
 COUNTER_GROUPS = (
     CounterGroup("memory_temperature", (("memory_temperature", 82),), None),
     CounterGroup("ecc", (("ecc_corrected", 3), ("ecc_uncorrected", 4)), _legacy_ecc),
@@ -717,4 +762,7 @@ COUNTER_GROUPS = (
     CounterGroup("pcie_replay", (("pcie_replay", 94),), _legacy_pcie),
     CounterGroup("thermal_violation", (("thermal_violation", 75),), _legacy_thermal),
     CounterGroup("power_violation", (("power_violation", 74),), _legacy_power),
+    CounterGroup("power", (("power", 185),), _legacy_power_draw),
+    # the enforced limit (no field gives the same value): a setting, read between polls
+    CounterGroup("power_limit", (), _legacy_power_limit, settled=True),
 )
