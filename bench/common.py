@@ -30,13 +30,24 @@ def tiny_vllm_command(port: int, model: Path = TINY_MODEL) -> list[str]:
 
 
 def start_tiny_vllm(
-    port: int, log: IO[bytes] | int = subprocess.DEVNULL
+    port: int, log: IO[bytes] | int = subprocess.DEVNULL, cores: list[int] | None = None
 ) -> subprocess.Popen[bytes]:
-    """Real vLLM on the CPU, in its own session (kill the group to stop it)."""
+    """Real vLLM on the CPU, in its own session (kill the group to stop it).
+
+    ``cores``: every engine process (API server, EngineCore, Worker and its OpenMP
+    threads) confined to these CPUs, as a GPU host's engine has its own.
+    """
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    pin = None
+    if cores:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))  # else it binds them all
+
+        def pin() -> None:
+            os.sched_setaffinity(0, cores)
+
     return subprocess.Popen(
         tiny_vllm_command(port), env=env, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=pin,
     )  # fmt: skip
 
 
