@@ -64,18 +64,29 @@ class InferenceProbe:
         self._model: str | None = model
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._clock = clock
+        self._in_flight = False
+        self._timed_out = False
 
     def reset(self) -> None:
         """Forget what was learnt from the previous engine generation."""
         self._model = self._configured_model
+        self._timed_out = False
+
+    @property
+    def unanswered(self) -> bool:
+        """The engine holds a probe without answering: one is waiting now, or the last
+        one timed out (between two probes of a hung engine)."""
+        return self._in_flight or self._timed_out
 
     async def run(self, base_url: str) -> ProbeResult:
         t0 = time.perf_counter()
+        self._in_flight, self._timed_out = True, False
         try:
             async with asyncio.timeout(self._timeout_s):
                 model = await self._model_name(base_url)
                 await self._complete(base_url, model)
         except TimeoutError:
+            self._timed_out = True
             return self._result(False, t0, f"timed out after {self._timeout_s:g}s")
         except httpx.ConnectError:
             return self._result(False, t0, "connection refused: the engine is not listening")
@@ -84,6 +95,8 @@ class InferenceProbe:
         except ProbeFailed as exc:
             self.reset()  # a model name learnt from /v1/models may be stale
             return self._result(False, t0, str(exc)[:_DETAIL_MAX])
+        finally:
+            self._in_flight = False
         return self._result(True, t0, "")
 
     def _result(self, ok: bool, t0: float, detail: str) -> ProbeResult:

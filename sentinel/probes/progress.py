@@ -1,7 +1,8 @@
 """Forward progress: scrape the engine's /metrics, detect a stalled engine.
 
-Stalled: requests are running (``vllm:num_requests_running`` > 0) and no token
-moved (``vllm:generation_tokens_total`` + ``vllm:prompt_tokens_total``) for
+Stalled: requests are running (``vllm:num_requests_running`` > 0, or Sentinel's own
+inference probe unanswered: see ``ProbeRunner``) and no token moved
+(``vllm:generation_tokens_total`` + ``vllm:prompt_tokens_total``) for
 ``stall_window_s``. A hung engine keeps answering /health and /metrics with its
 last numbers, so "running but nothing moves" is the tell.
 """

@@ -286,6 +286,12 @@ class ProbeRunner:
         if running is None or tokens is None:
             return  # an engine without these series: no stall detection
         tokens += values.get(PROMPT_TOKENS, 0.0)
+        # vLLM's running gauge is fed by the engine core and freezes with it, at times
+        # before it counted the requests just handed over. The inference probe is a
+        # request of Sentinel's own: unanswered by an engine that has answered one
+        # (a loading engine is not stalled), it is running whatever the gauge says.
+        if self.first_inference_at is not None and self.probe.unanswered:
+            running = max(running, 1.0)
         reason = self.stall.observe(self._clock(), running, tokens)
         if reason != self.status.stalled_reason:
             if reason:

@@ -234,6 +234,68 @@ def test_stall_is_detected_from_engine_metrics_and_leads_to_restart(engine):
     in_loop(runner, go)
 
 
+def test_a_hung_engine_whose_running_gauge_froze_at_zero_is_stalled_by_the_probe(engine):
+    """vLLM's running gauge comes from the engine core: stopped before it counted the
+    requests just given to it, the engine shows 0 running with frozen counters. The
+    inference probe, unanswered, is a running request of Sentinel's own."""
+    clock = Clock()
+    status, control, runner = make(
+        engine, clock, stall_window_s=10, on_stall="restart", timeout_s=0.2, freshness_s=100
+    )
+    status.new_generation()
+
+    async def go():
+        assert (await runner.probe_once()).ok  # the engine has answered once
+        engine.mode["metrics"] = vllm_metrics(running=0, generation=500)
+        engine.mode["delay"] = 5.0  # hung: probes time out
+        await runner.scrape_once()
+        for _ in range(3):
+            result = await runner.probe_once()
+            assert result is not None and "timed out" in result.detail
+            clock.advance(4)
+            await runner.scrape_once()
+        assert status.stalled_reason and "1 requests running" in status.stalled_reason
+        runner.apply_actions()
+        assert [r for r, _ in control.restarts] == ["stalled"]
+
+    in_loop(runner, go)
+
+
+def test_an_answering_engine_with_frozen_counters_and_no_requests_is_not_stalled(engine):
+    clock = Clock()
+    status, _, runner = make(engine, clock, stall_window_s=10, timeout_s=0.2)
+    status.new_generation()
+
+    async def go():
+        assert (await runner.probe_once()).ok
+        engine.mode["metrics"] = vllm_metrics(running=0, generation=500)  # idle
+        for _ in range(4):
+            assert (await runner.probe_once()).ok  # answered (counters here are canned)
+            clock.advance(4)
+            await runner.scrape_once()
+        assert status.stalled_reason is None
+
+    in_loop(runner, go)
+
+
+def test_a_loading_engine_that_times_the_probe_out_is_not_stalled(engine):
+    clock = Clock()
+    status, _, runner = make(engine, clock, stall_window_s=10, timeout_s=0.2)
+    status.new_generation()
+    status.set_lifecycle(Lifecycle.running)  # /health answers; no inference has yet
+
+    async def go():
+        engine.mode["metrics"] = vllm_metrics(running=0, generation=0)
+        engine.mode["delay"] = 5.0  # no probe has ever been answered: still loading
+        for _ in range(4):
+            await runner.probe_once()
+            clock.advance(4)
+            await runner.scrape_once()
+        assert runner.first_inference_at is None and status.stalled_reason is None
+
+    in_loop(runner, go)
+
+
 def test_stall_report_only_never_restarts(engine):
     clock = Clock()
     status, control, runner = make(engine, clock, stall_window_s=1)  # on_stall: report
