@@ -27,3 +27,4 @@ bench: setup
 	$(PY) -m bench.supervisor
 	$(PY) -m bench.metrics
 	$(PY) -m bench.proxy --start-vllm
+	$(PY) -m bench.relay_floor
