@@ -1,15 +1,19 @@
-"""Shared by the benchmarks: percentiles and a directly-started tiny vLLM (the baseline)."""
+"""Shared by the benchmarks: percentiles, a directly-started tiny vLLM (the baseline), the
+GPU copy loop as background load, and the CPU time a hypervisor steals."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import IO
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ROOT / "var" / "tiny-model"
+COPY_LOOP = ROOT / "tests" / "gpu" / "copy_loop.py"
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -61,3 +65,39 @@ def summarize(ns: list[int], unit: str) -> dict[str, float]:
         f"max_{unit}": round(max(xs), digits),
         f"mean_{unit}": round(sum(xs) / len(xs), digits),
     }
+
+
+def steal_s(cpu: int | None = None) -> float:
+    """Seconds the hypervisor has taken so far from one CPU, or from all of them
+    (/proc/stat steal; 0 where not reported): time nothing of ours could run."""
+    prefix = "cpu " if cpu is None else f"cpu{cpu} "
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith(prefix):
+                    return int(line.split()[8]) * _TICK_S
+    except (OSError, IndexError, ValueError):
+        pass
+    return 0.0
+
+
+class CopyLoad:
+    """``tests/gpu/copy_loop.py`` in the background: device-to-device copies on GPU 0
+    (``duty`` 1: all the time) until ``stop()`` or ``seconds``."""
+
+    def __init__(self, gib: float, duty: float, seconds: float = 3600) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(COPY_LOOP), str(seconds), str(gib), str(duty)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            self.stop()
+            raise RuntimeError(f"copy loop did not start: {line!r}")
+        time.sleep(1.0)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()

@@ -36,10 +36,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import resource
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -48,7 +45,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from bench.common import pct, summarize
+from bench.common import CopyLoad, pct, steal_s, summarize
 from sentinel.collectors.gpu.collector import GpuCollector
 from sentinel.collectors.gpu.nvml import GpuDevice, Nvml, NvmlUnavailable, load_nvml
 from sentinel.collectors.gpu.sample import GpuSnapshot
@@ -122,15 +119,6 @@ def open_nvml(fake: bool) -> tuple[Nvml, str]:
     return load_nvml(FakeNvml([FakeGpu(compute_processes=[(1234, 1 << 30)])])), "fake"
 
 
-def host_steal_s() -> float:
-    """Seconds the hypervisor has taken from this VM's CPUs so far (/proc/stat steal)."""
-    try:
-        with open("/proc/stat") as f:
-            return int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
 def _timed_cpu(fn: Callable[[], object]) -> tuple[int, int]:
     """(wall ns, this thread's CPU ns) of one call: a wall time far above the CPU time
     is time the thread was not running (preempted, descheduled, or asleep in the driver)."""
@@ -145,29 +133,7 @@ def _timed(fn: Callable[[], object]) -> int:
     return time.perf_counter_ns() - t0
 
 
-COPY_LOOP = Path(__file__).resolve().parents[1] / "tests" / "gpu" / "copy_loop.py"
 LOADS = {"idle": None, "busy": (2.0, 1.0), "light": (0.5, 0.1)}  # (GiB, duty)
-
-
-class Load:
-    """The copy loop on GPU 0 in the background, for a ``--load`` condition."""
-
-    def __init__(self, gib: float, duty: float) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(COPY_LOOP), "3600", str(gib), str(duty)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if line.strip() != "ready":
-            self.stop()
-            raise RuntimeError(f"copy loop did not start: {line!r}")
-        time.sleep(1.0)
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
 
 
 def per_call(ns: dict[str, list[int]], polls: int) -> dict[str, dict[str, float]]:
@@ -225,7 +191,7 @@ def bench_polls(
         slow: dict[str, list[int]] = defaultdict(list)
         polls_with_gc: list[int] = []  # a garbage collection ran inside the poll
         sp_cpu: list[int] = []  # the poll thread's CPU time in each poll
-        steal0, wall0 = host_steal_s(), time.monotonic()
+        steal0, wall0 = steal_s(), time.monotonic()
         for i in range(spaced_ticks):
             if i % 4 == 3:
                 time.sleep(spaced_s)
@@ -245,7 +211,7 @@ def bench_polls(
             if _GC_STARTS[0] != gc_before:
                 polls_with_gc.append(sp_ours[-1])
             with_slow.append(sp_ours[-1] + (gap if got is not None else 0))
-        steal_share = (host_steal_s() - steal0) / max(1e-9, time.monotonic() - wall0)
+        steal_share = (steal_s() - steal0) / max(1e-9, time.monotonic() - wall0)
         # C: each NVML function inside one poll (and its slow reads), spaced
         timing = TimingLib(nvml.lib)
         probe = GpuDevice(timing, device.index, slow_every)
@@ -483,7 +449,7 @@ def main() -> int:
         render = bench_render(nvml, args.renders)
         for load in loads:
             spec = LOADS[load]
-            background = Load(*spec) if spec else None
+            background = CopyLoad(*spec) if spec else None
             try:
                 by_load[load] = bench_polls(
                     nvml,

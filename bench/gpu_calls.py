@@ -43,8 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -52,9 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.common import pct
-
-COPY_LOOP = Path(__file__).resolve().parents[1] / "tests" / "gpu" / "copy_loop.py"
+from bench.common import CopyLoad, pct, summarize
 
 CHEAP_FIELDS = [82, 3, 4, 142, 143, 144, 145]  # memory temp, ECC, remapped rows
 POLL_FIELDS = [*CHEAP_FIELDS, 74]  # + power violation time: Sentinel's per-poll batch
@@ -186,19 +182,12 @@ def timed(lib: Any, fn: Callable[[], Any]) -> tuple[int, int]:
 
 
 def st(ns: list[int]) -> dict[str, float]:
-    us = [x / 1000 for x in ns]
-    if not us:
+    """The shared summary in microseconds, keys unsuffixed, with the count."""
+    if not ns:
         return {}
-    return {
-        "n": len(us),
-        "p50": round(pct(us, 0.5), 1),
-        "p99": round(pct(us, 0.99), 1),
-        "max": round(max(us), 1),
-        "mean": round(sum(us) / len(us), 1),
-    }
+    return {"n": len(ns), **{k.removesuffix("_us"): v for k, v in summarize(ns, "us").items()}}
 
 
-# ---- back to back -------------------------------------------------------------
 def back_to_back(gpu: Gpu, reps: int) -> dict[str, Any]:
     lib = gpu.lib
     out: dict[str, Any] = {}
@@ -377,26 +366,6 @@ def gpm_streaming(gpu: Gpu, ticks: int, spacing: float) -> dict[str, Any]:
 
 
 # ---- load -------------------------------------------------------------------------
-class Load:
-    """The copy loop in the background (``duty`` 1: all the time)."""
-
-    def __init__(self, seconds: float, gib: float, duty: float) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(COPY_LOOP), str(seconds), str(gib), str(duty)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if line.strip() != "ready":
-            raise RuntimeError(f"copy loop did not start: {line!r}")
-        time.sleep(1.0)
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-
 # ---- report -------------------------------------------------------------------------
 def print_spaced(label: str, r: dict[str, Any]) -> None:
     print(f"\n== {label}: ticks {r['spacing_s']} s apart{' (spin-wait)' if r['spin'] else ''}")
@@ -439,7 +408,7 @@ def main() -> int:
     t_start = time.monotonic()
 
     for cond in ["idle"] + ([] if args.no_load or args.fake else ["busy"]):
-        load = Load(600, 2.0, 1.0) if cond == "busy" else None
+        load = CopyLoad(2.0, 1.0, 600) if cond == "busy" else None
         try:
             phases[f"{cond}_b2b"] = back_to_back(gpu, reps)
             phases[f"{cond}_fv_scaling"] = fv_scaling(gpu, reps * 2)
@@ -454,7 +423,7 @@ def main() -> int:
                 load.stop()
         print(f"[{cond} done at {time.monotonic() - t_start:.0f} s]", flush=True)
     if not (args.no_load or args.fake):
-        load = Load(600, 0.5, 0.1)
+        load = CopyLoad(0.5, 0.1, 600)
         try:
             phases["light_spaced_0.25"] = spaced(gpu, pools, n_light, 0.25, poll_kinds)
         finally:

@@ -285,22 +285,6 @@ def _raw_request(host: str, port: int, path: str, body: dict[str, Any]) -> bytes
     ).encode() + data
 
 
-_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
-
-
-def core_steal_s(core: int = 0) -> float:
-    """Seconds the hypervisor has taken from this CPU core so far (/proc/stat steal;
-    0 where not reported): time the proxy, pinned there, could not run at all."""
-    try:
-        with open("/proc/stat") as f:
-            for line in f:
-                if line.startswith(f"cpu{core} "):
-                    return int(line.split()[8]) * _TICK_S
-    except (OSError, IndexError, ValueError):
-        pass
-    return 0.0
-
-
 async def _load(
     port: int,
     concurrency: int,
@@ -350,10 +334,10 @@ async def _load(
             events.append(ev)
 
     t0 = time.perf_counter()
-    steal0 = core_steal_s()
+    steal0 = common.steal_s(0)  # the proxy's core
     await asyncio.gather(*(worker(i, c) for i, c in enumerate(conns)))
     wall = time.perf_counter() - t0
-    steal = core_steal_s() - steal0
+    steal = common.steal_s(0) - steal0
     for c in conns:
         assert c.transport is not None
         c.transport.close()
