@@ -523,8 +523,9 @@ class GpuDevice:
             for how in hows:
                 reader, best, got = self._reader(group, how), float("inf"), {}
                 # a field the driver lacks may still have its older call (power draw
-                # before Ampere): the legacy try has its own say on support
-                before = (set(self.unsupported), Counter(self.unsupported_reads))
+                # before Ampere): then the legacy try has its own say on support
+                undo = how == "fields" and group.legacy is not None
+                before = (set(self.unsupported), Counter(self.unsupported_reads)) if undo else None
                 for _ in range(3):
                     t0 = time.perf_counter()
                     got = reader()
@@ -532,13 +533,14 @@ class GpuDevice:
                 self._cache.update(got)
                 if any(v is not None for v in got.values()):
                     costs[how] = best
-                elif how == "fields" and group.legacy is not None:
+                elif before is not None:
                     self.unsupported, self.unsupported_reads = before
             self.read_costs[group.name] = costs
             if not costs:
                 continue  # unsupported on this device (counted)
+            cheapest = min(costs, key=costs.__getitem__)
             if group.settled:  # a setting, not a measurement: between polls
-                self._demote(group, min(costs, key=lambda k: costs[k]))
+                self._demote(group, cheapest)
             elif costs.get("fields", float("inf")) <= FAST_READ_S:
                 self._batch.append(group)
                 self.counter_plan[group.name] = "fields (one call for all), every poll"
@@ -546,7 +548,7 @@ class GpuDevice:
                 self._fast_legacy.append(group)
                 self.counter_plan[group.name] = "legacy, every poll"
             else:
-                self._demote(group, min(costs, key=lambda k: costs[k]))
+                self._demote(group, cheapest)
         self._set_batch_fields()
         self._planned_fields_ok = self._fields_ok
 
