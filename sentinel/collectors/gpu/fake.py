@@ -54,11 +54,6 @@ class FakeGpu:
     ecc_uncorrected: int = 0
     remapped: tuple[int, int, int, int] = (0, 0, 0, 0)
     pcie_replay: int = 0
-    # accumulated time of clocks-event (throttle) reasons, ns (fields 269-271)
-    sw_thermal_slowdown_ns: int = 0
-    hw_thermal_slowdown_ns: int = 0
-    hw_power_brake_ns: int = 0
-    energy_mj: int = 0
     compute_processes: list[tuple[int, int | None]] = field(default_factory=list)
     graphics_processes: list[tuple[int, int | None]] = field(default_factory=list)
     gpm_supported: bool = True
@@ -195,13 +190,7 @@ class FakeNvml:
             94: (1, g.pcie_replay),
             74: (3, g.power_violation_ns),
             75: (3, g.thermal_violation_ns),
-            83: (3, g.energy_mj),
             185: (1, g.power_mw),
-            186: (1, g.power_mw),
-            190: (1, g.power_limit_mw),
-            269: (3, g.sw_thermal_slowdown_ns),
-            270: (3, g.hw_thermal_slowdown_ns),
-            271: (3, g.hw_power_brake_ns),
         }
         return table.get(fid)
 
