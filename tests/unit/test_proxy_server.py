@@ -34,11 +34,15 @@ class _Recorder:
         return f"info:{name}"
 
 
+def _corked() -> tuple[_Recorder, _CorkedTransport]:
+    """A corked transport over a recorder, on the running loop."""
+    inner = _Recorder()
+    return inner, _CorkedTransport(inner, asyncio.get_running_loop())  # type: ignore[arg-type]
+
+
 def test_a_head_leaves_with_the_first_body_part_and_close_flushes_first() -> None:
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        inner = _Recorder()
-        t = _CorkedTransport(inner, loop)  # type: ignore[arg-type]
+        inner, t = _corked()
         t.write(b"HTTP/1.1 200 OK\r\n\r\n")
         assert inner.writes == []  # the head waits for the body
         t.write(b"")
@@ -65,15 +69,12 @@ def test_a_head_leaves_with_the_first_body_part_and_close_flushes_first() -> Non
 
 def test_abort_drops_unsent_bytes_and_a_closing_transport_gets_none() -> None:
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        inner = _Recorder()
-        t = _CorkedTransport(inner, loop)  # type: ignore[arg-type]
+        inner, t = _corked()
         t.write(b"HTTP/1.1 200 OK\r\n\r\n")
         t.abort()
         await asyncio.sleep(0)
         assert inner.writes == [] and inner.events == ["abort"]
-        inner2 = _Recorder()
-        t2 = _CorkedTransport(inner2, loop)  # type: ignore[arg-type]
+        inner2, t2 = _corked()
         t2.write(b"HTTP/1.1 200 OK\r\n\r\n")
         inner2.closing = True  # the peer went away before the step ended
         await asyncio.sleep(0)
