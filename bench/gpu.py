@@ -95,13 +95,17 @@ class TimingLib:
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._lib, name)
+        if name == "_nvmlGetFunctionPointer":  # a C function called directly (fields.py)
+            return lambda fn_name: self._timed(fn_name, attr(fn_name))
         if not name.startswith("nvml") or not callable(attr):
             return attr
+        return self._timed(name, attr)
 
+    def _timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any) -> Any:
             t0 = time.perf_counter_ns()
             try:
-                return attr(*args)
+                return fn(*args)
             finally:
                 self.ns[name].append(time.perf_counter_ns() - t0)
 
@@ -116,7 +120,8 @@ def open_nvml(fake: bool) -> tuple[Nvml, str]:
             print(f"NVML unavailable ({exc}): using the fake NVML")
     from sentinel.collectors.gpu.fake import FakeGpu, FakeNvml
 
-    return load_nvml(FakeNvml([FakeGpu(compute_processes=[(1234, 1 << 30)])])), "fake"
+    gpus = [FakeGpu(compute_processes=[(1234, 1 << 30)])]
+    return load_nvml(FakeNvml(gpus, ctypes_fields=True)), "fake"  # the real field path
 
 
 def _timed_cpu(fn: Callable[[], object]) -> tuple[int, int]:

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sentinel.collectors.gpu import GpuCollector, GpuPoller, gpu_processes
+from sentinel.collectors.gpu.fields import FieldValues
 from sentinel.collectors.gpu.nvml import load_nvml
 from sentinel.collectors.gpu.sample import GpuSnapshot
 from sentinel.config.schema import GpuConfig
@@ -186,6 +187,27 @@ def test_violation_fields_match_the_legacy_call(poller: GpuPoller) -> None:
             print(f"\nGPU {dev.index} policy {policy}: fields {got} s, legacy {legacy} s")
             assert got is not None
             assert abs(got - legacy) <= max(1.0, 0.01 * legacy)
+
+
+def test_prepared_field_values_read_what_pynvmls_wrapper_reads(poller: GpuPoller) -> None:
+    """The poll's one prepared C call (fields.py) over pynvml's own structures gives the
+    same per-field codes and values as pynvml's wrapper."""
+    lib = poller.nvml.lib
+    ids = [82, 3, 4, 142, 143, 144, 145]  # memory temperature, ECC, remapped rows
+    for dev in poller.devices:
+        reader = FieldValues(lib, dev.handle, ids)
+        assert reader.prepared
+        for _ in range(2):  # the same array, read twice
+            mine = [(v.fieldId, v.nvmlReturn, v.value.ullVal) for v in reader.read()]
+            theirs = [
+                (v.fieldId, v.nvmlReturn, v.value.ullVal)
+                for v in lib.nvmlDeviceGetFieldValues(dev.handle, ids)
+            ]
+            print(f"\nGPU {dev.index} prepared {mine}\n  wrapper {theirs}")
+            assert [m[:2] for m in mine] == [t[:2] for t in theirs]
+            for (fid, ret, got), (_, _, want) in zip(mine, theirs, strict=True):
+                if ret == 0:  # memory temperature may move a degree between the reads
+                    assert abs(int(got) - int(want)) <= (2 if fid == 82 else 0)
 
 
 def test_slow_reads_are_made_between_polls(poller: GpuPoller) -> None:

@@ -12,6 +12,16 @@ from sentinel.collectors.gpu.nvml import GpuDevice, NvmlUnavailable, load_nvml
 NOT_SUPPORTED, NO_PERMISSION, FUNCTION_NOT_FOUND, UNKNOWN = 3, 4, 13, 999
 
 
+@pytest.fixture(autouse=True, params=["pynvml-wrapper", "prepared-c-call"])
+def field_values_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: field values through pynvml's wrapper (a module without
+    pynvml's internals), and through the prepared C call that the real pynvml gets
+    (``FakeNvml(ctypes_fields=True)``: pynvml's own structures, filled by a callback)."""
+    if request.param == "prepared-c-call":
+        monkeypatch.setattr(FakeNvml.__init__, "__kwdefaults__", {"ctypes_fields": True})
+    return request.param
+
+
 def open_one(gpu: FakeGpu, slow_every: int = 1) -> tuple[FakeNvml, GpuDevice]:
     lib = FakeNvml([gpu])
     (device,) = load_nvml(lib).open_devices(slow_every=slow_every)

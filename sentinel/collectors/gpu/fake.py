@@ -12,10 +12,16 @@ makes every call on the device raise GPU_IS_LOST; ``FakeGpu.delay_s[function nam
 makes that call slow, ``FakeGpu.field_latency_us[field id]`` one field of a
 field-values call (reported as its ``latencyUsec``); ``FakeNvml(init_error=code)``
 makes nvmlInit fail (e.g. 12: library not found, 9: driver not loaded).
+
+``FakeNvml(ctypes_fields=True)`` also has the two pynvml internals that
+``fields.FieldValues`` prepares its one C call with, the C function being a ctypes
+callback that fills pynvml's own ``c_nvmlFieldValue_t`` array in place: the same
+faults then reach the poll through the path the real library takes.
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 from collections import deque
@@ -26,6 +32,9 @@ from typing import Any
 import pynvml
 
 NVMLError = pynvml.NVMLError
+_VALUE_MEMBERS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal"}
+# nvmlDeviceGetFieldValues(device, count, values*) as a C function
+_C_FIELD_VALUES = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.c_int32, ctypes.c_void_p)
 NOT_SUPPORTED = 3
 GPU_IS_LOST = 15
 TIMEOUT = 10
@@ -91,7 +100,13 @@ class FakeNvml:
     NVML_GPM_METRICS_GET_VERSION = 1
     c_nvmlGpmMetricsGet_t = _FakeMetricsGet
 
-    def __init__(self, gpus: list[FakeGpu] | None = None, init_error: int | None = None) -> None:
+    def __init__(
+        self,
+        gpus: list[FakeGpu] | None = None,
+        init_error: int | None = None,
+        *,
+        ctypes_fields: bool = False,
+    ) -> None:
         self.gpus = gpus if gpus is not None else [FakeGpu()]
         self.init_error = init_error
         self.initialised = 0
@@ -100,6 +115,16 @@ class FakeNvml:
         self.event_set_freed = False
         self.register_fail: dict[int, int] = {}
         self._cond = threading.Condition()
+        # address of the c_nvmlFieldValue_t array of each C field-values call
+        self.c_field_arrays: list[int] = []
+        if ctypes_fields:
+            # pynvml's internals, as the real module has them: FieldValues then calls
+            # the "C function" (a ctypes callback) over pynvml's own structures
+            c_fn = _C_FIELD_VALUES(self._c_field_values)
+            self.c_nvmlFieldValue_t = pynvml.c_nvmlFieldValue_t
+            self._nvmlGetFunctionPointer = lambda name: (
+                c_fn if name == "nvmlDeviceGetFieldValues" else None
+            )
 
     # ---- helpers -----------------------------------------------------------
     def inject_xid(self, index: int, xid: int) -> None:
@@ -194,28 +219,55 @@ class FakeNvml:
         }
         return table.get(fid)
 
-    def nvmlDeviceGetFieldValues(self, h: FakeHandle, ids: list[int]) -> list[SimpleNamespace]:
-        g = self._gpu(h, "nvmlDeviceGetFieldValues")
-        g.field_calls.append(list(ids))
+    def _field_results(self, g: FakeGpu, ids: list[int]) -> list[tuple[int, int, int, int]]:
+        """(nvmlReturn, latencyUsec, valueType, value) of each id, after the driver's
+        time (the sum of the fields' ``field_latency_us``)."""
+        g.field_calls.append(ids)
         if latency := sum(g.field_latency_us.get(fid, 0) for fid in ids):
             time.sleep(latency * 1e-6)
-        members = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal"}
         out = []
         for fid in ids:
             known = self._field(g, fid)
             vtype, value = known if known is not None else (1, 0)
             ret = g.field_fail.get(fid, 0 if known is not None else NOT_SUPPORTED)
-            out.append(
-                SimpleNamespace(
-                    fieldId=fid,
-                    nvmlReturn=ret,
-                    timestamp=0,
-                    latencyUsec=g.field_latency_us.get(fid, 0),
-                    valueType=vtype,
-                    value=SimpleNamespace(**{members[vtype]: value}),
-                )
-            )
+            out.append((ret, g.field_latency_us.get(fid, 0), vtype, value))
         return out
+
+    def nvmlDeviceGetFieldValues(
+        self, h: FakeHandle, requested: list[int | tuple[int, int]]
+    ) -> list[SimpleNamespace]:
+        g = self._gpu(h, "nvmlDeviceGetFieldValues")
+        # like pynvml: a field id, or a (field id, scope id) pair
+        ids = [r[0] if isinstance(r, tuple) else r for r in requested]
+        return [
+            SimpleNamespace(
+                fieldId=fid,
+                nvmlReturn=ret,
+                timestamp=0,
+                latencyUsec=latency,
+                valueType=vtype,
+                value=SimpleNamespace(**{_VALUE_MEMBERS[vtype]: value}),
+            )
+            for fid, (ret, latency, vtype, value) in zip(
+                ids, self._field_results(g, ids), strict=True
+            )
+        ]
+
+    def _c_field_values(self, handle: FakeHandle, count: int, values: int) -> int:
+        """The C function behind pynvml's wrapper (``ctypes_fields`` mode): fills the
+        caller's ``c_nvmlFieldValue_t`` array in place and returns the call's code."""
+        try:
+            g = self._gpu(handle, "nvmlDeviceGetFieldValues")
+        except NVMLError as exc:
+            return int(exc.value)
+        self.c_field_arrays.append(values)
+        slots = ctypes.cast(values, ctypes.POINTER(pynvml.c_nvmlFieldValue_t))
+        ids = [slots[i].fieldId for i in range(count)]
+        for i, (ret, latency, vtype, value) in enumerate(self._field_results(g, ids)):
+            slot = slots[i]
+            slot.nvmlReturn, slot.latencyUsec, slot.valueType = ret, latency, vtype
+            setattr(slot.value, _VALUE_MEMBERS[vtype], value)
+        return 0
 
     # legacy one-call-per-counter readers
     def nvmlDeviceGetViolationStatus(self, h: FakeHandle, policy: int) -> SimpleNamespace:

@@ -20,8 +20,9 @@ nothing. So:
   times, power draw) can each be read through nvmlDeviceGetFieldValues or an older
   one-value call; at open, each way is timed and the cheaper kept. The cheap fields are read
   every poll in ONE field-values call (its cost grows ~1.5 us a field: per-field
-  return codes keep each field's safety); a cheap one-value call is read every poll
-  on its own;
+  return codes keep each field's safety), prepared once (``fields.FieldValues``: one
+  array, the ids set once, then only the C call each poll); a cheap one-value call is
+  read every poll on its own;
 - the expensive counters (over ``FAST_READ_S`` at open, or 3 polls in a row later,
   judged by the driver's per-field ``latencyUsec`` inside the batch or the call's
   time) and the graphics-process list (none on a compute server) are "slow reads":
@@ -38,6 +39,12 @@ Utilization comes from GPM (one sample a poll, metrics between the last two), an
 from NVML's utilization rates only where GPM is unsupported. PCIe throughput is not
 read (NVML samples it over 20 ms on every call).
 
+A poll starts with cold CPU caches after a second asleep (Python runs 4-8 times
+slower than back to back), so the hot path touches little: no frozen dataclass
+(``sample.py``), pynvml's structures read with ``object.__getattribute__`` (their
+Python-level override only turns bytes into str), the process tuple reused while the
+lists and roles are unchanged.
+
 Nothing here is thread-aware beyond what NVML itself guarantees (it is thread-safe);
 one poll thread owns the ``GpuDevice`` objects.
 """
@@ -51,6 +58,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from sentinel.collectors.gpu.fields import FieldValues, plain_attr, plain_setattr
 from sentinel.collectors.gpu.sample import GpuProcess, GpuSample
 
 # NVML return codes (the C ABI; pynvml's NVML_ERROR_* have the same values).
@@ -100,6 +108,11 @@ FAST_READ_S = 150e-6
 # Polls in a row over FAST_READ_S that make a cheap counter read slow.
 DEMOTE_AFTER = 3
 _NEVER = object()
+# GPM metrics, in _Gpm.METRICS order: (sample key, its source key, field name if failing)
+_GPM_KEYS = (
+    ("memory_bandwidth_ratio", "memory_bandwidth_source", "gpm_dram_bw_util"),
+    ("sm_utilization_ratio", "sm_utilization_source", "gpm_sm_util"),
+)
 # nvmlValueType_t -> member of the nvmlValue_t union
 _VALUE_MEMBER = {
     0: "dVal",
@@ -254,7 +267,7 @@ class XidEvents:
 class _Gpm:
     """GPM (Hopper+): DRAM bandwidth and SM utilization between the last two samples."""
 
-    METRICS = (GPM_DRAM_BW_UTIL, GPM_SM_UTIL)
+    METRICS = (GPM_DRAM_BW_UTIL, GPM_SM_UTIL)  # in _GPM_KEYS order
 
     def __init__(self, lib: Any, handle: Any) -> None:
         self.lib = lib
@@ -269,8 +282,9 @@ class _Gpm:
             request.metrics[i].metricId = metric
         self.request = request
 
-    def read(self) -> dict[int, tuple[int, float]] | None:
-        """Take a sample; return {metric: (nvml return code, value)} once two exist."""
+    def read(self) -> list[tuple[int, float]] | None:
+        """Take a sample; return [(nvml return code, value)] in METRICS order once two
+        samples exist."""
         new = self.samples[self.current]
         self.lib.nvmlGpmSampleGet(self.handle, new)
         old = self.samples[self.current ^ 1]
@@ -278,13 +292,15 @@ class _Gpm:
         if not self.have_previous:
             self.have_previous = True
             return None
-        request = self.request
-        request.sample1, request.sample2 = old, new
+        request, get = self.request, plain_attr  # pynvml structures: see fields.py
+        plain_setattr(request, "sample1", old)
+        plain_setattr(request, "sample2", new)
         self.lib.nvmlGpmMetricsGet(request)
-        return {
-            metric: (int(request.metrics[i].nvmlReturn), float(request.metrics[i].value))
-            for i, metric in enumerate(self.METRICS)
-        }
+        metrics = get(request, "metrics")
+        return [
+            (int(get(m, "nvmlReturn")), float(get(m, "value")))
+            for m in metrics[: len(self.METRICS)]
+        ]
 
     def close(self) -> None:
         for sample in self.samples:
@@ -322,9 +338,13 @@ class GpuDevice:
         self._slow: list[tuple[CounterGroup, str]] = []
         self._refreshes = 0
         self.field_latency_s: dict[str, float] = {}  # the driver's latencyUsec, last read
+        self.field_latency_max_s = 0.0  # the largest of the last field-values call
+        self._field_readers: dict[tuple[tuple[str, int], ...], FieldValues] = {}
         self._graphics: list[Any] | None = None  # the last graphics-process list
         self._compute: list[Any] | None = None  # the last compute-process list
         self._compute_read_at: Any = _NEVER  # memory used when it was read
+        # (compute list, graphics list, roles, owned, the process tuple built from them)
+        self._last_processes: tuple[Any, Any, dict[int, str], set[int], Any] | None = None
         self._polls_since_compute = 0
         self.slow_every = max(1, slow_every)
         self._cache: dict[str, Any] = {}
@@ -433,9 +453,9 @@ class GpuDevice:
         v["memory_clock_hz"] = mem * _MHZ if mem is not None else None
         meminfo = read("memory", lib.nvmlDeviceGetMemoryInfo, h)
         used = None
-        if meminfo is not None:
-            used = v["memory_used_bytes"] = int(meminfo.used)
-            v["memory_total_bytes"] = int(meminfo.total)
+        if meminfo is not None:  # a pynvml structure: see fields.py
+            used = v["memory_used_bytes"] = int(plain_attr(meminfo, "used"))
+            v["memory_total_bytes"] = int(plain_attr(meminfo, "total"))
         v.update(self._utilization())
         v.update(self._counters())
         self._polls_since_compute += 1
@@ -456,14 +476,10 @@ class GpuDevice:
             metrics = self.read("gpm", self._gpm.read)
             if metrics is None:  # first sample (or failed read): nothing to report yet
                 return out
-            for metric, key, name in (
-                (GPM_DRAM_BW_UTIL, "memory_bandwidth", "gpm_dram_bw_util"),
-                (GPM_SM_UTIL, "sm_utilization", "gpm_sm_util"),
-            ):
-                ret, value = metrics[metric]
+            for (ret, value), (ratio, source, name) in zip(metrics, _GPM_KEYS, strict=True):
                 if ret == SUCCESS:
-                    out[f"{key}_ratio"] = value / 100.0
-                    out[f"{key}_source"] = "gpm"
+                    out[ratio] = value / 100.0
+                    out[source] = "gpm"
                 else:
                     self.note_failure(name, ret)
             if len(out) == 4:
@@ -481,26 +497,45 @@ class GpuDevice:
     # ---- counters: memory temperature, ECC, remapped rows, PCIe replays, violations ----
     def read_fields(self, pairs: tuple[tuple[str, int], ...]) -> dict[str, Any]:
         """Field values in one nvmlDeviceGetFieldValues call: {name: value, or None}.
-        The driver's time for each field (``latencyUsec``) lands in ``field_latency_s``."""
-        wanted = [(name, fid) for name, fid in pairs if name not in self.unsupported]
-        if not wanted or not self._fields_ok:
+        The driver's time for each field (``latencyUsec``) lands in ``field_latency_s``,
+        the largest of this call's in ``field_latency_max_s``."""
+        unsupported = self.unsupported
+        if unsupported:
+            pairs = tuple(pair for pair in pairs if pair[0] not in unsupported)
+        self.field_latency_max_s = 0.0
+        if not pairs or not self._fields_ok:
             return {}
+        reader = self._field_readers.get(pairs)
+        if reader is None:
+            if len(self._field_readers) >= 16:  # groups tried at open, then the batch
+                self._field_readers.clear()
+            reader = self._field_readers[pairs] = FieldValues(
+                self.lib, self.handle, [fid for _, fid in pairs]
+            )
         try:
-            values = self.lib.nvmlDeviceGetFieldValues(self.handle, [fid for _, fid in wanted])
+            values = reader.read()
         except self.lib.NVMLError as exc:
             if exc.value in _PERMANENT:
                 self._fields_ok = False
             self.note_failure("field_values", exc.value)
-            return {name: None for name, _ in wanted}
+            return dict.fromkeys(name for name, _ in pairs)
         out: dict[str, Any] = {}
-        for (name, _), fv in zip(wanted, values, strict=False):
-            self.field_latency_s[name] = int(getattr(fv, "latencyUsec", 0) or 0) * 1e-6
-            member = _VALUE_MEMBER.get(int(fv.valueType))
-            if fv.nvmlReturn != SUCCESS or member is None:
-                self.note_failure(name, fv.nvmlReturn if fv.nvmlReturn != SUCCESS else 2)
+        latencies = self.field_latency_s
+        slowest = 0
+        get = plain_attr
+        for (name, _), fv in zip(pairs, values, strict=False):
+            latency = get(fv, "latencyUsec")
+            latencies[name] = latency * 1e-6
+            if latency > slowest:
+                slowest = latency
+            ret = get(fv, "nvmlReturn")
+            member = _VALUE_MEMBER.get(get(fv, "valueType"))
+            if ret != SUCCESS or member is None:
+                self.note_failure(name, ret if ret != SUCCESS else 2)
                 out[name] = None
             else:
-                out[name] = getattr(fv.value, member)
+                out[name] = getattr(get(fv, "value"), member)
+        self.field_latency_max_s = slowest * 1e-6
         return out
 
     def _reader(self, group: CounterGroup, how: str) -> Callable[[], dict[str, Any]]:
@@ -577,7 +612,7 @@ class GpuDevice:
                 pairs = self._batch_fields
                 self._cache.update(self.read_fields(pairs))
                 latency = self.field_latency_s
-                if self._over or any(latency.get(name, 0.0) > FAST_READ_S for name, _ in pairs):
+                if self._over or self.field_latency_max_s > FAST_READ_S:
                     for group in list(self._batch):
                         # the driver's time of the group's fields within the one call
                         cost = max(latency.get(name, 0.0) for name, _ in group.fields)
@@ -591,21 +626,12 @@ class GpuDevice:
                 if self._over_budget(group, time.perf_counter() - t0):
                     self._fast_legacy.remove(group)
                     self._demote(group, "legacy")
-        raw, out = self._cache, {}
-        if (t := raw.get("memory_temperature")) is not None:
-            out["memory_temperature_c"] = float(t)
-        for name in _INT_COUNTERS:
-            if (x := raw.get(name)) is not None:
-                out[name] = int(x)
-        if (x := raw.get("pcie_replay")) is not None:
-            out["pcie_replays"] = int(x)
-        for name in ("thermal_violation", "power_violation"):
-            if (x := raw.get(name)) is not None:
-                out[f"{name}_s"] = x * _NS
-        for name in ("power", "power_limit"):  # milliwatts
-            if (x := raw.get(name)) is not None:
-                out[f"{name}_w"] = x / 1000.0
-        return out
+        raw = self._cache
+        return {
+            key: convert(x)
+            for name, key, convert in _COUNTER_KEYS
+            if (x := raw.get(name)) is not None
+        }
 
     # ---- between polls -----------------------------------------------------
     def slow_reads(self) -> list[tuple[str, Callable[[], Any]]]:
@@ -669,7 +695,25 @@ class GpuDevice:
     def _process_list(
         self, roles: Mapping[int, str], owned: Collection[int]
     ) -> tuple[GpuProcess, ...] | None:
-        """The processes of the last compute and graphics reads, with today's roles."""
+        """The processes of the last compute and graphics reads, with today's roles
+        (the last poll's tuple again when neither the lists nor the roles changed)."""
+        compute, graphics = self._compute, self._graphics
+        last = self._last_processes
+        if (
+            last is not None
+            and last[0] is compute
+            and last[1] is graphics
+            and last[2] == roles
+            and last[3] == owned
+        ):
+            return last[4]
+        procs = self._build_process_list(roles, owned)
+        self._last_processes = (compute, graphics, dict(roles), set(owned), procs)
+        return procs
+
+    def _build_process_list(
+        self, roles: Mapping[int, str], owned: Collection[int]
+    ) -> tuple[GpuProcess, ...] | None:
         compute = self._compute
         if compute is None and self._graphics is None:
             return None
@@ -694,6 +738,16 @@ _REMAPPED = (
     "remapped_failure",
 )
 _INT_COUNTERS = ("ecc_corrected", "ecc_uncorrected", *_REMAPPED)
+# counter value -> (its GpuSample key, the conversion from NVML's unit)
+_COUNTER_KEYS: tuple[tuple[str, str, Callable[[Any], Any]], ...] = (
+    ("memory_temperature", "memory_temperature_c", float),
+    *((name, name, int) for name in _INT_COUNTERS),
+    ("pcie_replay", "pcie_replays", int),
+    ("thermal_violation", "thermal_violation_s", lambda ns: ns * _NS),
+    ("power_violation", "power_violation_s", lambda ns: ns * _NS),
+    ("power", "power_w", lambda mw: mw / 1000.0),
+    ("power_limit", "power_limit_w", lambda mw: mw / 1000.0),
+)
 
 
 def _legacy_ecc(d: GpuDevice) -> dict[str, Any]:

@@ -1,5 +1,8 @@
-"""What one GPU poll saw: plain, immutable data, built in the poll thread and read
-by the collector, the health check and the CLI (none of which call NVML).
+"""What one GPU poll saw: plain data, built in the poll thread and read by the
+collector, the health check and the CLI (none of which call NVML). Nothing changes a
+sample or a snapshot once built: the poll thread publishes a new one each poll.
+(``slots`` and not ``frozen``: a frozen dataclass of 36 fields takes ~10 us to build,
+4x a plain one, and the poll builds one per GPU every poll.)
 
 A field the device does not support is ``None`` here and left out of /metrics.
 """
@@ -29,14 +32,14 @@ def active_reasons(mask: int | None) -> list[str]:
     return [name for name, bit in CLOCKS_EVENT_REASONS.items() if mask & bit]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class GpuProcess:
     pid: int
     used_bytes: int  # 0 where the driver does not report it
     role: str | None  # the engine process role; None for a process Sentinel did not start
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class GpuSample:
     index: int
     uuid: str
