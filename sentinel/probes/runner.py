@@ -178,7 +178,9 @@ class ProbeRunner:
         return ready, checks
 
     def readiness_report(self) -> tuple[bool, dict[str, Any]]:
-        """/readyz: readiness now, every check named, the failed ones listed."""
+        """/readyz: readiness now, every check named, the failed ones listed, and why
+        the engine is ``degraded`` (a hot or throttling GPU, an XID: information for
+        routing and alerts, never a readiness failure)."""
         self.sync_generation()
         ready, checks = self.evaluate()
         return ready, {
@@ -186,6 +188,7 @@ class ProbeRunner:
             "generation": self.status.generation,
             "failed": [k for k, c in checks.items() if not c["ok"]],
             "checks": checks,
+            "degraded_reasons": self.status.degraded_reasons(),
         }
 
     def startup_report(self) -> tuple[bool, dict[str, Any]]:

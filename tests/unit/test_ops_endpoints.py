@@ -80,6 +80,21 @@ def test_readyz_names_each_check_and_which_failed(ops, engine):
     wait_for(lambda: ops.get("/readyz").status_code == 200, 5, what="ready again")
 
 
+def test_a_degraded_engine_stays_ready_and_readyz_and_status_say_why(ops):
+    reason = "gpu 0 temperature 85 C >= 82 C"
+    ops.call(lambda: ops.status.set_degraded("gpu", reason))
+    try:
+        r = ops.get("/readyz")
+        assert r.status_code == 200  # information for routing and alerts, not unreadiness
+        body = r.json()
+        assert body["state"] == "degraded" and body["degraded_reasons"] == {"gpu": reason}
+        assert ops.get("/status").json()["degraded_reasons"] == {"gpu": reason}
+    finally:
+        ops.call(lambda: ops.status.clear_degraded("gpu"))
+    body = ops.get("/readyz").json()
+    assert body["state"] == "ready" and body["degraded_reasons"] == {}
+
+
 def test_livez_ignores_the_engine_and_fails_when_the_heartbeat_stops(engine):
     with OpsThread(
         {"probes": FAST, "ops": {"livez_heartbeat_timeout_s": 0.5}}, engine.url, run_probes=False
