@@ -179,7 +179,10 @@ ROWS.append(
                 "Memory",
                 [
                     (f"sentinel_gpu_memory_used_bytes{{{GPU}}}", "used gpu{{gpu}}"),
-                    (f"sentinel_gpu_engine_memory_bytes{{{GPU}}}", "engine {{role}} gpu{{gpu}}"),
+                    (
+                        f"sum by (gpu, role) (sentinel_gpu_engine_memory_bytes{{{GPU}}})",
+                        "engine {{role}} gpu{{gpu}}",
+                    ),
                     (f"sentinel_gpu_foreign_memory_bytes{{{GPU}}}", "foreign gpu{{gpu}}"),
                 ],
                 "bytes",

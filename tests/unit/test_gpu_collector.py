@@ -101,14 +101,33 @@ def test_every_series_with_identity_labels() -> None:
         CLOCKS_EVENT_REASONS
     )
     assert value(s, "sentinel_gpu_xid_errors_total", xid="79") == 1.0
-    assert value(s, "sentinel_gpu_engine_memory_bytes", role="worker") == 6 << 30
-    assert value(s, "sentinel_gpu_engine_memory_bytes", role="api_server") == 1 << 30
+    engine = {
+        (lab["role"], lab["pid"]): v for lab, v in s["sentinel_gpu_engine_memory_bytes"]
+    }  # per process, with its role
+    assert engine == {("worker", "100"): 6 << 30, ("api_server", "99"): 1 << 30}
     assert value(s, "sentinel_gpu_foreign_processes") == 2
     assert value(s, "sentinel_gpu_foreign_memory_bytes") == 3 << 30
     assert value(s, "sentinel_gpu_ecc_errors_total", type="uncorrected") == 0.0
     assert value(s, "sentinel_gpu_remapped_rows_total", cause="correctable") == 0.0
     took = value(s, "sentinel_gpu_slow_read_duration_seconds", read="graphics_processes")
     assert took is not None and 0 <= took < 1
+
+
+def test_each_engine_process_has_its_own_memory_series() -> None:
+    """Tensor parallelism: two workers on one GPU are two series, not one sum."""
+    gpu = FakeGpu(compute_processes=[(100, 3 << 30), (101, 5 << 30), (777, 1 << 30)])
+    lib = FakeNvml([gpu])
+    status = EngineStatus()
+    status.set_processes([ProcessInfo(100, "worker", 1, 0.0), ProcessInfo(101, "worker", 1, 0.0)])
+    poller = GpuPoller(GpuConfig(), status, load=lambda: load_nvml(lib))
+    assert poller.open()
+    registry = CollectorRegistry()
+    registry.register(GpuCollector(lambda: poller.snapshot))
+    poller.poll_once()
+    s = scrape(registry)
+    engine = {lab["pid"]: (lab["role"], v) for lab, v in s["sentinel_gpu_engine_memory_bytes"]}
+    assert engine == {"100": ("worker", 3 << 30), "101": ("worker", 5 << 30)}
+    assert value(s, "sentinel_gpu_foreign_processes") == 1
 
 
 def test_a_scrape_never_calls_nvml() -> None:

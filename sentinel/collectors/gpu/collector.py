@@ -8,7 +8,6 @@ per-GPU series carries ``gpu`` (index), ``uuid`` and ``name``. Without NVML only
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -89,8 +88,10 @@ def build_families(snapshot: GpuSnapshot) -> list[Metric]:
     xid = _c("sentinel_gpu_xid_errors", "XID errors seen by Sentinel, by XID code.", "xid")
     eng_mem = _g(
         "sentinel_gpu_engine_memory_bytes",
-        "GPU memory held by the engine's processes, by role.",
+        "GPU memory held by each of the engine's processes (role, pid); sum by role for "
+        "the engine's total.",
         "role",
+        "pid",
     )
     foreign_n = _g(
         "sentinel_gpu_foreign_processes", "GPU processes Sentinel did not start (count)."
@@ -206,16 +207,13 @@ def _processes(
 ) -> None:
     if d.processes is None:  # the driver would not list processes
         return
-    by_role: dict[str, int] = defaultdict(int)
     n_foreign = foreign_bytes = 0
-    for p in d.processes:
+    for p in d.processes:  # one per pid (nvml.py merges the compute and graphics lists)
         if p.role is None:
             n_foreign += 1
             foreign_bytes += p.used_bytes
         else:
-            by_role[p.role] += p.used_bytes
-    for role, nbytes in sorted(by_role.items()):
-        eng_mem.add_metric([*ids, role], nbytes)
+            eng_mem.add_metric([*ids, p.role, str(p.pid)], p.used_bytes)
     foreign_n.add_metric(ids, n_foreign)
     foreign_mem.add_metric(ids, foreign_bytes)
 
