@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sentinel.config.schema import ProxyConfig
@@ -71,6 +72,9 @@ DROP_RESPONSE_HEADERS = frozenset(
 MAX_REQUEST_ID = 128
 CAPTURE_STREAM_BYTES = 64 * 1024
 WATCH_AFTER_S = 0.02
+# unsent bytes to a stream's client above which its parts go through ASGI's send, which
+# waits for the client (asyncio's default write high-water mark)
+INLINE_BUFFER_MAX = 64 * 1024
 
 
 class _Ctx:
@@ -395,7 +399,11 @@ class ProxyApp:
             tail_error: tuple[str, str, int] | None = None
             try:
                 async with asyncio.timeout_at(deadline):
-                    async for chunk in opened.rest:
+                    rest = opened.rest
+                    sink = self._inline_sink(send, rest, ctx)
+                    if sink is not None:  # every part written in the read that brings it
+                        await rest.relay_inline(sink)
+                    async for chunk in rest:  # the rest (a slow client), or all of it
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                         self._capture(ctx, chunk)
             except TimeoutError:
@@ -421,6 +429,37 @@ class ProxyApp:
             raise
         finally:
             opened.finish(upstream_failed)
+
+    def _inline_sink(self, send: Any, rest: Any, ctx: _Ctx) -> Callable[[bytes], bool] | None:
+        """A writer of a stream's later parts straight into the client's connection,
+        for ``RawResponse.relay_inline``: no task wake-up and no ASGI message per part.
+        Only where uvicorn's httptools cycle sends the response with chunked encoding
+        (its transport and framing are known: the same bytes its ``send`` writes); it
+        refuses a part once the client reads slower than it is sent (more than
+        INLINE_BUFFER_MAX unsent bytes) or is gone, and the relay continues through
+        ``send``, which waits for the client. None: relay through ``send`` only."""
+        if not hasattr(rest, "relay_inline"):  # another upstream client
+            return None
+        cycle = getattr(send, "__self__", None)  # uvicorn's RequestResponseCycle
+        transport = getattr(cycle, "transport", None)
+        if transport is None or getattr(cycle, "chunked_encoding", None) is not True:
+            return None
+        capture = self._capture
+
+        def sink(chunk: bytes) -> bool:
+            if not chunk:
+                return True  # an empty chunk would end the chunked body
+            if (
+                cycle.disconnected
+                or transport.is_closing()
+                or transport.get_write_buffer_size() > INLINE_BUFFER_MAX
+            ):
+                return False
+            transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            capture(ctx, chunk)
+            return True
+
+        return sink
 
     def _capture(self, ctx: _Ctx, chunk: bytes) -> None:
         ctx.events += chunk.count(b"data: ")

@@ -9,6 +9,10 @@ per-request CPU (see bench/proxy.py): the proxy's added latency is mostly this c
 - Body bytes are handed on as they arrive, one item per network read; reading pauses
   when more than ``HIGH_WATER`` bytes wait for a slow consumer (back-pressure).
 - ``abort`` closes the connection, which makes the upstream cancel the request.
+- ``relay_inline(sink)`` hands each later body part to ``sink`` inside the network
+  read that brought it (no task wake-up per part, so a stream's events cost the event
+  loop one callback each); when the sink refuses a part (its client is slow), the part
+  is queued and the caller reads the rest as usual, with back-pressure.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import httptools
@@ -147,6 +152,7 @@ class RawResponse:
         "_chunks",
         "_buffered",
         "_waiter",
+        "_sink",
     )
 
     def __init__(self, conn: _Conn, method: str, loop: asyncio.AbstractEventLoop) -> None:
@@ -164,9 +170,15 @@ class RawResponse:
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
+        self._sink: Callable[[bytes], bool] | None = None
 
     # ---- fed by the connection ------------------------------------------------------
     def feed(self, data: bytes) -> None:
+        sink = self._sink
+        if sink is not None:
+            if sink(data):
+                return
+            self._sink = None  # refused (a slow client): queued, read the usual way
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > HIGH_WATER:
@@ -206,6 +218,29 @@ class RawResponse:
                 return None
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
+
+    async def relay_inline(self, sink: Callable[[bytes], bool]) -> None:
+        """Give every body part to ``sink`` as it arrives, in order, until the body
+        ends, fails, or ``sink`` returns False for a part (it then stays queued). Then
+        return: iterate over this response for whatever is left (nothing once done;
+        the error, if one came)."""
+        chunks = self._chunks
+        while chunks:  # what arrived before, first
+            data = chunks[0]
+            if not sink(data):
+                return
+            chunks.popleft()
+            self._buffered -= len(data)
+        self.conn.resume()
+        if self.done:
+            return
+        self._sink = sink
+        try:
+            while self._sink is not None and not self.done:
+                self._waiter = asyncio.get_running_loop().create_future()
+                await self._waiter
+        finally:
+            self._sink = None
 
     async def read(self) -> bytes:
         parts = []

@@ -1,0 +1,151 @@
+"""A stream's later parts are written to the client inside the upstream read that
+brings them (RawResponse.relay_inline); a client that reads slower than the upstream
+sends gets every byte, in order, through ASGI's send and back-pressure instead."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from sentinel.proxy.rawhttp import RawResponse
+from tests.helpers import free_port
+from tests.unit.proxy_harness import ProxyHarness
+
+BODY = {"model": "m", "prompt": "hi", "max_tokens": 3, "stream": True}
+
+
+@pytest.fixture
+def sink_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts of the parts the proxy's inline sink took and refused."""
+    counts = {"relays": 0, "taken": 0, "refused": 0}
+    original = RawResponse.relay_inline
+
+    async def counting(self: RawResponse, sink: Callable[[bytes], bool]) -> None:
+        counts["relays"] += 1
+
+        def wrapped(chunk: bytes) -> bool:
+            ok = sink(chunk)
+            counts["taken" if ok else "refused"] += 1
+            return ok
+
+        await original(self, wrapped)
+
+    monkeypatch.setattr(RawResponse, "relay_inline", counting)
+    return counts
+
+
+def _event(i: int, size: int) -> bytes:
+    return b"data: %06d %s\n\n" % (i, b"x" * size)
+
+
+def _sse_upstream(events: int, size: int, gap_s: float) -> tuple[str, threading.Thread]:
+    """One streamed answer of ``events`` chunked SSE events (numbered), then [DONE]."""
+    srv = socket.create_server(("127.0.0.1", free_port()))
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        conn.recv(65536)
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        for i in range(events):
+            ev = _event(i, size)
+            conn.sendall(b"%x\r\n%s\r\n" % (len(ev), ev))
+            if gap_s:
+                time.sleep(gap_s)
+        done = b"data: [DONE]\n\n"
+        conn.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+        time.sleep(0.5)
+        conn.close()
+        srv.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return f"http://127.0.0.1:{srv.getsockname()[1]}", t
+
+
+@pytest.fixture
+def harness_for(tmp_path: Path) -> Iterator[Callable[[str], ProxyHarness]]:
+    started: list[ProxyHarness] = []
+
+    def make(url: str) -> ProxyHarness:
+        px = ProxyHarness({"tiers": [{"name": "up", "base_url": url}]}, tmp_path).start()
+        started.append(px)
+        return px
+
+    yield make
+    for px in started:
+        px.stop()
+
+
+def _numbers(text: str) -> list[Any]:
+    out: list[Any] = []
+    for line in text.split("\n"):
+        if line.startswith("data: "):
+            rest = line[len("data: ") :]
+            out.append(rest if rest == "[DONE]" else int(rest.split(" ")[0]))
+    return out
+
+
+def test_a_streams_later_parts_go_out_inside_the_reads_that_bring_them(
+    harness_for: Callable[[str], ProxyHarness], sink_calls: dict[str, int]
+) -> None:
+    url, _ = _sse_upstream(events=30, size=20, gap_s=0.005)
+    px = harness_for(url)
+    with httpx.stream("POST", px.url + "/v1/completions", json=BODY) as r:
+        assert r.status_code == 200
+        chunks = list(r.iter_raw())
+    got = _numbers(b"".join(chunks).decode())
+    assert got == [*range(30), "[DONE]"]  # every event, in order, nothing merged away
+    assert len(chunks) >= 20  # chunk by chunk, not buffered into a few big reads
+    assert sink_calls["relays"] == 1 and sink_calls["refused"] == 0
+    assert sink_calls["taken"] >= 29  # all but the first part went out inline
+
+
+def test_a_slow_client_gets_every_byte_in_order_through_back_pressure(
+    harness_for: Callable[[str], ProxyHarness], sink_calls: dict[str, int]
+) -> None:
+    events, size = 1500, 16 * 1024  # ~24 MB, far more than the socket buffers hold
+    url, upstream = _sse_upstream(events=events, size=size, gap_s=0.0)
+    px = harness_for(url)
+    host, port = px.url.removeprefix("http://").split(":")
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    client.connect((host, int(port)))
+    body = b'{"model": "m", "prompt": "hi", "stream": true}'
+    client.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+    )
+    time.sleep(1.0)  # not reading: the proxy must stop taking from the upstream
+    assert upstream.is_alive()  # the upstream is still blocked sending, not done
+    received = bytearray()
+    client.settimeout(20)
+    while chunk := client.recv(1 << 20):
+        received += chunk
+    client.close()
+    head, _, chunked = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    payload = _dechunk(chunked)
+    assert _numbers(payload.decode()) == [*range(events), "[DONE]"]
+    assert payload.count(b"x" * size) == events
+    assert sink_calls["refused"] >= 1  # the slow client was relayed through send
+
+
+def _dechunk(data: bytes) -> bytes:
+    out, i = bytearray(), 0
+    while True:
+        j = data.index(b"\r\n", i)
+        n = int(data[i:j], 16)
+        if n == 0:
+            return bytes(out)
+        out += data[j + 2 : j + 2 + n]
+        i = j + 2 + n + 2
