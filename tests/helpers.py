@@ -29,3 +29,19 @@ def wait_for(
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def accept_sse(srv: socket.socket) -> socket.socket:
+    """Accept one connection on ``srv``, read its request and answer with the head of a
+    chunked SSE stream: the caller sends the events (``sse_chunk``) and closes."""
+    conn, _ = srv.accept()
+    conn.recv(65536)
+    conn.sendall(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    return conn
+
+
+def sse_chunk(event: bytes) -> bytes:
+    """One event in HTTP/1.1 chunked framing."""
+    return b"%x\r\n%s\r\n" % (len(event), event)

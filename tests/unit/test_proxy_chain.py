@@ -14,7 +14,7 @@ import pytest
 
 from sentinel.state import Lifecycle
 from tests.fake_openai import FakeOpenAI
-from tests.helpers import free_port, wait_for
+from tests.helpers import accept_sse, free_port, sse_chunk, wait_for
 from tests.unit.proxy_harness import ProxyHarness
 
 BODY = {"model": "m", "prompt": "hi", "max_tokens": 3}
@@ -227,14 +227,8 @@ def test_streams_relay_every_event_and_fail_with_parseable_event(
     srv = socket.create_server(("127.0.0.1", port))
 
     def serve_half() -> None:
-        conn, _ = srv.accept()
-        conn.recv(65536)
-        conn.sendall(
-            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-            b"transfer-encoding: chunked\r\n\r\n"
-        )
-        ev = b'data: {"choices":[{"text":"x"}]}\n\n'
-        conn.sendall(b"%x\r\n%s\r\n" % (len(ev), ev))
+        conn = accept_sse(srv)
+        conn.sendall(sse_chunk(b'data: {"choices":[{"text":"x"}]}\n\n'))
         time.sleep(0.2)
         conn.close()
 

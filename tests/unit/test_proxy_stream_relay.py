@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from sentinel.proxy.rawhttp import RawResponse
-from tests.helpers import free_port
+from tests.helpers import accept_sse, free_port, sse_chunk
 from tests.unit.proxy_harness import ProxyHarness
 
 BODY = {"model": "m", "prompt": "hi", "max_tokens": 3, "stream": True}
@@ -50,19 +50,12 @@ def _sse_upstream(events: int, size: int, gap_s: float) -> tuple[str, threading.
     srv = socket.create_server(("127.0.0.1", free_port()))
 
     def serve() -> None:
-        conn, _ = srv.accept()
-        conn.recv(65536)
-        conn.sendall(
-            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-            b"transfer-encoding: chunked\r\n\r\n"
-        )
+        conn = accept_sse(srv)
         for i in range(events):
-            ev = _event(i, size)
-            conn.sendall(b"%x\r\n%s\r\n" % (len(ev), ev))
+            conn.sendall(sse_chunk(_event(i, size)))
             if gap_s:
                 time.sleep(gap_s)
-        done = b"data: [DONE]\n\n"
-        conn.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+        conn.sendall(sse_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
         time.sleep(0.5)
         conn.close()
         srv.close()
