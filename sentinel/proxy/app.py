@@ -23,6 +23,7 @@ from sentinel.payloads.log import PayloadLog, PayloadRecord
 from sentinel.proxy.chain import Chain, Exhausted, Opened, ProxyRequest
 from sentinel.proxy.errors import ProxyError, sse_error_event
 from sentinel.proxy.metrics import ProxyMetrics
+from sentinel.proxy.server import chunk_writer
 from sentinel.proxy.upstream import UpstreamError
 
 log = get_logger(__name__)
@@ -72,9 +73,6 @@ DROP_RESPONSE_HEADERS = frozenset(
 MAX_REQUEST_ID = 128
 CAPTURE_STREAM_BYTES = 64 * 1024
 WATCH_AFTER_S = 0.02
-# unsent bytes to a stream's client above which its parts go through ASGI's send, which
-# waits for the client (asyncio's default write high-water mark)
-INLINE_BUFFER_MAX = 64 * 1024
 
 
 class _Ctx:
@@ -431,31 +429,18 @@ class ProxyApp:
             opened.finish(upstream_failed)
 
     def _inline_sink(self, send: Any, rest: Any, ctx: _Ctx) -> Callable[[bytes], bool] | None:
-        """A writer of a stream's later parts straight into the client's connection,
-        for ``RawResponse.relay_inline``: no task wake-up and no ASGI message per part.
-        Only where uvicorn's httptools cycle sends the response with chunked encoding
-        (its transport and framing are known: the same bytes its ``send`` writes); it
-        refuses a part once the client reads slower than it is sent (more than
-        INLINE_BUFFER_MAX unsent bytes) or is gone, and the relay continues through
-        ``send``, which waits for the client. None: relay through ``send`` only."""
-        if not hasattr(rest, "relay_inline"):  # another upstream client
-            return None
-        cycle = getattr(send, "__self__", None)  # uvicorn's RequestResponseCycle
-        transport = getattr(cycle, "transport", None)
-        if transport is None or getattr(cycle, "chunked_encoding", None) is not True:
+        """For ``RawResponse.relay_inline``: each later part of a stream written to the
+        client in the upstream read that brings it (``server.chunk_writer``), and
+        captured; a part the writer refuses (a slow client) goes through ``send``.
+        None: relay through ``send`` only (another upstream client or server)."""
+        write = chunk_writer(send) if hasattr(rest, "relay_inline") else None
+        if write is None:
             return None
         capture = self._capture
 
         def sink(chunk: bytes) -> bool:
-            if not chunk:
-                return True  # an empty chunk would end the chunked body
-            if (
-                cycle.disconnected
-                or transport.is_closing()
-                or transport.get_write_buffer_size() > INLINE_BUFFER_MAX
-            ):
+            if not write(chunk):
                 return False
-            transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
             capture(ctx, chunk)
             return True
 

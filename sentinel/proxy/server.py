@@ -6,7 +6,9 @@ uvicorn writes a response's head and its body with one ``transport.write`` each:
 send() system calls for every non-streamed answer. The connections' transports hold
 a response head back until the first body part is written (or the event-loop step
 ends), and send both in one system call; later body parts (a stream's chunks) go
-straight through.
+straight through. ``chunk_writer`` lets the app write a stream's later parts into the
+connection itself, in uvicorn's chunked framing: this module is the one that knows
+uvicorn's insides.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import uvicorn
@@ -23,6 +25,10 @@ from sentinel.logs import get_logger
 from sentinel.net import local_url
 
 log = get_logger(__name__)
+
+# unsent bytes to a client above which ``chunk_writer`` refuses a part, so that it goes
+# through ASGI's send, which waits for the client (asyncio's default write high-water)
+WRITE_BUFFER_MAX = 64 * 1024
 
 
 class _Server(uvicorn.Server):
@@ -83,6 +89,33 @@ class _CorkedTransport:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
+
+
+def chunk_writer(send: Any) -> Callable[[bytes], bool] | None:
+    """For a response that uvicorn's httptools cycle sends with chunked encoding (its
+    head already sent): a writer of further body parts straight into the client's
+    connection, the same bytes ``send`` would write, without an ASGI message or a task
+    step. It returns False, writing nothing, when the client is gone or has more than
+    WRITE_BUFFER_MAX bytes unsent: that part, and the rest, then go through ``send``,
+    which waits for the client. None: another server or framing (send only)."""
+    cycle = getattr(send, "__self__", None)  # uvicorn's RequestResponseCycle
+    transport = getattr(cycle, "transport", None)
+    if transport is None or getattr(cycle, "chunked_encoding", None) is not True:
+        return None
+
+    def write(chunk: bytes) -> bool:
+        if not chunk:
+            return True  # an empty chunk would end the chunked body
+        if (
+            cycle.disconnected
+            or transport.is_closing()
+            or transport.get_write_buffer_size() > WRITE_BUFFER_MAX
+        ):
+            return False
+        transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        return True
+
+    return write
 
 
 def _protocol_class() -> type[asyncio.Protocol] | str:
