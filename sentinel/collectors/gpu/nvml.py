@@ -108,10 +108,10 @@ FAST_READ_S = 150e-6
 # Polls in a row over FAST_READ_S that make a cheap counter read slow.
 DEMOTE_AFTER = 3
 _NEVER = object()
-# GPM metrics, in _Gpm.METRICS order: (sample key, its source key, field name if failing)
-_GPM_KEYS = (
-    ("memory_bandwidth_ratio", "memory_bandwidth_source", "gpm_dram_bw_util"),
-    ("sm_utilization_ratio", "sm_utilization_source", "gpm_sm_util"),
+# GPM metrics read: (metric id, sample key, its source key, field name if failing)
+_GPM_METRICS = (
+    (GPM_DRAM_BW_UTIL, "memory_bandwidth_ratio", "memory_bandwidth_source", "gpm_dram_bw_util"),
+    (GPM_SM_UTIL, "sm_utilization_ratio", "sm_utilization_source", "gpm_sm_util"),
 )
 # nvmlValueType_t -> member of the nvmlValue_t union
 _VALUE_MEMBER = {
@@ -267,7 +267,7 @@ class XidEvents:
 class _Gpm:
     """GPM (Hopper+): DRAM bandwidth and SM utilization between the last two samples."""
 
-    METRICS = (GPM_DRAM_BW_UTIL, GPM_SM_UTIL)  # in _GPM_KEYS order
+    METRICS = tuple(metric for metric, *_ in _GPM_METRICS)
 
     def __init__(self, lib: Any, handle: Any) -> None:
         self.lib = lib
@@ -476,7 +476,7 @@ class GpuDevice:
             metrics = self.read("gpm", self._gpm.read)
             if metrics is None:  # first sample (or failed read): nothing to report yet
                 return out
-            for (ret, value), (ratio, source, name) in zip(metrics, _GPM_KEYS, strict=True):
+            for (ret, value), (_, ratio, source, name) in zip(metrics, _GPM_METRICS, strict=True):
                 if ret == SUCCESS:
                     out[ratio] = value / 100.0
                     out[source] = "gpm"
@@ -738,15 +738,25 @@ _REMAPPED = (
     "remapped_failure",
 )
 _INT_COUNTERS = ("ecc_corrected", "ecc_uncorrected", *_REMAPPED)
+
+
+def _seconds(ns: int) -> float:
+    return ns * _NS
+
+
+def _watts(mw: int) -> float:
+    return mw / 1000.0
+
+
 # counter value -> (its GpuSample key, the conversion from NVML's unit)
 _COUNTER_KEYS: tuple[tuple[str, str, Callable[[Any], Any]], ...] = (
     ("memory_temperature", "memory_temperature_c", float),
     *((name, name, int) for name in _INT_COUNTERS),
     ("pcie_replay", "pcie_replays", int),
-    ("thermal_violation", "thermal_violation_s", lambda ns: ns * _NS),
-    ("power_violation", "power_violation_s", lambda ns: ns * _NS),
-    ("power", "power_w", lambda mw: mw / 1000.0),
-    ("power_limit", "power_limit_w", lambda mw: mw / 1000.0),
+    ("thermal_violation", "thermal_violation_s", _seconds),
+    ("power_violation", "power_violation_s", _seconds),
+    ("power", "power_w", _watts),
+    ("power_limit", "power_limit_w", _watts),
 )
 
 
