@@ -18,7 +18,7 @@ def field_values_path(request: pytest.FixtureRequest, monkeypatch: pytest.Monkey
     pynvml's internals), and through the prepared C call that the real pynvml gets
     (``FakeNvml(ctypes_fields=True)``: pynvml's own structures, filled by a callback)."""
     if request.param == "prepared-c-call":
-        monkeypatch.setattr(FakeNvml.__init__, "__kwdefaults__", {"ctypes_fields": True})
+        monkeypatch.setattr(FakeNvml, "ctypes_fields_default", True)
     return request.param
 
 

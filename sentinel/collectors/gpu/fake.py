@@ -99,13 +99,15 @@ class FakeNvml:
     NVMLError = NVMLError
     NVML_GPM_METRICS_GET_VERSION = 1
     c_nvmlGpmMetricsGet_t = _FakeMetricsGet
+    # what ``ctypes_fields`` is when not given (a test module may run everything both ways)
+    ctypes_fields_default = False
 
     def __init__(
         self,
         gpus: list[FakeGpu] | None = None,
         init_error: int | None = None,
         *,
-        ctypes_fields: bool = False,
+        ctypes_fields: bool | None = None,
     ) -> None:
         self.gpus = gpus if gpus is not None else [FakeGpu()]
         self.init_error = init_error
@@ -117,7 +119,7 @@ class FakeNvml:
         self._cond = threading.Condition()
         # address of the c_nvmlFieldValue_t array of each C field-values call
         self.c_field_arrays: list[int] = []
-        if ctypes_fields:
+        if ctypes_fields if ctypes_fields is not None else self.ctypes_fields_default:
             # pynvml's internals, as the real module has them: FieldValues then calls
             # the "C function" (a ctypes callback) over pynvml's own structures
             c_fn = _C_FIELD_VALUES(self._c_field_values)
