@@ -165,8 +165,13 @@ def test_proxies_the_openai_api_to_the_engine(stack: Any) -> None:
             },
         ) as s:
             assert s.headers["content-type"].startswith("text/event-stream")
-            events = [ln for ln in s.iter_lines() if ln.startswith("data: ")]
+            reads = list(s.iter_raw())
+        text = b"".join(reads).decode()
+        events = [ln for ln in text.split("\n") if ln.startswith("data: ")]
         assert len(events) == 13 and events[-1] == "data: [DONE]"
+        for ev in events[:-1]:  # each token's event whole: the relay's framing is intact
+            assert json.loads(ev[len("data: ") :])["choices"][0]["index"] == 0
+        assert len(reads) >= 6  # token by token as the engine makes them, not one buffer
     assert len(backup.requests) == n_backup
 
     # the payload log: metadata with the engine's token counts, secrets redacted
