@@ -5,6 +5,14 @@ Per request: read and check the body (size, UTF-8, JSON, model), walk the chain
 write; a stream chunk by chunk as each arrives), and record metadata. A watcher on
 the client connection cancels the request, and with it the upstream request, the
 moment the client goes away.
+
+The fast path (``early_start``): the server calls it from the event-loop callback
+that read a whole request, before the request's task has run. It checks the request
+and, when the first tier can take it at once (``Chain.begin``), writes it upstream
+there and then; the upstream's answer goes to the client from the read that brings
+it (``_EarlyAnswer``). The task then finds the request begun or answered and does
+the rest: timeouts, fallback, the relay's end, disconnects, records. On a busy loop
+this spares a new request two waits behind every other ready callback.
 """
 
 from __future__ import annotations
@@ -20,11 +28,11 @@ from typing import Any
 from sentinel.config.schema import ProxyConfig
 from sentinel.logs import get_logger
 from sentinel.payloads.log import PayloadLog, PayloadRecord
-from sentinel.proxy.chain import Chain, Exhausted, Opened, ProxyRequest
+from sentinel.proxy.chain import Begun, Chain, Exhausted, Opened, ProxyRequest, commit_kind
 from sentinel.proxy.errors import ProxyError, sse_error_event
 from sentinel.proxy.metrics import ProxyMetrics
-from sentinel.proxy.server import chunk_writer
-from sentinel.proxy.upstream import UpstreamError
+from sentinel.proxy.server import InlineResponse, chunk_writer
+from sentinel.proxy.upstream import UpstreamError, UpstreamResponse
 
 log = get_logger(__name__)
 
@@ -73,6 +81,10 @@ DROP_RESPONSE_HEADERS = frozenset(
 MAX_REQUEST_ID = 128
 CAPTURE_STREAM_BYTES = 64 * 1024
 WATCH_AFTER_S = 0.02
+EARLY_METHODS = frozenset({"GET", "POST"})
+# scope keys between the fast path and the request's task
+EARLY_KEY = "sentinel.early"
+BEGAN_KEY = "sentinel.began"
 
 
 class _Ctx:
@@ -114,6 +126,77 @@ class _Ctx:
         self.captured_n = 0
         self.hops: list[tuple[str, str]] = []
         self.watcher: asyncio.Task[None] | None = None
+
+
+class _Early:
+    """What ``early_start`` did for a request, for its task."""
+
+    __slots__ = ("ctx", "req", "begun")
+
+    def __init__(self, ctx: _Ctx, req: ProxyRequest, begun: Begun | None) -> None:
+        self.ctx = ctx
+        self.req = req
+        self.begun = begun
+
+
+class _EarlyAnswer:
+    """``RawResponse.early`` for a begun request: answers the client from the upstream
+    read that completes the answer (a whole body) or brings its first part (a stream),
+    when the client can take it now; else it lets go and the task answers."""
+
+    __slots__ = ("app", "ctx", "out", "tier_name", "upstream", "resp", "parts")
+
+    def __init__(self, app: ProxyApp, ctx: _Ctx, out: InlineResponse, begun: Begun) -> None:
+        self.app = app
+        self.ctx = ctx
+        self.out = out
+        self.tier_name = begun.tier.name
+        self.upstream = begun.tier.url_base()
+        self.resp = begun.resp
+        self.parts: list[bytes] = []
+
+    def __call__(self, data: bytes, done: bool) -> bool:
+        resp = self.resp
+        kind = commit_kind(resp)
+        if kind == "whole":
+            if not done:
+                self.parts.append(data)
+                return True
+            resp.early = None
+            parts = self.parts
+            if self._answer(b"".join(parts), True):
+                return True
+            resp.requeue(parts)
+            return False
+        resp.early = None
+        if kind == "fail" or done or not self._answer(data, False):
+            return False
+        sink = self.app._inline_sink(self.out.send_fn, resp, self.ctx)
+        if sink is not None:
+            resp.pipe(sink)
+        return True
+
+    def _answer(self, body: bytes, whole: bool) -> bool:
+        out = self.out
+        if not out.ready():
+            return False
+        ctx = self.ctx
+        resp = self.resp
+        ctx.tier = self.tier_name
+        ctx.upstream = self.upstream
+        ctx.status = resp.status
+        headers = self.app._response_headers(resp, ctx, len(body) if whole else None)
+        resp.committed = True
+        if whole:
+            ctx.captured = [body]
+            ctx.finished = True
+        else:
+            ctx.streamed = True
+            self.app._capture(ctx, body)
+        out.send({"type": "http.response.start", "status": resp.status, "headers": headers})
+        out.send({"type": "http.response.body", "body": body, "more_body": not whole})
+        ctx.ttft = time.perf_counter() - ctx.t0
+        return True
 
 
 _ID_PREFIX = os.urandom(6).hex()
@@ -159,17 +242,45 @@ class ProxyApp:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
 
-    async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        t0 = time.perf_counter()
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
+    def _new_ctx(self, headers: list[tuple[bytes, bytes]]) -> _Ctx:
         payloads = self.payloads
-        ctx = _Ctx(_request_id(headers), t0, payloads is not None and payloads.should_sample())
+        sample = payloads is not None and payloads.should_sample()
+        return _Ctx(_request_id(headers), time.perf_counter(), sample)
+
+    # ---- the fast path, from the server's read callback ----------------------------
+    def early_start(self, scope: dict[str, Any], body: bytes, out: InlineResponse) -> None:
+        """Called by the server with a whole request, before the request's task runs:
+        check it and, when the first tier can take it at once, send it upstream now.
+        Any problem (a bad request, a tier that would wait) is left to the task."""
+        if BEGAN_KEY in scope or scope["method"] not in EARLY_METHODS:
+            return
+        ctx = self._new_ctx(scope["headers"])
+        try:
+            fwd, ctype = self._request_head(scope)
+            if len(body) > self.max_body:
+                return
+            req = self._request(scope, fwd, ctype, body, ctx)
+        except ProxyError:
+            return  # the task answers it, with the body read the usual way
+        begun = self.chain.begin(req)
+        if begun is not None:
+            begun.resp.early = _EarlyAnswer(self, ctx, out, begun)
+        scope[EARLY_KEY] = _Early(ctx, req, begun)
+
+    async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        scope[BEGAN_KEY] = True
+        early: _Early | None = scope.pop(EARLY_KEY, None)
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        ctx = early.ctx if early is not None else self._new_ctx(headers)
         req: ProxyRequest | None = None
         arm: asyncio.TimerHandle | None = None
         main = asyncio.current_task()
         try:
             try:
-                req = await self._read_request(scope, receive, headers, ctx)
+                if early is not None:
+                    req = early.req
+                else:
+                    req = await self._read_request(scope, receive, ctx)
             except ProxyError as err:
                 await self._send_error(send, err, ctx)
                 return
@@ -182,7 +293,7 @@ class ProxyApp:
                 WATCH_AFTER_S, self._arm_watch, receive, main, ctx
             )
             try:
-                opened = await self.chain.open(req)
+                opened = await self.chain.open(req, early.begun if early is not None else None)
             except ProxyError as err:
                 await self._send_error(send, err, ctx)
                 return
@@ -223,9 +334,13 @@ class ProxyApp:
                 return
 
     # ---- request -----------------------------------------------------------------------
-    async def _read_request(
-        self, scope: dict[str, Any], receive: Any, headers: list[tuple[bytes, bytes]], ctx: _Ctx
-    ) -> ProxyRequest:
+    async def _read_request(self, scope: dict[str, Any], receive: Any, ctx: _Ctx) -> ProxyRequest:
+        fwd, ctype = self._request_head(scope)
+        body = await self._read_body(receive)
+        return self._request(scope, fwd, ctype, body, ctx)
+
+    def _request_head(self, scope: dict[str, Any]) -> tuple[dict[str, str], bytes]:
+        """Check the path and the headers; the headers to forward, and the content type."""
         path: str = scope["path"]
         if not path.startswith("/v1/"):
             raise ProxyError(
@@ -237,7 +352,7 @@ class ProxyApp:
         fwd: dict[str, str] = {}
         declared = None
         ctype = b""
-        for k, v in headers:
+        for k, v in scope["headers"]:
             if k == b"content-length":
                 try:
                     declared = int(v)
@@ -251,7 +366,13 @@ class ProxyApp:
                 fwd[k.decode("latin-1")] = v.decode("latin-1")
         if declared is not None and declared > self.max_body:
             raise self._too_large(declared)
-        body = await self._read_body(receive)
+        return fwd, ctype
+
+    def _request(
+        self, scope: dict[str, Any], fwd: dict[str, str], ctype: bytes, body: bytes, ctx: _Ctx
+    ) -> ProxyRequest:
+        """Check the body (UTF-8, JSON, model) and build the request to forward."""
+        path: str = scope["path"]
         method: str = scope["method"]
         payload: dict[str, Any] | None = None
         model: str | None = None
@@ -364,19 +485,28 @@ class ProxyApp:
         await send({"type": "http.response.start", "status": failure.status, "headers": headers})
         await send({"type": "http.response.body", "body": failure.body, "more_body": False})
 
+    def _response_headers(
+        self, resp: UpstreamResponse, ctx: _Ctx, length: int | None
+    ) -> list[tuple[bytes, bytes]]:
+        headers = [(k, v) for k, v in resp.headers if k not in DROP_RESPONSE_HEADERS]
+        if length is not None:
+            headers.append((b"content-length", str(length).encode()))
+        headers += self._meta_headers(ctx, ctx.hops)
+        return headers
+
     async def _relay(self, opened: Opened, send: Any, ctx: _Ctx, req_deadline: float) -> None:
         tier = opened.tier
         resp = opened.resp
         ctx.tier = tier.name
         ctx.upstream = tier.url_base()
         ctx.status = resp.status
-        headers = [(k, v) for k, v in resp.headers if k not in DROP_RESPONSE_HEADERS]
         upstream_failed = False
         try:
             if opened.complete:
+                if opened.sent:  # answered whole from the upstream's read
+                    return
                 body = opened.first
-                headers.append((b"content-length", str(len(body)).encode()))
-                headers += self._meta_headers(ctx, ctx.hops)
+                headers = self._response_headers(resp, ctx, len(body))
                 ctx.captured = [body]
                 ctx.ttft = time.perf_counter() - ctx.t0
                 ctx.finished = True
@@ -387,12 +517,15 @@ class ProxyApp:
                 return
             ctx.streamed = True
             sse = "text/event-stream" in resp.content_type
-            headers += self._meta_headers(ctx, ctx.hops)
-            await send({"type": "http.response.start", "status": resp.status, "headers": headers})
-            first = opened.first
-            await send({"type": "http.response.body", "body": first, "more_body": True})
-            ctx.ttft = time.perf_counter() - ctx.t0
-            self._capture(ctx, first)
+            if not opened.sent:  # else head and first part went from the upstream's read
+                headers = self._response_headers(resp, ctx, None)
+                await send(
+                    {"type": "http.response.start", "status": resp.status, "headers": headers}
+                )
+                first = opened.first
+                await send({"type": "http.response.body", "body": first, "more_body": True})
+                ctx.ttft = time.perf_counter() - ctx.t0
+                self._capture(ctx, first)
             deadline = min(opened.started + tier.timeouts.total_s, req_deadline)
             tail_error: tuple[str, str, int] | None = None
             try:

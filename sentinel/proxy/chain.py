@@ -10,6 +10,10 @@ For each tier, in order, before anything is sent:
 Then the request is sent. Connection refused/reset, a first-byte timeout, a 5xx or a
 429 move it to the next tier; nothing has reached the client yet, because the
 response is committed only once its first body bytes are in hand (``Opened``).
+
+``begin`` sends a request to the first tier at once, from the event loop's callback
+that read it, when that needs no wait (no skip, breaker closed, a free slot, an idle
+connection); ``open`` then goes on from there.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from sentinel.config.schema import AdmissionConfig, BreakerConfig, TierConfig, TierKind
 from sentinel.proxy.admission import Admission
@@ -35,6 +39,9 @@ from sentinel.proxy.upstream import (
     drain,
 )
 from sentinel.state import EngineState, EngineStatus
+
+if TYPE_CHECKING:
+    from sentinel.proxy.rawhttp import RawResponse
 
 ERROR_BODY_LIMIT = 64 * 1024  # an upstream error body kept for pass-through
 FULL_READ_LIMIT = 8 * 1024 * 1024  # non-SSE bodies up to this (with a length) are read whole
@@ -67,6 +74,19 @@ class ProxyRequest:
     model: str | None
     deadline: float  # loop.time() by which the whole request must end
     hops: list[tuple[str, str]] = field(default_factory=list)
+
+
+def commit_kind(resp: UpstreamResponse) -> Literal["fail", "whole", "stream"]:
+    """How an upstream answer is taken: ``fail`` (5xx, 429: try the next tier), ``whole``
+    (a non-SSE body of known, bounded length: read whole, then answered) or ``stream``
+    (committed with its first body part, relayed part by part)."""
+    status = resp.status
+    if status >= 500 or status == 429:
+        return "fail"
+    cl = resp.content_length
+    if cl is not None and cl <= FULL_READ_LIMIT and "text/event-stream" not in resp.content_type:
+        return "whole"
+    return "stream"
 
 
 @dataclass(slots=True)
@@ -149,10 +169,19 @@ class Tier:
         return headers
 
 
+@dataclass(slots=True)
+class Begun:
+    """A request ``Chain.begin`` wrote to the first tier, with its slot held."""
+
+    tier: Tier
+    resp: RawResponse
+    started: float
+
+
 class Opened:
     """A committed upstream response: status and headers, and the first body bytes."""
 
-    __slots__ = ("tier", "resp", "first", "rest", "complete", "started", "_done")
+    __slots__ = ("tier", "resp", "first", "rest", "complete", "started", "sent", "_done")
 
     def __init__(
         self,
@@ -162,6 +191,7 @@ class Opened:
         rest: Any,
         complete: bool,
         started: float,
+        sent: bool = False,
     ) -> None:
         self.tier = tier
         self.resp = resp
@@ -169,6 +199,9 @@ class Opened:
         self.rest = rest  # async iterator of the remaining chunks, or None when complete
         self.complete = complete
         self.started = started
+        # the response's head and first part (the whole body when complete) already
+        # went to the client, from the upstream's read (``RawResponse.early``)
+        self.sent = sent
         self._done = False
 
     def finish(self, upstream_failed: bool = False) -> None:
@@ -233,15 +266,22 @@ class Chain:
         req.hops.append((tier.name, reason))
         self.metrics.fallback(tier.name, reason)
 
+    @staticmethod
+    def _try_slot(tier: Tier) -> bool:
+        adm = tier.admission
+        if adm is not None:
+            return adm.try_acquire()
+        if tier.in_flight >= tier.limit:
+            return False
+        tier.in_flight += 1
+        return True
+
     async def _take_slot(self, tier: Tier, req: ProxyRequest, index: int) -> str | None:
         adm = tier.admission
+        if self._try_slot(tier):
+            return None
         if adm is None:
-            if tier.in_flight >= tier.limit:
-                return "tier_full"
-            tier.in_flight += 1
-            return None
-        if adm.try_acquire():
-            return None
+            return "tier_full"
         refusal = await adm.acquire(req.deadline)
         self.metrics.queue_wait.observe(adm.last_wait_s)
         if refusal is not None:
@@ -253,17 +293,39 @@ class Chain:
         return reason
 
     # ---- the walk ------------------------------------------------------------------
-    async def open(self, req: ProxyRequest) -> Opened:
+    def begin(self, req: ProxyRequest) -> Begun | None:
+        """Send ``req`` to the first tier now, synchronously, when nothing would make it
+        wait or skip that tier: not skipped by the probes, breaker closed, a slot free
+        at once, an idle connection (a transport with ``start``). The slot is then
+        held for ``open(req, begun)``. None: nothing was taken; ``open`` does it all."""
+        tier = self.tiers[0]
+        start = getattr(tier.transport, "start", None)
+        if start is None or tier.breaker.state is not BreakerState.closed:
+            return None
+        if tier.local and self._local_skip(tier, 0) is not None:
+            return None
+        if not self._try_slot(tier):
+            return None
+        resp = start(self._upstream_request(tier, req))
+        if resp is None:
+            tier.release()
+            return None
+        return Begun(tier, resp, asyncio.get_running_loop().time())
+
+    async def open(self, req: ProxyRequest, begun: Begun | None = None) -> Opened:
+        """Walk the tiers to a committed response; with ``begun``, the first tier's
+        request is already out (``begin``)."""
         failure: UpstreamFailure | None = None
         capacity = False
         breaker_wait: float | None = None
         for index, tier in enumerate(self.tiers):
-            reason = self._local_skip(tier, index) if tier.local else None
-            if reason is None and not tier.breaker.allow():
+            early = begun if index == 0 else None
+            reason = self._local_skip(tier, index) if tier.local and early is None else None
+            if reason is None and early is None and not tier.breaker.allow():
                 reason = "breaker_open"
                 ra = tier.breaker.retry_after()
                 breaker_wait = ra if breaker_wait is None else min(breaker_wait, ra)
-            if reason is None:
+            if reason is None and early is None:
                 try:
                     reason = await self._take_slot(tier, req, index)
                 except BaseException:
@@ -276,7 +338,7 @@ class Chain:
                 self._hop(req, tier, reason)
                 continue
             try:
-                opened = await self._attempt(tier, req)
+                opened = await self._attempt(tier, req, early)
             except _TierFailed as f:
                 tier.release()
                 if f.health_failure:
@@ -346,37 +408,50 @@ class Chain:
             )
         return Exhausted(ProxyError(502, f"upstream failed ({hops})", "upstream_error"), None)
 
-    async def _attempt(self, tier: Tier, req: ProxyRequest) -> Opened:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        t = tier.timeouts
-        fb_deadline = min(started + t.first_byte_s, started + t.total_s, req.deadline)
-        ureq = UpstreamRequest(
+    @staticmethod
+    def _upstream_request(tier: Tier, req: ProxyRequest) -> UpstreamRequest:
+        return UpstreamRequest(
             req.method,
             tier.url_base(),
             req.target,
             tier.headers_for(req),
             tier.body_for(req),
-            t.connect_s,
+            tier.timeouts.connect_s,
         )
-        resp: UpstreamResponse | None = None
+
+    async def _attempt(self, tier: Tier, req: ProxyRequest, begun: Begun | None) -> Opened:
+        loop = asyncio.get_running_loop()
+        started = loop.time() if begun is None else begun.started
+        t = tier.timeouts
+        fb_deadline = min(started + t.first_byte_s, started + t.total_s, req.deadline)
+        resp: UpstreamResponse | None = begun.resp if begun is not None else None
         try:
             async with asyncio.timeout_at(fb_deadline):
-                resp = await tier.transport.send(ureq)
-                status = resp.status
-                if status >= 500 or status == 429:
+                if begun is None:
+                    resp = await tier.transport.send(self._upstream_request(tier, req))
+                else:
+                    resp = await tier.transport.resume(begun.resp)  # type: ignore[attr-defined]
+                kind = commit_kind(resp)
+                if kind == "fail":
+                    if begun is not None:
+                        begun.resp.early = None
+                    status = resp.status
                     body = await drain(resp, ERROR_BODY_LIMIT)
                     raise _TierFailed(
                         "status_429" if status == 429 else "status_5xx",
                         health_failure=status != 429,
                         failure=UpstreamFailure(tier.name, status, resp.headers, body),
                     )
-                cl = resp.content_length
-                if (
-                    cl is not None
-                    and cl <= FULL_READ_LIMIT
-                    and ("text/event-stream" not in resp.content_type)
-                ):
+                if begun is not None and resp is begun.resp:
+                    if begun.resp.early is not None:
+                        assert begun.resp.decided is not None
+                        await begun.resp.decided
+                    if begun.resp.committed:  # already answered, from the upstream's read
+                        stream = kind == "stream"
+                        return Opened(
+                            tier, resp, b"", resp if stream else None, not stream, started, True
+                        )
+                if kind == "whole":
                     first = await resp.read()
                     resp.release()
                     return Opened(tier, resp, first, None, True, started)

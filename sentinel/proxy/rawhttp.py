@@ -13,6 +13,13 @@ per-request CPU (see bench/proxy.py): the proxy's added latency is mostly this c
   read that brought it (no task wake-up per part, so a stream's events cost the event
   loop one callback each); when the sink refuses a part (its client is slow), the part
   is queued and the caller reads the rest as usual, with back-pressure.
+- ``start(request)`` writes a request on an idle pooled connection at once, outside
+  any task, and returns its response (None: no idle connection; ``send`` then). Such a
+  response may carry an ``early`` hook that sees its body parts, and its end, before
+  they are queued, inside the network read; ``resume`` waits for its head (and takes
+  a fresh connection, once, when the idle one turns out dead), and ``decided``
+  resolves once the hook has let go. With these the proxy answers its client from
+  the upstream's read, without waiting for its request task's turn on the loop.
 """
 
 from __future__ import annotations
@@ -153,6 +160,10 @@ class RawResponse:
         "_buffered",
         "_waiter",
         "_sink",
+        "request",
+        "early",
+        "decided",
+        "committed",
     )
 
     def __init__(self, conn: _Conn, method: str, loop: asyncio.AbstractEventLoop) -> None:
@@ -171,9 +182,22 @@ class RawResponse:
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
         self._sink: Callable[[bytes], bool] | None = None
+        self.request: UpstreamRequest | None = None  # for ``start``ed ones: to send again
+        # the early hook: ``early(part, False)`` for each body part, ``early(b"", True)``
+        # at the end, until it sets ``early`` to None; True: it took the part
+        self.early: Callable[[bytes, bool], bool] | None = None
+        self.decided: asyncio.Future[None] | None = None  # resolves when early lets go
+        self.committed = False  # the early hook answered the client with this response
 
     # ---- fed by the connection ------------------------------------------------------
     def feed(self, data: bytes) -> None:
+        early = self.early
+        if early is not None:
+            took = early(data, False)
+            if self.early is None:
+                self._decide()
+            if took:
+                return
         sink = self._sink
         if sink is not None:
             if sink(data):
@@ -186,15 +210,33 @@ class RawResponse:
         self._wake()
 
     def finish(self) -> None:
+        early = self.early
+        if early is not None:
+            early(b"", True)
+            self.early = None
+            self._decide()
         self.done = True
         self._wake()
 
     def fail(self, err: UpstreamError) -> None:
         self.error = err
         self.done = True
+        self.early = None
+        self._decide()
         if not self.head_fut.done():
             self.head_fut.set_exception(err)
         self._wake()
+
+    def requeue(self, parts: list[bytes]) -> None:
+        """Body parts the early hook took and gives back (it did not answer with them)."""
+        for data in parts:
+            self._chunks.append(data)
+            self._buffered += len(data)
+
+    def _decide(self) -> None:
+        d = self.decided
+        if d is not None and not d.done():
+            d.set_result(None)
 
     def _wake(self) -> None:
         w = self._waiter
@@ -218,6 +260,11 @@ class RawResponse:
                 return None
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
+
+    def pipe(self, sink: Callable[[bytes], bool]) -> None:
+        """From the next part on, hand each body part to ``sink`` as it arrives (see
+        ``relay_inline``, which waits for the end)."""
+        self._sink = sink
 
     async def relay_inline(self, sink: Callable[[bytes], bool]) -> None:
         """Give every body part to ``sink`` as it arrives, in order, until the body
@@ -264,6 +311,8 @@ class RawResponse:
         pass  # the connection went back to the pool when the message completed
 
     def abort(self) -> None:
+        self.early = None
+        self._decide()
         if not self.done:
             self.done = True
             self.conn.abort()
@@ -354,8 +403,7 @@ class RawTransport:
             self._pools[base] = got
         return got
 
-    async def send(self, request: UpstreamRequest) -> RawResponse:
-        pool, prefix = self._pool(request.base_url)
+    def _head(self, request: UpstreamRequest, pool: _Pool, prefix: str) -> bytes:
         lines = [
             f"{request.method} {prefix}{request.target} HTTP/1.1\r\n".encode("latin-1"),
             b"host: " + pool.host_header + b"\r\n",
@@ -366,10 +414,49 @@ class RawTransport:
         if body or request.method in ("POST", "PUT", "PATCH"):
             lines.append(b"content-length: %d\r\n" % len(body))
         lines.append(b"\r\n")
-        head = b"".join(lines)
+        return b"".join(lines)
+
+    def start(self, request: UpstreamRequest) -> RawResponse | None:
+        """Write ``request`` on an idle pooled connection now; None when there is none.
+        Wait for the response's head with ``resume``."""
+        pool, prefix = self._pool(request.base_url)
+        conn = pool.get()
+        if conn is None:
+            return None
+        loop = asyncio.get_running_loop()
+        resp = RawResponse(conn, request.method, loop)
+        resp.request = request
+        resp.decided = loop.create_future()
+        conn.resp = resp
+        assert conn.transport is not None
+        head = self._head(request, pool, prefix)
+        body = request.body
+        conn.transport.write(head + body if body else head)
+        return resp
+
+    async def resume(self, resp: RawResponse) -> RawResponse:
+        """The response of a ``start``ed request once its head is in. When the idle
+        connection it went on was dead (no byte came back), the request goes once
+        more, on a fresh connection, as ``send`` does."""
+        try:
+            await resp.head_fut
+        except UpstreamError:
+            if resp.got_headers or resp._chunks or resp.request is None:
+                raise
+            resp.early = None
+            return await self.send(resp.request, reuse=False)
+        except BaseException:
+            resp.abort()
+            raise
+        return resp
+
+    async def send(self, request: UpstreamRequest, reuse: bool = True) -> RawResponse:
+        pool, prefix = self._pool(request.base_url)
+        body = request.body
+        head = self._head(request, pool, prefix)
         loop = asyncio.get_running_loop()
         for attempt in (0, 1):
-            conn = pool.get() if attempt == 0 else None
+            conn = pool.get() if attempt == 0 and reuse else None
             reused = conn is not None
             if conn is None:
                 conn = await pool.connect(request.connect_timeout_s)

@@ -7,8 +7,12 @@ send() system calls for every non-streamed answer. The connections' transports h
 a response head back until the first body part is written (or the event-loop step
 ends), and send both in one system call; later body parts (a stream's chunks) go
 straight through. ``chunk_writer`` lets the app write a stream's later parts into the
-connection itself, in uvicorn's chunked framing: this module is the one that knows
-uvicorn's insides.
+connection itself, in uvicorn's chunked framing.
+
+The protocol hands every whole request to the app's ``early_start`` (when it has one)
+from the read that completed it, with an ``InlineResponse`` that writes a response
+into uvicorn's request cycle from there, outside the ASGI task; the task still runs
+and sees what was written. This module is the one that knows uvicorn's insides.
 """
 
 from __future__ import annotations
@@ -118,15 +122,61 @@ def chunk_writer(send: Any) -> Callable[[bytes], bool] | None:
     return write
 
 
-def _protocol_class() -> type[asyncio.Protocol] | str:
+class InlineResponse:
+    """Writes a response into uvicorn's httptools request cycle from outside its ASGI
+    task (an event-loop callback), with the cycle's own ``send``: the same bytes, the
+    same keep-alive and completion handling. Only while ``ready()``: no response
+    started, the client there and not pushing back, so that ``send`` cannot wait."""
+
+    __slots__ = ("_cycle",)
+
+    def __init__(self, cycle: Any) -> None:
+        self._cycle = cycle
+
+    def ready(self) -> bool:
+        c = self._cycle
+        return not (
+            c.response_started or c.disconnected or c.flow.write_paused or c.transport.is_closing()
+        )
+
+    @property
+    def send_fn(self) -> Callable[[dict[str, Any]], Any]:
+        """The cycle's ASGI ``send`` (what ``chunk_writer`` takes)."""
+        return self._cycle.send  # type: ignore[no-any-return]
+
+    def send(self, message: dict[str, Any]) -> None:
+        coro = self._cycle.send(message)
+        try:
+            coro.send(None)
+        except StopIteration:
+            return
+        coro.close()
+        raise RuntimeError("uvicorn's send had to wait: InlineResponse used while not ready()")
+
+
+EarlyStart = Callable[[dict[str, Any], bytes, InlineResponse], None]
+
+
+def _protocol_class(early_start: EarlyStart | None) -> type[asyncio.Protocol] | str:
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError:  # no httptools: uvicorn's h11 protocol, uncorked
+    except ImportError:  # no httptools: uvicorn's h11 protocol, uncorked, no fast path
         return "h11"
 
     class CorkedHttpToolsProtocol(HttpToolsProtocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(_CorkedTransport(transport, self.loop))  # type: ignore[arg-type]
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            cycle = self.cycle
+            if (
+                early_start is not None
+                and not cycle.more_body  # this request's body is whole
+                and not self.pipeline  # not queued behind an earlier response
+                and not cycle.response_started
+            ):
+                early_start(cycle.scope, bytes(cycle.body), InlineResponse(cycle))
 
     return CorkedHttpToolsProtocol
 
@@ -161,7 +211,7 @@ class ProxyServer:
         self.port: int = self.sock.getsockname()[1]
         self.config = uvicorn.Config(
             app,
-            http=_protocol_class(),
+            http=_protocol_class(getattr(app, "early_start", None)),
             loop="none",
             lifespan="off",
             access_log=False,

@@ -126,3 +126,51 @@ def test_connection_errors() -> None:
         server.close()
 
     asyncio.run(main())
+
+
+def test_start_writes_on_an_idle_connection_and_resume_survives_a_dead_one() -> None:
+    async def main() -> None:
+        async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            while True:
+                try:
+                    raw = await read_request(r)
+                except asyncio.IncompleteReadError:
+                    return
+                body = raw.split(b"\r\n\r\n", 1)[1]
+                w.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+                await w.drain()
+
+        server, port, conns = await serve(handler)
+        t = RawTransport()
+        assert t.start(req(port)) is None  # nothing idle yet: send() does it
+        assert await (await t.send(req(port, body=b"one"))).read() == b"one"
+        # an idle connection: the request is written now, before any await
+        resp = t.start(req(port, body=b"two"))
+        assert resp is not None and not resp.head_fut.done()
+        seen: list[tuple[bytes, bool]] = []
+
+        def early(data: bytes, done: bool) -> bool:
+            seen.append((data, done))
+            if done:
+                assert resp is not None
+                resp.early = None
+            return False  # not taken: queued as usual
+
+        resp.early = early
+        got = await t.resume(resp)
+        assert got is resp and await got.read() == b"two"
+        assert seen == [(b"two", False), (b"", True)]
+        assert resp.decided is not None and resp.decided.done()
+        assert len(conns) == 1
+        # the upstream drops the idle connection as the request goes out on it (not yet
+        # seen here): the begun request goes again, on a fresh connection
+        conns[0].close()
+        resp = t.start(req(port, body=b"three"))
+        assert resp is not None
+        got = await t.resume(resp)
+        assert got is not resp and await got.read() == b"three"
+        assert len(conns) == 2
+        await t.aclose()
+        server.close()
+
+    asyncio.run(main())
