@@ -5,8 +5,9 @@ relay Python can make, on the same machine in the same minutes.
 
 ``bytepipe`` parses requests and responses with httptools (to find message ends) on
 uvloop and forwards the upstream's bytes to the client the moment they arrive: no
-ASGI, no chain, no metrics, no payload log, no checks. Both relays are pinned to core
-0, the upstream and load generator to core 1 (as in ``bench.proxy``), and each takes
+ASGI, no chain, no metrics, no payload log, no checks. The relays (bytepipe,
+Sentinel, and Sentinel with its fast path off: ``no-fast``) are pinned to core 0, the
+upstream and load generator to core 1 (as in ``bench.proxy``), and each takes
 the steady-state streaming scenario of ``bench.proxy`` (64 streams, 32 events 20 ms
 apart, starts 10 ms apart) alternated with a direct connection. Printed: added time
 to first token p50, and p99 by round with their median. What the floor cannot reach
@@ -109,15 +110,19 @@ def main() -> None:
         )
         procs.append(p)
         assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-        sentinel = bp.free_port()
-        args = ["--role", "proxy", "--port", str(sentinel), "--payload-dir", "off"]
-        procs.append(bp._spawn([*args, "--upstream", f"http://127.0.0.1:{up}"], [0]))
+        relays = [("bytepipe", pipe)]
+        for name, fast in (("sentinel", "on"), ("no-fast", "off")):
+            port = bp.free_port()
+            args = ["--role", "proxy", "--port", str(port), "--payload-dir", "off"]
+            args += ["--fast-path", fast, "--upstream", f"http://127.0.0.1:{up}"]
+            procs.append(bp._spawn(args, [0]))
+            relays.append((name, port))
         bp.pin([1])
         body = {"model": "bench", "prompt": "hi", "max_tokens": 32, "stream": True}
 
         async def go() -> None:
             for _ in range(a.rounds):
-                for name, port in (("bytepipe", pipe), ("sentinel", sentinel)):
+                for name, port in relays:
                     d, p, rounds = await bp._paired(
                         up, port, 64, 1920, None, body, stagger=32 * 0.02 / 64
                     )
