@@ -409,6 +409,12 @@ class Chain:
         return Exhausted(ProxyError(502, f"upstream failed ({hops})", "upstream_error"), None)
 
     @staticmethod
+    def _answered(tier: Tier, resp: RawResponse, started: float) -> Opened:
+        """The Opened of a begun response its early hook already answered with."""
+        stream = commit_kind(resp) == "stream"
+        return Opened(tier, resp, b"", resp if stream else None, not stream, started, True)
+
+    @staticmethod
     def _upstream_request(tier: Tier, req: ProxyRequest) -> UpstreamRequest:
         return UpstreamRequest(
             req.method,
@@ -447,10 +453,7 @@ class Chain:
                         assert begun.resp.decided is not None
                         await begun.resp.decided
                     if begun.resp.committed:  # already answered, from the upstream's read
-                        stream = kind == "stream"
-                        return Opened(
-                            tier, resp, b"", resp if stream else None, not stream, started, True
-                        )
+                        return self._answered(tier, begun.resp, started)
                 if kind == "whole":
                     first = await resp.read()
                     resp.release()
@@ -463,6 +466,10 @@ class Chain:
                     return Opened(tier, resp, b"", None, True, started)
                 return Opened(tier, resp, first, rest, False, started)
         except TimeoutError:
+            if begun is not None and begun.resp.committed:
+                # answered from the upstream's read as the deadline passed, before this
+                # task saw it: the client has it, so it stands (no fallback, no error)
+                return self._answered(tier, begun.resp, started)
             if resp is not None:
                 resp.abort()
             if loop.time() >= req.deadline:

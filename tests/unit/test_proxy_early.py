@@ -5,15 +5,18 @@ timeouts, disconnects, records) behaves as on the task's path."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from sentinel.proxy.app import _EarlyAnswer
+from sentinel.proxy.rawhttp import RawResponse, RawTransport
 from sentinel.proxy.server import InlineResponse
 from tests.fake_openai import FakeOpenAI
 from tests.helpers import wait_for
@@ -21,18 +24,6 @@ from tests.unit.proxy_harness import ProxyHarness, delay_request_tasks
 
 BODY = {"model": "m", "prompt": "hi", "max_tokens": 3}
 TASK_DELAY_S = 1.0
-
-
-@pytest.fixture
-def a() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI("a") as f:
-        yield f
-
-
-@pytest.fixture
-def b() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI("b") as f:
-        yield f
 
 
 @pytest.fixture
@@ -131,35 +122,101 @@ def test_a_client_that_cannot_take_it_now_is_answered_by_the_task(
     a: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """The fast path lets go (here: every time) and gives back what it took."""
-    declined = {"n": 0}
+    tried: list[bool] = []  # for each answer the fast path tried: was it a whole body?
+    answer = _EarlyAnswer._answer
 
-    def never(self: InlineResponse) -> bool:
-        declined["n"] += 1
-        return False
+    def counted(self: _EarlyAnswer, body: bytes, whole: bool) -> bool:
+        took = answer(self, body, whole)
+        assert not took
+        tried.append(whole)
+        return took
 
-    monkeypatch.setattr(InlineResponse, "ready", never)
+    monkeypatch.setattr(InlineResponse, "ready", lambda self: False)
+    monkeypatch.setattr(_EarlyAnswer, "_answer", counted)
     with ProxyHarness({"tiers": [{"name": "a", "base_url": a.url}]}, tmp_path) as px:
         with httpx.Client(timeout=10) as client:
-            for _ in range(3):
-                r = client.post(px.url + "/v1/completions", json=BODY)
-                assert r.status_code == 200 and r.json()["served_by"] == "a"
-                r = client.post(px.url + "/v1/completions", json={**BODY, "stream": True})
-                events = [ln for ln in r.text.splitlines() if ln.startswith("data: ")]
-                assert len(events) == 4 and events[-1] == "data: [DONE]"
-    assert declined["n"] >= 4  # the warm requests went the fast path's way and let go
+            for stream in (False, False, True, True):  # the first opens a connection
+                r = client.post(px.url + "/v1/completions", json={**BODY, "stream": stream})
+                assert r.status_code == 200
+                if stream:
+                    events = [ln for ln in r.text.splitlines() if ln.startswith("data: ")]
+                    assert len(events) == 4 and events[-1] == "data: [DONE]"
+                else:
+                    assert r.json()["served_by"] == "a"
+    assert True in tried and False in tried, tried
 
 
-def test_a_client_gone_before_the_answer_cancels_the_begun_request(
-    a: FakeOpenAI, tmp_path: Path
+def _read_response(f: Any) -> tuple[int, dict[str, str], bytes]:
+    status = int(f.readline().split()[1])
+    headers = {}
+    while (line := f.readline()) not in (b"\r\n", b""):
+        k, v = line.decode().split(":", 1)
+        headers[k.strip().lower()] = v.strip()
+    return status, headers, f.read(int(headers["content-length"]))
+
+
+def test_pipelined_requests_are_answered_in_order(a: FakeOpenAI, tmp_path: Path) -> None:
+    """A request sent before the answer to the one ahead of it waits its turn: the fast
+    path never answers it out of order."""
+    with ProxyHarness({"tiers": [{"name": "a", "base_url": a.url}]}, tmp_path) as px:
+        host, port = px.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            f = sock.makefile("rb")
+
+            def request(rid: str, delay: float) -> bytes:
+                body = json.dumps(BODY).encode()
+                return (
+                    f"POST /v1/completions HTTP/1.1\r\nhost: x\r\nx-request-id: {rid}\r\n"
+                    f"x-fake-delay: {delay}\r\ncontent-type: application/json\r\n"
+                    f"content-length: {len(body)}\r\n\r\n"
+                ).encode() + body
+
+            sock.sendall(request("warm", 0))  # an idle upstream connection for the next
+            assert _read_response(f)[0] == 200
+            # the first answer is slow, the second quick: they still come in order
+            sock.sendall(request("p1", 0.3) + request("p2", 0))
+            got = [_read_response(f) for _ in range(2)]
+    assert [h["x-request-id"] for _, h, _ in got] == ["p1", "p2"]
+    assert all(s == 200 and json.loads(b)["served_by"] == "a" for s, _, b in got)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_sent_as_the_first_byte_deadline_passes_stands(
+    stream: bool, a: FakeOpenAI, b: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    with ProxyHarness({"tiers": [{"name": "a", "base_url": a.url}]}, tmp_path) as px:
+    """The fast path answered the client, and only then did the request's task see its
+    first-byte deadline pass: the answer stands, whole or streamed to its end; nothing
+    falls back to the next tier behind the client's back."""
+    resume = RawTransport.resume
+
+    async def late(self: RawTransport, resp: RawResponse) -> RawResponse:
+        got = await resume(self, resp)
+        if got.decided is not None:
+            await got.decided  # the early hook has answered (or let go)
+        await asyncio.sleep(1.0)  # ... and the task goes on past the deadline
+        return got
+
+    monkeypatch.setattr(RawTransport, "resume", late)
+    timeouts = {"first_byte_s": 0.3, "total_s": 10}
+    tl = [{"name": f.name, "base_url": f.url, "timeouts": timeouts} for f in (a, b)]
+    with ProxyHarness({"tiers": tl}, tmp_path) as px:
         with httpx.Client(timeout=10) as client:
-            assert client.post(px.url + "/v1/completions", json=BODY).status_code == 200
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(
-                px.url + "/v1/completions", json=BODY, timeout=0.3, headers={"x-fake-delay": "5"}
-            )
-        wait_for(lambda: a.active == 0, 1, interval=0.01, what="upstream request cancelled")
-        # no tier had answered yet
-        assert px.metric("sentinel_proxy_client_disconnects_total", tier="none") == 1
-        assert httpx.post(px.url + "/v1/completions", json=BODY).status_code == 200
+            body = {**BODY, "max_tokens": 5, "stream": stream}
+            for _ in range(2):  # the first opens the connection the second is begun on
+                r = client.post(px.url + "/v1/completions", json=body)
+                assert r.status_code == 200 and r.headers["x-sentinel-upstream"] == "a"
+                if stream:
+                    events = [ln for ln in r.text.splitlines() if ln.startswith("data: ")]
+                    assert len(events) == 6 and events[-1] == "data: [DONE]"
+                else:
+                    assert r.json()["served_by"] == "a"
+        assert b.requests == []
+        assert (
+            px.metric("sentinel_proxy_fallbacks_total", tier="a", reason="first_byte_timeout")
+            is None
+        )
+        wait_for(
+            lambda: px.metric("sentinel_proxy_requests_total", tier="a", status="200") == 2,
+            5,
+            what="both requests recorded as served by a",
+        )

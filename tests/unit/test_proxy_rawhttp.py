@@ -36,19 +36,30 @@ async def read_request(r: asyncio.StreamReader) -> bytes:
     return head + (await r.readexactly(n) if n else b"")
 
 
+def keep_alive(answer):  # type: ignore[no-untyped-def]
+    """A handler answering every request of a keep-alive connection with
+    ``answer(raw request)``: the body of a 200."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                raw = await read_request(r)
+            except asyncio.IncompleteReadError:
+                return
+            body = answer(raw)
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            await w.drain()
+
+    return handler
+
+
 def test_keep_alive_reuse_and_stale_connection_retry() -> None:
     async def main() -> None:
-        async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            while True:
-                try:
-                    raw = await read_request(r)
-                except asyncio.IncompleteReadError:
-                    return
-                assert b"host: 127.0.0.1:" in raw and b"a: b" in raw
-                w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                await w.drain()
+        def ok(raw: bytes) -> bytes:
+            assert b"host: 127.0.0.1:" in raw and b"a: b" in raw
+            return b"ok"
 
-        server, port, conns = await serve(handler)
+        server, port, conns = await serve(keep_alive(ok))
         t = RawTransport()
         for _ in range(3):
             resp = await t.send(req(port))
@@ -130,17 +141,7 @@ def test_connection_errors() -> None:
 
 def test_start_writes_on_an_idle_connection_and_resume_survives_a_dead_one() -> None:
     async def main() -> None:
-        async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            while True:
-                try:
-                    raw = await read_request(r)
-                except asyncio.IncompleteReadError:
-                    return
-                body = raw.split(b"\r\n\r\n", 1)[1]
-                w.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
-                await w.drain()
-
-        server, port, conns = await serve(handler)
+        server, port, conns = await serve(keep_alive(lambda raw: raw.split(b"\r\n\r\n", 1)[1]))
         t = RawTransport()
         assert t.start(req(port)) is None  # nothing idle yet: send() does it
         assert await (await t.send(req(port, body=b"one"))).read() == b"one"
