@@ -437,7 +437,9 @@ class RawTransport:
     async def resume(self, resp: RawResponse) -> RawResponse:
         """The response of a ``start``ed request once its head is in. When the idle
         connection it went on was dead (no byte came back), the request goes once
-        more, on a fresh connection, as ``send`` does."""
+        more, on a fresh connection, as ``send`` does. Cancelled, it aborts the
+        request, unless the early hook has answered with it: a deadline that passed
+        just after that must not cut the answer (the caller decides)."""
         try:
             await resp.head_fut
         except UpstreamError:
@@ -446,7 +448,8 @@ class RawTransport:
             resp.early = None
             return await self.send(resp.request, reuse=False)
         except BaseException:
-            resp.abort()
+            if not resp.committed:  # an answer that already went out is the caller's
+                resp.abort()
             raise
         return resp
 

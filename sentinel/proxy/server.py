@@ -163,9 +163,34 @@ def _protocol_class(early_start: EarlyStart | None) -> type[asyncio.Protocol] | 
     except ImportError:  # no httptools: uvicorn's h11 protocol, uncorked, no fast path
         return "h11"
 
+    from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
+
     class CorkedHttpToolsProtocol(HttpToolsProtocol):
+        """uvicorn's protocol, corked; with ``early_start``, a request's ASGI task starts
+        once its body is whole (so that ``early_start`` always comes first), unless
+        the body outgrows uvicorn's read buffer or the client waits for 100-continue."""
+
+        _deferred: tuple[Any, Any] | None = None
+
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(_CorkedTransport(transport, self.loop))  # type: ignore[arg-type]
+
+        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+            if early_start is not None and cycle.more_body and not cycle.waiting_for_100_continue:
+                self._deferred = (cycle, app)  # started by on_message_complete
+                return
+            super()._start_asgi_task(cycle, app)
+
+        def _start_deferred(self) -> None:
+            deferred = self._deferred
+            if deferred is not None:
+                self._deferred = None
+                super()._start_asgi_task(*deferred)
+
+        def on_body(self, body: bytes) -> None:
+            super().on_body(body)
+            if self._deferred is not None and len(self.cycle.body) > HIGH_WATER_LIMIT:
+                self._start_deferred()  # reading pauses until the app reads: start it
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
@@ -177,6 +202,11 @@ def _protocol_class(early_start: EarlyStart | None) -> type[asyncio.Protocol] | 
                 and not cycle.response_started
             ):
                 early_start(cycle.scope, bytes(cycle.body), InlineResponse(cycle))
+            self._start_deferred()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            super().connection_lost(exc)
+            self._start_deferred()  # the app hears of the request, and of the disconnect
 
     return CorkedHttpToolsProtocol
 

@@ -180,36 +180,68 @@ def test_pipelined_requests_are_answered_in_order(a: FakeOpenAI, tmp_path: Path)
     assert all(s == 200 and json.loads(b)["served_by"] == "a" for s, _, b in got)
 
 
+@pytest.mark.parametrize("where", ["after_head", "awaiting_head"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_an_answer_sent_as_the_first_byte_deadline_passes_stands(
-    stream: bool, a: FakeOpenAI, b: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    stream: bool,
+    where: str,
+    a: FakeOpenAI,
+    b: FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     """The fast path answered the client, and only then did the request's task see its
-    first-byte deadline pass: the answer stands, whole or streamed to its end; nothing
-    falls back to the next tier behind the client's back."""
+    first-byte deadline pass (while it still waited for the head, or after it): the
+    answer stands, whole or streamed to its end; nothing falls back to the next tier
+    behind the client's back, and the upstream's stream is not cut."""
     resume = RawTransport.resume
 
     async def late(self: RawTransport, resp: RawResponse) -> RawResponse:
+        begun.append(resp)
+        if where == "awaiting_head":  # the task is woken for the head past the deadline
+            head = resp.head_fut
+
+            class Late(asyncio.Future[None]):
+                def set_result(self, result: None) -> None:
+                    head.set_result(result)  # the connection's news goes to the real one
+
+            later = Late()
+
+            async def wake() -> None:
+                await head
+                if resp.decided is not None:
+                    await resp.decided  # the early hook has answered (or let go)
+                await asyncio.sleep(1.0)
+                asyncio.Future.set_result(later, None)
+
+            keep.append(asyncio.ensure_future(wake()))
+            resp.head_fut = later
+            return await resume(self, resp)
         got = await resume(self, resp)
         if got.decided is not None:
-            await got.decided  # the early hook has answered (or let go)
+            await got.decided
         await asyncio.sleep(1.0)  # ... and the task goes on past the deadline
         return got
 
+    keep: list[asyncio.Future[None]] = []
+    begun: list[RawResponse] = []
     monkeypatch.setattr(RawTransport, "resume", late)
     timeouts = {"first_byte_s": 0.3, "total_s": 10}
     tl = [{"name": f.name, "base_url": f.url, "timeouts": timeouts} for f in (a, b)]
     with ProxyHarness({"tiers": tl}, tmp_path) as px:
         with httpx.Client(timeout=10) as client:
-            body = {**BODY, "max_tokens": 5, "stream": stream}
-            for _ in range(2):  # the first opens the connection the second is begun on
-                r = client.post(px.url + "/v1/completions", json=body)
-                assert r.status_code == 200 and r.headers["x-sentinel-upstream"] == "a"
-                if stream:
-                    events = [ln for ln in r.text.splitlines() if ln.startswith("data: ")]
-                    assert len(events) == 6 and events[-1] == "data: [DONE]"
-                else:
-                    assert r.json()["served_by"] == "a"
+            body = {**BODY, "max_tokens": 12, "stream": stream}
+            slow = {"x-fake-chunk-interval": "0.1"}  # a stream that outlasts the deadline
+            # a whole answer leaves an idle connection behind (a stream may not)
+            assert client.post(px.url + "/v1/completions", json=BODY).status_code == 200
+            r = client.post(px.url + "/v1/completions", json=body, headers=slow)
+            assert r.status_code == 200 and r.headers["x-sentinel-upstream"] == "a"
+            if stream:
+                events = [ln for ln in r.text.splitlines() if ln.startswith("data: ")]
+                assert len(events) == 13 and events[-1] == "data: [DONE]"
+            else:
+                assert r.json()["served_by"] == "a"
+        assert len(begun) == 1
         assert b.requests == []
         assert (
             px.metric("sentinel_proxy_fallbacks_total", tier="a", reason="first_byte_timeout")
