@@ -252,3 +252,29 @@ def test_an_answer_sent_as_the_first_byte_deadline_passes_stands(
             5,
             what="both requests recorded as served by a",
         )
+
+
+def test_large_bodies_and_100_continue_still_reach_the_task(a: FakeOpenAI, tmp_path: Path) -> None:
+    """The request's task waits for a whole body only while that costs nothing: a body
+    past uvicorn's 64 KiB read buffer, or a client waiting for ``100 Continue``, starts
+    it at once (else neither could ever arrive)."""
+    with ProxyHarness({"tiers": [{"name": "a", "base_url": a.url}]}, tmp_path) as px:
+        big = {**BODY, "prompt": "x" * (1024 * 1024)}
+        r = httpx.post(px.url + "/v1/completions", json=big, timeout=10)
+        assert r.status_code == 200 and r.json()["served_by"] == "a"
+        assert len(a.requests[-1]["body"]["prompt"]) == 1024 * 1024
+        host, port = px.url.removeprefix("http://").split(":")
+        body = json.dumps(BODY).encode()
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            f = sock.makefile("rb")
+            sock.sendall(
+                (
+                    "POST /v1/completions HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
+                    f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+                ).encode()
+            )
+            assert f.readline().startswith(b"HTTP/1.1 100")  # asked for the body
+            assert f.readline() == b"\r\n"
+            sock.sendall(body)
+            status, _, answer = _read_response(f)
+    assert status == 200 and json.loads(answer)["served_by"] == "a"
