@@ -28,7 +28,15 @@ from typing import Any
 from sentinel.config.schema import ProxyConfig
 from sentinel.logs import get_logger
 from sentinel.payloads.log import PayloadLog, PayloadRecord
-from sentinel.proxy.chain import Begun, Chain, Exhausted, Opened, ProxyRequest, commit_kind
+from sentinel.proxy.chain import (
+    Begun,
+    Chain,
+    Exhausted,
+    Opened,
+    ProxyRequest,
+    Tier,
+    commit_kind,
+)
 from sentinel.proxy.errors import ProxyError, sse_error_event
 from sentinel.proxy.metrics import ProxyMetrics
 from sentinel.proxy.server import InlineResponse, chunk_writer
@@ -144,14 +152,13 @@ class _EarlyAnswer:
     read that completes the answer (a whole body) or brings its first part (a stream),
     when the client can take it now; else it lets go and the task answers."""
 
-    __slots__ = ("app", "ctx", "out", "tier_name", "upstream", "resp", "parts")
+    __slots__ = ("app", "ctx", "out", "tier", "resp", "parts")
 
     def __init__(self, app: ProxyApp, ctx: _Ctx, out: InlineResponse, begun: Begun) -> None:
         self.app = app
         self.ctx = ctx
         self.out = out
-        self.tier_name = begun.tier.name
-        self.upstream = begun.tier.url_base()
+        self.tier = begun.tier
         self.resp = begun.resp
         self.parts: list[bytes] = []
 
@@ -182,9 +189,7 @@ class _EarlyAnswer:
             return False
         ctx = self.ctx
         resp = self.resp
-        ctx.tier = self.tier_name
-        ctx.upstream = self.upstream
-        ctx.status = resp.status
+        _served(ctx, self.tier, resp)
         headers = self.app._response_headers(resp, ctx, len(body) if whole else None)
         resp.committed = True
         if whole:
@@ -197,6 +202,13 @@ class _EarlyAnswer:
         out.send({"type": "http.response.body", "body": body, "more_body": not whole})
         ctx.ttft = time.perf_counter() - ctx.t0
         return True
+
+
+def _served(ctx: _Ctx, tier: Tier, resp: UpstreamResponse) -> None:
+    """Note in ``ctx`` the tier whose answer the client gets."""
+    ctx.tier = tier.name
+    ctx.upstream = tier.url_base()
+    ctx.status = resp.status
 
 
 _ID_PREFIX = os.urandom(6).hex()
@@ -497,9 +509,7 @@ class ProxyApp:
     async def _relay(self, opened: Opened, send: Any, ctx: _Ctx, req_deadline: float) -> None:
         tier = opened.tier
         resp = opened.resp
-        ctx.tier = tier.name
-        ctx.upstream = tier.url_base()
-        ctx.status = resp.status
+        _served(ctx, tier, resp)
         upstream_failed = False
         try:
             if opened.complete:

@@ -320,19 +320,21 @@ class Chain:
         breaker_wait: float | None = None
         for index, tier in enumerate(self.tiers):
             early = begun if index == 0 else None
-            reason = self._local_skip(tier, index) if tier.local and early is None else None
-            if reason is None and early is None and not tier.breaker.allow():
-                reason = "breaker_open"
-                ra = tier.breaker.retry_after()
-                breaker_wait = ra if breaker_wait is None else min(breaker_wait, ra)
-            if reason is None and early is None:
-                try:
-                    reason = await self._take_slot(tier, req, index)
-                except BaseException:
-                    tier.breaker.release()
-                    raise
-                if reason is not None:
-                    tier.breaker.release()
+            reason: str | None = None
+            if early is None:  # else begin() checked this tier and holds its slot
+                reason = self._local_skip(tier, index) if tier.local else None
+                if reason is None and not tier.breaker.allow():
+                    reason = "breaker_open"
+                    ra = tier.breaker.retry_after()
+                    breaker_wait = ra if breaker_wait is None else min(breaker_wait, ra)
+                if reason is None:
+                    try:
+                        reason = await self._take_slot(tier, req, index)
+                    except BaseException:
+                        tier.breaker.release()
+                        raise
+                    if reason is not None:
+                        tier.breaker.release()
             if reason is not None:
                 capacity = capacity or reason in CAPACITY_REASONS
                 self._hop(req, tier, reason)

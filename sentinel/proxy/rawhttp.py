@@ -437,9 +437,9 @@ class RawTransport:
     async def resume(self, resp: RawResponse) -> RawResponse:
         """The response of a ``start``ed request once its head is in. When the idle
         connection it went on was dead (no byte came back), the request goes once
-        more, on a fresh connection, as ``send`` does. Cancelled, it aborts the
-        request, unless the early hook has answered with it: a deadline that passed
-        just after that must not cut the answer (the caller decides)."""
+        more, on a fresh connection, as ``send`` does. Cancelled, it leaves ``resp``
+        to the caller, which knows whether to abort it: the early hook may already
+        have answered with it, and a deadline passing just after must not cut that."""
         try:
             await resp.head_fut
         except UpstreamError:
@@ -447,10 +447,6 @@ class RawTransport:
                 raise
             resp.early = None
             return await self.send(resp.request, reuse=False)
-        except BaseException:
-            if not resp.committed:  # an answer that already went out is the caller's
-                resp.abort()
-            raise
         return resp
 
     async def send(self, request: UpstreamRequest, reuse: bool = True) -> RawResponse:
