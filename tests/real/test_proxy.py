@@ -283,15 +283,14 @@ def test_client_disconnect_frees_the_engine_within_1s(stack: Any) -> None:
 
 
 # ---- admission ----------------------------------------------------------------------------
-def test_burst_beyond_capacity_is_queued_then_429_never_5xx(stack: Any) -> None:
-    sp, backup, external = stack
-    # start from an idle, ready engine (the previous test left it aborting work)
+def _burst(sp: SentinelProcess, n: int) -> tuple[list[httpx.Response], float, float | None]:
+    """``n`` long streams sent at once; their answers, how many requests waited in the
+    admission queue meanwhile, and the worst lag of Sentinel's own event loop."""
+    # start from an idle, ready engine whose breaker is closed
     wait_for(lambda: _engine_running(sp) == 0, 20, interval=0.2, what="an idle engine")
     wait_for(lambda: _served_by_local(sp), 30, interval=0.5, what="local serving")
     results: list[httpx.Response] = []
     lock = threading.Lock()
-
-    n = 40
     go = threading.Barrier(n)
 
     def one() -> None:
@@ -321,34 +320,48 @@ def test_burst_beyond_capacity_is_queued_then_429_never_5xx(stack: Any) -> None:
         t.start()
     for t in threads:
         t.join(90)
-    # how late Sentinel's own loop ran meanwhile: a stalled loop (a busy 2-core machine)
-    # lets first-byte deadlines pass before it reads the first bytes
     lag = _metric(sp, "sentinel_event_loop_lag_max_seconds")
-    codes = [r.status_code for r in results]
-    assert len(codes) == n, (codes, lag)
-    odd = [
-        (r.status_code, r.headers.get("x-sentinel-fallbacks"), r.text[:300])
-        for r in results
-        if r.status_code not in (200, 429)
-    ]
-    assert not odd, (codes, odd, lag)
-    limited = [r for r in results if r.status_code == 429]
-    assert limited, codes
-    for r in limited:
-        assert int(r.headers["retry-after"]) >= 1
-        assert r.json()["error"]["code"] == "capacity_exceeded"
-        # every tier was tried or passed over first (full, or timing out under the burst)
-        hops = r.headers["x-sentinel-fallbacks"]
-        assert "backup=" in hops and "external=" in hops, hops
-    # requests were queued in front of the local engine (the queue-wait histogram counts
-    # them); on a busy 2-core machine the engine's first bytes can also come late enough
-    # to open the local breaker mid-burst, so which reason each hop names is not asserted
-    served = {r.headers["x-sentinel-upstream"] for r in results if r.status_code == 200}
-    assert served and served <= {"local", "backup", "external"}, served
-    hops_seen = sorted({r.headers.get("x-sentinel-fallbacks", "") for r in results})
     waited = (_metric(sp, "sentinel_proxy_queue_wait_seconds_count") or 0) - wait0
-    assert waited >= 4, (waited, codes, hops_seen, lag)
-    assert (_metric(sp, 'sentinel_proxy_rejected_total{reason="capacity"}') or 0) >= len(limited)
+    return results, waited, lag
+
+
+def test_burst_beyond_capacity_is_queued_then_429_never_5xx(stack: Any) -> None:
+    sp, backup, external = stack
+    n = 40
+    for attempt in range(3):
+        results, waited, lag = _burst(sp, n)
+        codes = [r.status_code for r in results]
+        assert len(codes) == n, (codes, lag)
+        odd = [
+            (r.status_code, r.headers.get("x-sentinel-fallbacks"), r.text[:300])
+            for r in results
+            if r.status_code not in (200, 429)
+        ]
+        assert not odd, (codes, odd, lag)
+        limited = [r for r in results if r.status_code == 429]
+        assert limited, codes
+        for r in limited:
+            assert int(r.headers["retry-after"]) >= 1
+            assert r.json()["error"]["code"] == "capacity_exceeded"
+            # every tier was tried or passed over first (full, or timing out under the burst)
+            hops = r.headers["x-sentinel-fallbacks"]
+            assert "backup=" in hops and "external=" in hops, hops
+        served = {r.headers["x-sentinel-upstream"] for r in results if r.status_code == 200}
+        assert served and served <= {"local", "backup", "external"}, served
+        assert (_metric(sp, 'sentinel_proxy_rejected_total{reason="capacity"}') or 0) >= len(
+            limited
+        )
+        # requests were queued in front of the local engine (the queue-wait histogram
+        # counts them). Which reason each hop names is not asserted: on a busy 2-core
+        # machine the engine's first bytes can come late enough to open the local breaker
+        # mid-burst. When Sentinel's own loop stalled past the local first-byte deadline
+        # (1 s; seen in CI, the machine starved of CPU), the first requests' deadlines
+        # pass before the others are even read, and nothing queues: that burst says
+        # nothing about admission, so it is run again (the other checks held).
+        if waited >= 4 or lag is None or lag < 1.0 or attempt == 2:
+            hops_seen = sorted({r.headers.get("x-sentinel-fallbacks", "") for r in results})
+            assert waited >= 4, (waited, codes, hops_seen, lag, attempt)
+            return
 
 
 # ---- health-aware chain and breaker ------------------------------------------------------------
