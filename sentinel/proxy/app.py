@@ -150,17 +150,53 @@ class _Early:
 class _EarlyAnswer:
     """``RawResponse.early`` for a begun request: answers the client from the upstream
     read that completes the answer (a whole body) or brings its first part (a stream),
-    when the client can take it now; else it lets go and the task answers."""
+    when the client can take it now; else it lets go and the task answers.
 
-    __slots__ = ("app", "ctx", "out", "tier", "resp", "parts")
+    Held (``hold``): the request's task has not been created. A whole answer is then
+    finished here, slot, breaker and record included, and no task is ever created;
+    anything else (a stream, a failure, a client that cannot take the answer, the
+    first-byte deadline) starts the task, which goes on as usual."""
 
-    def __init__(self, app: ProxyApp, ctx: _Ctx, out: InlineResponse, begun: Begun) -> None:
+    __slots__ = ("app", "ctx", "out", "tier", "resp", "parts", "req", "scope", "timer")
+
+    def __init__(
+        self,
+        app: ProxyApp,
+        ctx: _Ctx,
+        out: InlineResponse,
+        begun: Begun,
+        req: ProxyRequest,
+        scope: dict[str, Any],
+    ) -> None:
         self.app = app
         self.ctx = ctx
         self.out = out
         self.tier = begun.tier
         self.resp = begun.resp
         self.parts: list[bytes] = []
+        self.req = req
+        self.scope = scope
+        self.timer: asyncio.TimerHandle | None = None
+
+    def hold(self, deadline: float) -> None:
+        """The task is held back: start it at the first-byte ``deadline`` (it then
+        handles the timeout), when the upstream connection fails first, or when this
+        hook lets go of the response without finishing the request."""
+        self.timer = asyncio.get_running_loop().call_at(deadline, self.start_task)
+        self.resp.on_lost = self.start_task
+
+    def start_task(self) -> None:
+        self._unhold()
+        self.out.start_task()
+
+    def _unhold(self) -> None:
+        """Cancel the deadline's timer and drop the response's reference to this hook
+        (no reference cycle is left for the garbage collector)."""
+        timer = self.timer
+        if timer is not None:
+            self.timer = None
+            timer.cancel()
+        self.resp.on_lost = None
 
     def __call__(self, data: bytes, done: bool) -> bool:
         resp = self.resp
@@ -172,10 +208,14 @@ class _EarlyAnswer:
             resp.early = None
             parts = self.parts
             if self._answer(b"".join(parts), True):
+                if self.out.held:
+                    self._finish()
                 return True
             resp.requeue(parts)
+            self.start_task()
             return False
         resp.early = None
+        self.start_task()  # the task relays the rest of a stream, or falls back
         if kind == "fail" or done or not self._answer(data, False):
             return False
         sink = self.app._inline_sink(self.out.send_fn, resp, self.ctx)
@@ -198,10 +238,20 @@ class _EarlyAnswer:
         else:
             ctx.streamed = True
             self.app._capture(ctx, body)
-        out.send({"type": "http.response.start", "status": resp.status, "headers": headers})
-        out.send({"type": "http.response.body", "body": body, "more_body": not whole})
+        out.respond(resp.status, headers, body, not whole)
         ctx.ttft = time.perf_counter() - ctx.t0
         return True
+
+    def _finish(self) -> None:
+        """What the task would do after a whole answer: the slot back, the breaker told
+        of the success, the request recorded; the task is then never created."""
+        self._unhold()
+        self.out.no_task()
+        self.scope.pop(EARLY_KEY, None)
+        tier = self.tier
+        tier.breaker.success()
+        tier.release()
+        self.app._record(self.ctx, self.req, self.scope)
 
 
 def _served(ctx: _Ctx, tier: Tier, resp: UpstreamResponse) -> None:
@@ -260,24 +310,32 @@ class ProxyApp:
         return _Ctx(_request_id(headers), time.perf_counter(), sample)
 
     # ---- the fast path, from the server's read callback ----------------------------
-    def early_start(self, scope: dict[str, Any], body: bytes, out: InlineResponse) -> None:
+    def early_start(self, scope: dict[str, Any], body: bytes, out: InlineResponse) -> bool:
         """Called by the server with a whole request, before the request's task runs:
         check it and, when the first tier can take it at once, send it upstream now.
-        Any problem (a bad request, a tier that would wait) is left to the task."""
+        Any problem (a bad request, a tier that would wait) is left to the task.
+        True: the request's task is held back (``out.held``), and the early answer
+        starts it, or finishes the request without it."""
         if BEGAN_KEY in scope or scope["method"] not in EARLY_METHODS:
-            return
+            return False
         ctx = self._new_ctx(scope["headers"])
         try:
             fwd, ctype = self._request_head(scope)
             if len(body) > self.max_body:
-                return
+                return False
             req = self._request(scope, fwd, ctype, body, ctx)
         except ProxyError:
-            return  # the task answers it, with the body read the usual way
+            return False  # the task answers it, with the body read the usual way
         begun = self.chain.begin(req)
-        if begun is not None:
-            begun.resp.early = _EarlyAnswer(self, ctx, out, begun)
         scope[EARLY_KEY] = _Early(ctx, req, begun)
+        if begun is None:
+            return False
+        hook = _EarlyAnswer(self, ctx, out, begun, req, scope)
+        begun.resp.early = hook
+        if not out.held:
+            return False
+        hook.hold(self.chain.first_byte_deadline(begun.tier, req, begun.started))
+        return True
 
     async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         scope[BEGAN_KEY] = True

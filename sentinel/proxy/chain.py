@@ -427,11 +427,16 @@ class Chain:
             tier.timeouts.connect_s,
         )
 
+    @staticmethod
+    def first_byte_deadline(tier: Tier, req: ProxyRequest, started: float) -> float:
+        """The loop time by which ``tier``'s answer to ``req`` must have begun."""
+        t = tier.timeouts
+        return min(started + t.first_byte_s, started + t.total_s, req.deadline)
+
     async def _attempt(self, tier: Tier, req: ProxyRequest, begun: Begun | None) -> Opened:
         loop = asyncio.get_running_loop()
         started = loop.time() if begun is None else begun.started
-        t = tier.timeouts
-        fb_deadline = min(started + t.first_byte_s, started + t.total_s, req.deadline)
+        fb_deadline = self.first_byte_deadline(tier, req, started)
         resp: UpstreamResponse | None = begun.resp if begun is not None else None
         try:
             async with asyncio.timeout_at(fb_deadline):

@@ -164,6 +164,7 @@ class RawResponse:
         "early",
         "decided",
         "committed",
+        "on_lost",
     )
 
     def __init__(self, conn: _Conn, method: str, loop: asyncio.AbstractEventLoop) -> None:
@@ -188,6 +189,9 @@ class RawResponse:
         self.early: Callable[[bytes, bool], bool] | None = None
         self.decided: asyncio.Future[None] | None = None  # resolves when early lets go
         self.committed = False  # the early hook answered the client with this response
+        # called when the response fails (the connection reset or closed, a malformed
+        # answer) while the early hook still holds it: nobody may be waiting on it yet
+        self.on_lost: Callable[[], None] | None = None
 
     # ---- fed by the connection ------------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -221,11 +225,14 @@ class RawResponse:
     def fail(self, err: UpstreamError) -> None:
         self.error = err
         self.done = True
+        held = self.early is not None
         self.early = None
         self._decide()
         if not self.head_fut.done():
             self.head_fut.set_exception(err)
         self._wake()
+        if held and self.on_lost is not None:
+            self.on_lost()
 
     def requeue(self, parts: list[bytes]) -> None:
         """Body parts the early hook took and gives back (it did not answer with them)."""

@@ -11,8 +11,12 @@ connection itself, in uvicorn's chunked framing.
 
 The protocol hands every whole request to the app's ``early_start`` (when it has one)
 from the read that completed it, with an ``InlineResponse`` that writes a response
-into uvicorn's request cycle from there, outside the ASGI task; the task still runs
-and sees what was written. This module is the one that knows uvicorn's insides.
+into uvicorn's request cycle from there, outside the ASGI task. While the request's
+task has not been created yet, the app may hold it back (``early_start`` returns
+True): it then either starts it (``InlineResponse.start_task``: the task runs and
+sees what was written) or, having answered and recorded the request itself, never
+needs it (``InlineResponse.no_task``). This module is the one that knows uvicorn's
+insides.
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 import uvicorn
+
+try:  # the checks and status lines of uvicorn's httptools protocol (InlineResponse's)
+    from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE
+except ImportError:  # no httptools: uvicorn's h11 protocol, and no fast path
+    pass
 
 from sentinel.logs import get_logger
 from sentinel.net import local_url
@@ -70,6 +79,14 @@ class _CorkedTransport:
     def _step_end(self) -> None:
         self._scheduled = False
         self.flush()
+
+    def write_now(self, data: bytes) -> None:
+        """Write ``data`` at once (after anything held back): a whole head and body."""
+        if self._buf:
+            self._buf.append(data)
+            self.flush()
+        elif not self._transport.is_closing():
+            self._transport.write(data)
 
     def flush(self) -> None:
         buf = self._buf
@@ -124,14 +141,38 @@ def chunk_writer(send: Any) -> Callable[[bytes], bool] | None:
 
 class InlineResponse:
     """Writes a response into uvicorn's httptools request cycle from outside its ASGI
-    task (an event-loop callback), with the cycle's own ``send``: the same bytes, the
+    task (an event-loop callback): the bytes uvicorn's ``send`` would write, and the
     same keep-alive and completion handling. Only while ``ready()``: no response
-    started, the client there and not pushing back, so that ``send`` cannot wait."""
+    started, the client there and not pushing back, so that nothing has to wait.
 
-    __slots__ = ("_cycle",)
+    ``held``: the request's task has not been created and waits for the app, which
+    must then call ``start_task`` (the task runs as usual) or ``no_task`` (the app
+    answered and recorded the request itself; the task is never created)."""
 
-    def __init__(self, cycle: Any) -> None:
+    __slots__ = ("_cycle", "_proto")
+
+    def __init__(self, cycle: Any, proto: Any = None) -> None:
         self._cycle = cycle
+        self._proto = proto  # the protocol holding this cycle's task back, if any
+
+    @property
+    def held(self) -> bool:
+        proto = self._proto
+        return proto is not None and proto.holds(self._cycle)
+
+    def start_task(self) -> None:
+        """Create the request's task now, if it is still held back (idempotent)."""
+        proto = self._proto
+        if proto is not None:
+            self._proto = None
+            proto.release(self._cycle, start=True)
+
+    def no_task(self) -> None:
+        """The request is answered and recorded: its task is never created."""
+        proto = self._proto
+        if proto is not None:
+            self._proto = None
+            proto.release(self._cycle, start=False)
 
     def ready(self) -> bool:
         c = self._cycle
@@ -144,17 +185,56 @@ class InlineResponse:
         """The cycle's ASGI ``send`` (what ``chunk_writer`` takes)."""
         return self._cycle.send  # type: ignore[no-any-return]
 
-    def send(self, message: dict[str, Any]) -> None:
-        coro = self._cycle.send(message)
-        try:
-            coro.send(None)
-        except StopIteration:
-            return
-        coro.close()
-        raise RuntimeError("uvicorn's send had to wait: InlineResponse used while not ready()")
+    def respond(
+        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, more_body: bool
+    ) -> None:
+        """The response's head and its first body part (all of it unless ``more_body``)
+        in one write, framed as uvicorn's ``send`` frames them: with a content-length
+        header the body is sent as is, without one it is chunked. Further parts go
+        through ``send`` (or ``chunk_writer``). Headers must be lower-case and carry
+        neither ``connection`` nor ``transfer-encoding``."""
+        c = self._cycle
+        if c.scope["method"] == "HEAD":
+            raise RuntimeError("InlineResponse does not answer HEAD requests")
+        c.response_started = True
+        c.waiting_for_100_continue = False
+        out = [STATUS_LINE[status]]
+        length: int | None = None
+        for name, value in (*c.default_headers, *headers):
+            if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
+                raise RuntimeError(f"invalid response header {name!r}")
+            if name == b"content-length":
+                length = int(value)
+            elif name in (b"connection", b"transfer-encoding"):
+                raise RuntimeError(f"InlineResponse sets {name.decode()} itself")
+            out += (name, b": ", value, b"\r\n")
+        if not c.keep_alive:
+            out.append(b"connection: close\r\n")
+        if length is None and status not in (204, 304):
+            c.chunked_encoding = True
+            c.expected_content_length = 0
+            out.append(b"transfer-encoding: chunked\r\n\r\n")
+            if body:
+                out += (b"%x\r\n" % len(body), body, b"\r\n")
+            if not more_body:
+                out.append(b"0\r\n\r\n")
+        else:
+            left = (length or 0) - len(body)
+            if left < 0 or (left and not more_body):
+                raise RuntimeError("response body does not match its content-length")
+            c.chunked_encoding = False
+            c.expected_content_length = left
+            out += (b"\r\n", body)
+        c.transport.write_now(b"".join(out))
+        if not more_body:
+            c.response_complete = True
+            c.message_event.set()
+            if not c.keep_alive:
+                c.transport.close()
+            c.on_response()
 
 
-EarlyStart = Callable[[dict[str, Any], bytes, InlineResponse], None]
+EarlyStart = Callable[[dict[str, Any], bytes, InlineResponse], bool]
 
 
 def _protocol_class(early_start: EarlyStart | None) -> type[asyncio.Protocol] | str:
@@ -192,6 +272,18 @@ def _protocol_class(early_start: EarlyStart | None) -> type[asyncio.Protocol] | 
             if self._deferred is not None and len(self.cycle.body) > HIGH_WATER_LIMIT:
                 self._start_deferred()  # reading pauses until the app reads: start it
 
+        def holds(self, cycle: Any) -> bool:
+            deferred = self._deferred
+            return deferred is not None and deferred[0] is cycle
+
+        def release(self, cycle: Any, start: bool) -> None:
+            """For ``InlineResponse``: start the held task of ``cycle``, or drop it."""
+            if self.holds(cycle):
+                if start:
+                    self._start_deferred()
+                else:
+                    self._deferred = None
+
         def on_message_complete(self) -> None:
             super().on_message_complete()
             cycle = self.cycle
@@ -201,7 +293,9 @@ def _protocol_class(early_start: EarlyStart | None) -> type[asyncio.Protocol] | 
                 and not self.pipeline  # not queued behind an earlier response
                 and not cycle.response_started
             ):
-                early_start(cycle.scope, bytes(cycle.body), InlineResponse(cycle))
+                out = InlineResponse(cycle, self if self.holds(cycle) else None)
+                if early_start(cycle.scope, bytes(cycle.body), out):
+                    return  # the app starts the task, or answers without one
             self._start_deferred()
 
         def connection_lost(self, exc: Exception | None) -> None:

@@ -198,7 +198,7 @@ def test_answers_leave_from_the_engines_read_not_the_request_task(
     """The fast path against real vLLM: with a connection to the engine idle in the
     pool, a whole answer and a stream's tokens reach the client while the request's
     task has not even started (each starts 2 s late here, as on a loop busy with
-    other streams)."""
+    other streams); the whole answer needs no task at all."""
     sp, _, _ = stack
     started = delay_request_tasks(monkeypatch, 2.0)
     body = {"model": "tiny", "prompt": "hi", "max_tokens": 5, "ignore_eos": True}
@@ -222,7 +222,13 @@ def test_answers_leave_from_the_engines_read_not_the_request_task(
                             five = time.monotonic() - t0
             assert five < 1.0, f"five tokens took {five:.2f} s"
             assert len(events) == 6 and events[-1] == "data: [DONE]"
-    assert started["tasks"] == 3
+        # the whole answer was finished, slot and record included, without a task
+        assert started["tasks"] == 2
+        wait_for(
+            lambda: px.metric("sentinel_proxy_requests_total", tier="vllm", status="200") == 3,
+            10,
+            what="all three requests recorded",
+        )
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,10 @@ timeouts, disconnects, records) behaves as on the task's path."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -77,8 +79,9 @@ def test_answers_do_not_wait_for_the_request_task(
                             first = time.monotonic() - t0
             assert first < TASK_DELAY_S / 2, f"first event took {first:.3f} s"
             assert len(events) == 6 and events[-1] == "data: [DONE]"
-    assert slow_tasks["tasks"] == 3
-    # the tasks still ran and recorded each request
+    # the first request's task, and the stream's (its end, its record); the whole
+    # answer on the fast path was finished and recorded without a task
+    assert slow_tasks["tasks"] == 2
     recs = {r["request_id"]: r for r in _records(px, 3)}
     assert recs["w1"]["status"] == 200 and recs["w1"]["tier"] == "a"
     assert recs["w1"]["ttft_s"] < TASK_DELAY_S / 2
@@ -190,8 +193,8 @@ def test_an_answer_sent_as_the_first_byte_deadline_passes_stands(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    """The fast path answered the client, and only then did the request's task see its
-    first-byte deadline pass (while it still waited for the head, or after it): the
+    """The fast path answered the client, and only then did the request's task (already
+    started) see its first-byte deadline pass (while it still waited for the head, or after it): the
     answer stands, whole or streamed to its end; nothing falls back to the next tier
     behind the client's back, and the upstream's stream is not cut."""
     resume = RawTransport.resume
@@ -226,6 +229,10 @@ def test_an_answer_sent_as_the_first_byte_deadline_passes_stands(
     keep: list[asyncio.Future[None]] = []
     begun: list[RawResponse] = []
     monkeypatch.setattr(RawTransport, "resume", late)
+    # the task starts before the answer comes, as when the first-byte deadline's timer
+    # fires in the loop step whose read brings the answer (a whole answer is otherwise
+    # finished without a task)
+    monkeypatch.setattr(_EarlyAnswer, "hold", lambda self, deadline: self.start_task())
     timeouts = {"first_byte_s": 0.3, "total_s": 10}
     tl = [{"name": f.name, "base_url": f.url, "timeouts": timeouts} for f in (a, b)]
     with ProxyHarness({"tiers": tl}, tmp_path) as px:
@@ -278,3 +285,121 @@ def test_large_bodies_and_100_continue_still_reach_the_task(a: FakeOpenAI, tmp_p
             sock.sendall(body)
             status, _, answer = _read_response(f)
     assert status == 200 and json.loads(answer)["served_by"] == "a"
+
+
+def _read_request(f: Any) -> bytes:
+    """One HTTP/1.1 request with a content-length body, from a socket's file."""
+    length = 0
+    while (line := f.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return f.read(length)
+
+
+def test_an_upstream_that_drops_a_begun_request_reaches_the_task(
+    slow_tasks: dict[str, int], tmp_path: Path
+) -> None:
+    """A begun request whose pooled upstream connection closes before any answer byte
+    (the server dropped it while idle) starts the held task, which sends it again on a
+    fresh connection: the client never sees the drop."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    seen: list[str] = []
+    answer = json.dumps({"id": "x", "object": "text_completion", "choices": []}).encode()
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+
+    def serve() -> None:
+        conn, _ = srv.accept()  # the first request's connection, kept alive ...
+        f = conn.makefile("rb")
+        seen.append(json.loads(_read_request(f))["prompt"])
+        conn.sendall(head % len(answer) + answer)
+        seen.append(json.loads(_read_request(f))["prompt"])
+        conn.shutdown(socket.SHUT_RDWR)  # ... then dropped with the second request unanswered
+        f.close()
+        conn.close()
+        conn, _ = srv.accept()
+        f = conn.makefile("rb")
+        seen.append(json.loads(_read_request(f))["prompt"])
+        conn.sendall(head % len(answer) + answer)
+        conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    tl = [{"name": "a", "base_url": f"http://127.0.0.1:{port}"}]
+    with ProxyHarness({"tiers": tl}, tmp_path) as px:
+        with httpx.Client(timeout=10) as client:
+            r = client.post(px.url + "/v1/completions", json={**BODY, "prompt": "one"})
+            assert r.status_code == 200
+            r = client.post(px.url + "/v1/completions", json={**BODY, "prompt": "two"})
+            assert r.status_code == 200 and r.json()["id"] == "x"
+            assert r.headers["x-sentinel-upstream"] == "a"
+            assert r.headers["x-sentinel-fallback-hops"] == "0"
+        t.join(5)
+        srv.close()
+        assert seen == ["one", "two", "two"]
+        assert slow_tasks["tasks"] == 2  # the held task was started for the retry
+        wait_for(  # the task records the request just after its answer
+            lambda: px.metric("sentinel_proxy_requests_total", tier="a", status="200") == 2,
+            5,
+            what="both requests recorded",
+        )
+
+
+def test_a_client_that_asks_to_close_gets_a_whole_answer_then_eof(
+    a: FakeOpenAI, slow_tasks: dict[str, int], tmp_path: Path
+) -> None:
+    """``Connection: close`` on the fast path: the answer says so, arrives whole, and
+    the connection ends after it, with no task needed."""
+    with ProxyHarness({"tiers": [{"name": "a", "base_url": a.url}]}, tmp_path) as px:
+        assert httpx.post(px.url + "/v1/completions", json=BODY, timeout=10).status_code == 200
+        host, port = px.url.removeprefix("http://").split(":")
+        body = json.dumps(BODY).encode()
+        t0 = time.monotonic()
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            f = sock.makefile("rb")
+            sock.sendall(
+                (
+                    "POST /v1/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
+                    f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+                ).encode()
+                + body
+            )
+            status, headers, answer = _read_response(f)
+            assert f.read() == b""  # the proxy closed the connection
+        took = time.monotonic() - t0
+    assert status == 200 and json.loads(answer)["served_by"] == "a"
+    assert headers["connection"] == "close" and headers["x-sentinel-upstream"] == "a"
+    assert took < TASK_DELAY_S / 2
+    assert slow_tasks["tasks"] == 1  # the first request's only
+
+
+def test_the_fast_path_leaves_no_reference_cycles(a: FakeOpenAI, tmp_path: Path) -> None:
+    """Requests answered on the fast path leave nothing for the cyclic garbage
+    collector: a cycle per request would make its full collections, which stop the
+    proxy's loop, come often and long."""
+    with ProxyHarness({"tiers": [{"name": "a", "base_url": a.url}]}, tmp_path) as px:
+        with httpx.Client(timeout=10) as client:
+            assert client.post(px.url + "/v1/completions", json=BODY).status_code == 200
+            created: dict[str, int] = {}
+            real = _EarlyAnswer.__init__
+
+            def counted(self: _EarlyAnswer, *args: Any) -> None:
+                created["hooks"] = created.get("hooks", 0) + 1
+                real(self, *args)
+
+            _EarlyAnswer.__init__ = counted  # type: ignore[method-assign]
+            try:
+                gc.collect()
+                gc.disable()
+                for _ in range(40):
+                    assert client.post(px.url + "/v1/completions", json=BODY).status_code == 200
+                found = [o for o in gc.get_objects() if isinstance(o, _EarlyAnswer)]
+                gc.collect()
+                left = [o for o in gc.get_objects() if isinstance(o, _EarlyAnswer)]
+            finally:
+                gc.enable()
+                _EarlyAnswer.__init__ = real  # type: ignore[method-assign]
+    assert created["hooks"] == 40  # every request took the fast path
+    # without the collector, every hook but the last few is already freed
+    assert len(found) <= 2, f"{len(found)} fast-path hooks wait for the garbage collector"
+    assert len(left) <= 2
