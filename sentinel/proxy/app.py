@@ -10,9 +10,11 @@ The fast path (``early_start``): the server calls it from the event-loop callbac
 that read a whole request, before the request's task has run. It checks the request
 and, when the first tier can take it at once (``Chain.begin``), writes it upstream
 there and then; the upstream's answer goes to the client from the read that brings
-it (``_EarlyAnswer``). The task then finds the request begun or answered and does
-the rest: timeouts, fallback, the relay's end, disconnects, records. On a busy loop
-this spares a new request two waits behind every other ready callback.
+it (``_EarlyAnswer``). A whole answer is finished there (slot, breaker, record) and
+the request's task is never created; otherwise the task is started and finds the
+request begun or answered, and does the rest: timeouts, fallback, the relay's end,
+disconnects, records. On a busy loop this spares a new request two waits behind
+every other ready callback, and a whole answer the cost of a task.
 """
 
 from __future__ import annotations
