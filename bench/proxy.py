@@ -460,7 +460,13 @@ def _judge(ok: bool) -> str:
 
 
 async def scenarios(
-    up: int, px: int, quick: bool, vllm: str | None, vllm_px: int | None, vllm_model: str
+    up: int,
+    px: int,
+    quick: bool,
+    vllm: str | None,
+    vllm_px: int | None,
+    vllm_model: str,
+    proxy_pid: int | None = None,
 ) -> dict[str, Any]:
     res: dict[str, Any] = {}
     n1 = 1500 if quick else 5000
@@ -505,7 +511,9 @@ async def scenarios(
         f"(saturated)"
     )
     print("   (saturated, closed loop: latency there is queueing, 64 / throughput)")
+    cpu0 = _tree_cpu_s(proxy_pid)
     d, p, rounds = await _paired(up, px, 64, None, dur, body, rate=1500)
+    cpu_per_req = (_tree_cpu_s(proxy_pid) - cpu0) / p["n"] if p["n"] else 0.0
     pooled = pct(p["lat"], 99) - pct(d["lat"], 99)
     rb99, b99 = added_by_round(rounds, "lat", 99)
     print(
@@ -519,7 +527,10 @@ async def scenarios(
         f"(goal <= 5 ms: {_judge(b99 <= 0.005)}); pooled {ms(pooled)}"
     )
     print(f"   CPU time stolen from the proxy's core (hypervisor) by round {_steal_text(rounds)}")
+    if proxy_pid is not None:  # the proxy is idle during the direct rounds
+        print(f"   proxy CPU per request at 1500 req/s: {cpu_per_req * 1e6:.0f} us (user + system)")
     res["c64"] = {
+        "proxy_cpu_per_request_us": cpu_per_req * 1e6,
         "rps_proxy": rps_p,
         "rps_direct": rps_d,
         "added_p99_saturated_ms": a99 * 1e3,
@@ -792,7 +803,9 @@ def main() -> None:
             )
         )
         loop = new_loop()
-        res = loop.run_until_complete(scenarios(up, px, a.quick, None, None, a.vllm_model))
+        res = loop.run_until_complete(
+            scenarios(up, px, a.quick, None, None, a.vllm_model, proxy_pid=procs[-1].pid)
+        )
         for p in procs:  # free the CPU before the real engine runs
             _stop(p)
         procs.clear()

@@ -196,8 +196,6 @@ class InlineResponse:
         c = self._cycle
         if c.scope["method"] == "HEAD":
             raise RuntimeError("InlineResponse does not answer HEAD requests")
-        c.response_started = True
-        c.waiting_for_100_continue = False
         out = [STATUS_LINE[status]]
         length: int | None = None
         for name, value in (*c.default_headers, *headers):
@@ -208,6 +206,8 @@ class InlineResponse:
             elif name in (b"connection", b"transfer-encoding"):
                 raise RuntimeError(f"InlineResponse sets {name.decode()} itself")
             out += (name, b": ", value, b"\r\n")
+        c.response_started = True  # the head is valid: from here on it goes out
+        c.waiting_for_100_continue = False
         if not c.keep_alive:
             out.append(b"connection: close\r\n")
         if length is None and status not in (204, 304):

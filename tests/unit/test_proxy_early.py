@@ -149,6 +149,14 @@ def test_a_client_that_cannot_take_it_now_is_answered_by_the_task(
     assert True in tried and False in tried, tried
 
 
+def _post_head(body: bytes, extra: str = "") -> bytes:
+    """The head of a raw ``POST /v1/completions`` of ``body``, with ``extra`` header lines."""
+    return (
+        f"POST /v1/completions HTTP/1.1\r\nhost: x\r\n{extra}"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode()
+
+
 def _read_response(f: Any) -> tuple[int, dict[str, str], bytes]:
     status = int(f.readline().split()[1])
     headers = {}
@@ -168,11 +176,7 @@ def test_pipelined_requests_are_answered_in_order(a: FakeOpenAI, tmp_path: Path)
 
             def request(rid: str, delay: float) -> bytes:
                 body = json.dumps(BODY).encode()
-                return (
-                    f"POST /v1/completions HTTP/1.1\r\nhost: x\r\nx-request-id: {rid}\r\n"
-                    f"x-fake-delay: {delay}\r\ncontent-type: application/json\r\n"
-                    f"content-length: {len(body)}\r\n\r\n"
-                ).encode() + body
+                return _post_head(body, f"x-request-id: {rid}\r\nx-fake-delay: {delay}\r\n") + body
 
             sock.sendall(request("warm", 0))  # an idle upstream connection for the next
             assert _read_response(f)[0] == 200
@@ -274,12 +278,7 @@ def test_large_bodies_and_100_continue_still_reach_the_task(a: FakeOpenAI, tmp_p
         body = json.dumps(BODY).encode()
         with socket.create_connection((host, int(port)), timeout=10) as sock:
             f = sock.makefile("rb")
-            sock.sendall(
-                (
-                    "POST /v1/completions HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
-                    f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
-                ).encode()
-            )
+            sock.sendall(_post_head(body, "expect: 100-continue\r\n"))
             assert f.readline().startswith(b"HTTP/1.1 100")  # asked for the body
             assert f.readline() == b"\r\n"
             sock.sendall(body)
@@ -357,13 +356,7 @@ def test_a_client_that_asks_to_close_gets_a_whole_answer_then_eof(
         t0 = time.monotonic()
         with socket.create_connection((host, int(port)), timeout=10) as sock:
             f = sock.makefile("rb")
-            sock.sendall(
-                (
-                    "POST /v1/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
-                    f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
-                ).encode()
-                + body
-            )
+            sock.sendall(_post_head(body, "connection: close\r\n") + body)
             status, headers, answer = _read_response(f)
             assert f.read() == b""  # the proxy closed the connection
         took = time.monotonic() - t0
