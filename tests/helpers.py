@@ -45,3 +45,15 @@ def accept_sse(srv: socket.socket) -> socket.socket:
 def sse_chunk(event: bytes) -> bytes:
     """One event in HTTP/1.1 chunked framing."""
     return b"%x\r\n%s\r\n" % (len(event), event)
+
+
+def dechunk(data: bytes) -> bytes:
+    """The payload of an HTTP/1.1 chunked body (up to its last, empty chunk)."""
+    out, i = bytearray(), 0
+    while True:
+        j = data.index(b"\r\n", i)
+        n = int(data[i:j], 16)
+        if n == 0:
+            return bytes(out)
+        out += data[j + 2 : j + 2 + n]
+        i = j + 2 + n + 2

@@ -20,6 +20,7 @@ every other ready callback, and a whole answer the cost of a task.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import os
@@ -141,12 +142,13 @@ class _Ctx:
 class _Early:
     """What ``early_start`` did for a request, for its task."""
 
-    __slots__ = ("ctx", "req", "begun")
+    __slots__ = ("ctx", "req", "begun", "hook")
 
     def __init__(self, ctx: _Ctx, req: ProxyRequest, begun: Begun | None) -> None:
         self.ctx = ctx
         self.req = req
         self.begun = begun
+        self.hook: _EarlyAnswer | None = None
 
 
 class _EarlyAnswer:
@@ -155,11 +157,25 @@ class _EarlyAnswer:
     when the client can take it now; else it lets go and the task answers.
 
     Held (``hold``): the request's task has not been created. A whole answer is then
-    finished here, slot, breaker and record included, and no task is ever created;
-    anything else (a stream, a failure, a client that cannot take the answer, the
-    first-byte deadline) starts the task, which goes on as usual."""
+    finished here, slot, breaker and record included, and no task is ever created. A
+    stream goes on from the upstream's reads (each part written as it comes), and is
+    finished here at its end the same way. Anything else starts the task, which goes
+    on as usual from where the stream is: a failure, a client that cannot take the
+    answer or falls behind, a disconnect, the first-byte deadline, the stream's total
+    time limit."""
 
-    __slots__ = ("app", "ctx", "out", "tier", "resp", "parts", "req", "scope", "timer")
+    __slots__ = (
+        "app",
+        "ctx",
+        "out",
+        "tier",
+        "resp",
+        "parts",
+        "req",
+        "scope",
+        "timer",
+        "started",
+    )
 
     def __init__(
         self,
@@ -175,30 +191,34 @@ class _EarlyAnswer:
         self.out = out
         self.tier = begun.tier
         self.resp = begun.resp
+        self.started = begun.started
         self.parts: list[bytes] = []
         self.req = req
         self.scope = scope
         self.timer: asyncio.TimerHandle | None = None
 
     def hold(self, deadline: float) -> None:
-        """The task is held back: start it at the first-byte ``deadline`` (it then
-        handles the timeout), when the upstream connection fails first, or when this
-        hook lets go of the response without finishing the request."""
+        """The task is held back: start it at ``deadline`` (it then handles the
+        timeout), when the upstream connection fails first, or when this hook lets
+        go of the response without finishing the request."""
         self.timer = asyncio.get_running_loop().call_at(deadline, self.start_task)
         self.resp.on_lost = self.start_task
 
     def start_task(self) -> None:
-        self._unhold()
+        self.let_go()
         self.out.start_task()
 
-    def _unhold(self) -> None:
-        """Cancel the deadline's timer and drop the response's reference to this hook
-        (no reference cycle is left for the garbage collector)."""
+    def let_go(self) -> None:
+        """Cancel the timer and drop the response's references to this hook (no
+        reference cycle is left for the garbage collector); the request's task, once
+        started by any route, calls it too."""
         timer = self.timer
         if timer is not None:
             self.timer = None
             timer.cancel()
-        self.resp.on_lost = None
+        resp = self.resp
+        resp.on_lost = None
+        resp.on_end = None
 
     def __call__(self, data: bytes, done: bool) -> bool:
         resp = self.resp
@@ -217,13 +237,33 @@ class _EarlyAnswer:
             self.start_task()
             return False
         resp.early = None
-        self.start_task()  # the task relays the rest of a stream, or falls back
         if kind == "fail" or done or not self._answer(data, False):
+            self.start_task()  # the task falls back, or relays the stream
             return False
         sink = self.app._inline_sink(self.out.send_fn, resp, self.ctx)
-        if sink is not None:
-            resp.pipe(sink)
+        if sink is None or not self.out.held:
+            self.start_task()  # the task relays the rest
+            if sink is not None:
+                resp.pipe(sink)
+            return True
+        # the rest of the stream from the upstream's reads; the first-byte deadline is
+        # met, the stream's total time limit now applies (as in the task's relay)
+        resp.pipe(sink)
+        if self.timer is not None:
+            self.timer.cancel()
+        deadline = min(self.started + self.tier.timeouts.total_s, self.req.deadline)
+        self.timer = asyncio.get_running_loop().call_at(deadline, self.start_task)
+        resp.on_end = self._stream_end
         return True
+
+    def _stream_end(self) -> None:
+        """The upstream's stream ended with every part written: end the client's body
+        and finish the request here, unless the task has been started meanwhile."""
+        if not self.out.held or not self.out.end_body():
+            self.start_task()  # (a disconnect already started it: then a no-op)
+            return
+        self.ctx.finished = True
+        self._finish()
 
     def _answer(self, body: bytes, whole: bool) -> bool:
         out = self.out
@@ -245,9 +285,10 @@ class _EarlyAnswer:
         return True
 
     def _finish(self) -> None:
-        """What the task would do after a whole answer: the slot back, the breaker told
-        of the success, the request recorded; the task is then never created."""
-        self._unhold()
+        """What the task would do after a whole answer or a stream's end: the slot
+        back, the breaker told of the success, the request recorded; the task is then
+        never created."""
+        self.let_go()
         self.out.no_task()
         self.scope.pop(EARLY_KEY, None)
         tier = self.tier
@@ -334,6 +375,7 @@ class ProxyApp:
             return False
         hook = _EarlyAnswer(self, ctx, out, begun, req, scope)
         begun.resp.early = hook
+        scope[EARLY_KEY].hook = hook
         if not out.held:
             return False
         hook.hold(self.chain.first_byte_deadline(begun.tier, req, begun.started))
@@ -342,6 +384,8 @@ class ProxyApp:
     async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         scope[BEGAN_KEY] = True
         early: _Early | None = scope.pop(EARLY_KEY, None)
+        if early is not None and early.hook is not None:
+            early.hook.let_go()  # this task takes over (the hook may still answer first)
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         ctx = early.ctx if early is not None else self._new_ctx(headers)
         req: ProxyRequest | None = None
@@ -636,18 +680,9 @@ class ProxyApp:
         client in the upstream read that brings it (``server.chunk_writer``), and
         captured; a part the writer refuses (a slow client) goes through ``send``.
         None: relay through ``send`` only (another upstream client or server)."""
-        write = chunk_writer(send) if hasattr(rest, "relay_inline") else None
-        if write is None:
+        if not hasattr(rest, "relay_inline"):
             return None
-        capture = self._capture
-
-        def sink(chunk: bytes) -> bool:
-            if not write(chunk):
-                return False
-            capture(ctx, chunk)
-            return True
-
-        return sink
+        return chunk_writer(send, functools.partial(self._capture, ctx))
 
     def _capture(self, ctx: _Ctx, chunk: bytes) -> None:
         ctx.events += chunk.count(b"data: ")

@@ -100,7 +100,9 @@ class _Conn(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         resp = self.resp
         if resp is not None:
-            resp.feed(body)
+            sink = resp._sink  # a stream's part, on the path of every event: no more frames
+            if sink is None or resp.early is not None or not sink(body):
+                resp.feed(body)  # (a refused part is offered once more, then queued)
 
     def on_message_complete(self) -> None:
         resp = self.resp
@@ -165,6 +167,7 @@ class RawResponse:
         "decided",
         "committed",
         "on_lost",
+        "on_end",
     )
 
     def __init__(self, conn: _Conn, method: str, loop: asyncio.AbstractEventLoop) -> None:
@@ -189,9 +192,12 @@ class RawResponse:
         self.early: Callable[[bytes, bool], bool] | None = None
         self.decided: asyncio.Future[None] | None = None  # resolves when early lets go
         self.committed = False  # the early hook answered the client with this response
-        # called when the response fails (the connection reset or closed, a malformed
-        # answer) while the early hook still holds it: nobody may be waiting on it yet
+        # set while the early hook holds the response and nobody else waits on it:
+        # ``on_lost`` is called when it fails (the connection reset or closed, a
+        # malformed answer) or when the sink refuses a part (it is queued), so that
+        # someone takes over; ``on_end`` when the body ended with every part taken
         self.on_lost: Callable[[], None] | None = None
+        self.on_end: Callable[[], None] | None = None
 
     # ---- fed by the connection ------------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -203,15 +209,19 @@ class RawResponse:
             if took:
                 return
         sink = self._sink
+        refused = False
         if sink is not None:
             if sink(data):
                 return
             self._sink = None  # refused (a slow client): queued, read the usual way
+            refused = True
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > HIGH_WATER:
             self.conn.pause()
         self._wake()
+        if refused and self.on_lost is not None:
+            self.on_lost()
 
     def finish(self) -> None:
         early = self.early
@@ -221,17 +231,19 @@ class RawResponse:
             self._decide()
         self.done = True
         self._wake()
+        end = self.on_end
+        if end is not None:
+            end()
 
     def fail(self, err: UpstreamError) -> None:
         self.error = err
         self.done = True
-        held = self.early is not None
         self.early = None
         self._decide()
         if not self.head_fut.done():
             self.head_fut.set_exception(err)
         self._wake()
-        if held and self.on_lost is not None:
+        if self.on_lost is not None:
             self.on_lost()
 
     def requeue(self, parts: list[bytes]) -> None:

@@ -108,21 +108,32 @@ class _CorkedTransport:
         self._buf.clear()
         self._transport.abort()
 
+    @property
+    def raw(self) -> asyncio.Transport:
+        """The socket's own transport (for writers that hold nothing back)."""
+        return self._transport
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
 
 
-def chunk_writer(send: Any) -> Callable[[bytes], bool] | None:
+def chunk_writer(send: Any, on_part: Callable[[bytes], None]) -> Callable[[bytes], bool] | None:
     """For a response that uvicorn's httptools cycle sends with chunked encoding (its
-    head already sent): a writer of further body parts straight into the client's
-    connection, the same bytes ``send`` would write, without an ASGI message or a task
-    step. It returns False, writing nothing, when the client is gone or has more than
-    WRITE_BUFFER_MAX bytes unsent: that part, and the rest, then go through ``send``,
-    which waits for the client. None: another server or framing (send only)."""
+    head and first part already sent): a writer of further body parts straight into
+    the client's socket, the same bytes ``send`` would write, without an ASGI message,
+    a task step or the head-holding wrapper (whose buffer is empty once a body part has
+    gone); ``on_part`` sees each part written. It returns False, writing nothing, when
+    the client is gone or has more than WRITE_BUFFER_MAX bytes unsent: that part, and
+    the rest, then go through ``send``, which waits for the client. None: another
+    server or framing (send only). One writer per stream, on the path of every event:
+    kept to one Python frame besides ``on_part``."""
     cycle = getattr(send, "__self__", None)  # uvicorn's RequestResponseCycle
     transport = getattr(cycle, "transport", None)
     if transport is None or getattr(cycle, "chunked_encoding", None) is not True:
         return None
+    if isinstance(transport, _CorkedTransport):
+        transport.flush()
+        transport = transport.raw
 
     def write(chunk: bytes) -> bool:
         if not chunk:
@@ -134,6 +145,7 @@ def chunk_writer(send: Any) -> Callable[[bytes], bool] | None:
         ):
             return False
         transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        on_part(chunk)
         return True
 
     return write
@@ -232,6 +244,27 @@ class InlineResponse:
             if not c.keep_alive:
                 c.transport.close()
             c.on_response()
+
+    def end_body(self) -> bool:
+        """End a chunked body begun by ``respond(..., more_body=True)`` (its later parts
+        written by ``chunk_writer``): the last chunk, and uvicorn's completion, as
+        ``send`` does. False, writing nothing: the client is gone or closing, or the
+        response is not such a body."""
+        c = self._cycle
+        if (
+            c.response_complete
+            or c.chunked_encoding is not True
+            or c.disconnected
+            or c.transport.is_closing()
+        ):
+            return False
+        c.transport.write(b"0\r\n\r\n")
+        c.response_complete = True
+        c.message_event.set()
+        if not c.keep_alive:
+            c.transport.close()
+        c.on_response()
+        return True
 
 
 EarlyStart = Callable[[dict[str, Any], bytes, InlineResponse], bool]

@@ -198,7 +198,8 @@ def test_answers_leave_from_the_engines_read_not_the_request_task(
     """The fast path against real vLLM: with a connection to the engine idle in the
     pool, a whole answer and a stream's tokens reach the client while the request's
     task has not even started (each starts 2 s late here, as on a loop busy with
-    other streams); the whole answer needs no task at all."""
+    other streams); neither the whole answer nor the stream, its end included, needs a
+    task at all."""
     sp, _, _ = stack
     started = delay_request_tasks(monkeypatch, 2.0)
     body = {"model": "tiny", "prompt": "hi", "max_tokens": 5, "ignore_eos": True}
@@ -220,14 +221,18 @@ def test_answers_leave_from_the_engines_read_not_the_request_task(
                         events.append(line)
                         if len(events) == 5:
                             five = time.monotonic() - t0
+            whole = time.monotonic() - t0
             assert five < 1.0, f"five tokens took {five:.2f} s"
+            assert whole < 1.0, f"the stream took {whole:.2f} s to end"
             assert len(events) == 6 and events[-1] == "data: [DONE]"
-        # the whole answer was finished, slot and record included, without a task
-        assert started["tasks"] == 2
+            assert c.post("/v1/completions", json=body).status_code == 200  # same connection
+        # the whole answers and the stream were finished, slot and record included,
+        # without a task: only the first request (no idle connection yet) had one
+        assert started["tasks"] == 1
         wait_for(
-            lambda: px.metric("sentinel_proxy_requests_total", tier="vllm", status="200") == 3,
+            lambda: px.metric("sentinel_proxy_requests_total", tier="vllm", status="200") == 4,
             10,
-            what="all three requests recorded",
+            what="all four requests recorded",
         )
 
 
@@ -256,6 +261,11 @@ def test_bad_input_gets_openai_errors_and_sentinel_stays_up(
 def test_client_disconnect_frees_the_engine_within_1s(stack: Any) -> None:
     sp, _, _ = stack
     wait_for(lambda: _engine_running(sp) == 0, 20, interval=0.2, what="an idle engine")
+    # a request first, so that an idle connection to the engine waits in the pool: the
+    # stream is then begun from the read that brings it and relayed from the engine's
+    # reads with no task of its own (the fast path); the disconnect must still reach it
+    warm = {"model": "tiny", "prompt": "hi", "max_tokens": 1}
+    assert httpx.post(sp.proxy_url + "/v1/completions", json=warm, timeout=30).status_code == 200
     tokens0 = _engine_sum(sp, "vllm:generation_tokens_total")
     with httpx.stream(
         "POST",

@@ -11,6 +11,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from sentinel.proxy.app import _EarlyAnswer
 from sentinel.proxy.rawhttp import RawResponse, RawTransport
 from sentinel.proxy.server import InlineResponse
 from tests.fake_openai import FakeOpenAI
-from tests.helpers import wait_for
+from tests.helpers import dechunk, sse_chunk, wait_for
 from tests.unit.proxy_harness import ProxyHarness, delay_request_tasks
 
 BODY = {"model": "m", "prompt": "hi", "max_tokens": 3}
@@ -77,17 +78,22 @@ def test_answers_do_not_wait_for_the_request_task(
                         events.append(line)
                         if len(events) == 1:
                             first = time.monotonic() - t0
+            whole = time.monotonic() - t0
             assert first < TASK_DELAY_S / 2, f"first event took {first:.3f} s"
+            assert whole < TASK_DELAY_S / 2, f"the stream took {whole:.3f} s to end"
             assert len(events) == 6 and events[-1] == "data: [DONE]"
-    # the first request's task, and the stream's (its end, its record); the whole
-    # answer on the fast path was finished and recorded without a task
-    assert slow_tasks["tasks"] == 2
-    recs = {r["request_id"]: r for r in _records(px, 3)}
+            # the stream ended cleanly: the connection carries the next request
+            r = client.post(px.url + "/v1/completions", json=BODY, headers={"x-request-id": "w2"})
+            assert r.status_code == 200 and r.headers["x-request-id"] == "w2"
+    # only the first request's task: the whole answers and the stream (its end, its
+    # record) on the fast path were finished and recorded without one
+    assert slow_tasks["tasks"] == 1
+    recs = {r["request_id"]: r for r in _records(px, 4)}
     assert recs["w1"]["status"] == 200 and recs["w1"]["tier"] == "a"
     assert recs["w1"]["ttft_s"] < TASK_DELAY_S / 2
     assert recs["s1"]["stream"] is True and recs["s1"]["completion_tokens"] == 5
     assert recs["s1"]["ttft_s"] < TASK_DELAY_S / 2
-    assert px.metric("sentinel_proxy_requests_total", tier="a", status="200") == 3
+    assert px.metric("sentinel_proxy_requests_total", tier="a", status="200") == 4
 
 
 @pytest.mark.parametrize("failure", ["status_5xx", "status_429", "first_byte_timeout"])
@@ -384,8 +390,9 @@ def test_the_fast_path_leaves_no_reference_cycles(a: FakeOpenAI, tmp_path: Path)
             try:
                 gc.collect()
                 gc.disable()
-                for _ in range(40):
-                    assert client.post(px.url + "/v1/completions", json=BODY).status_code == 200
+                for i in range(40):  # whole answers and streams, both without a task
+                    body = {**BODY, "stream": i % 2 == 1}
+                    assert client.post(px.url + "/v1/completions", json=body).status_code == 200
                 found = [o for o in gc.get_objects() if isinstance(o, _EarlyAnswer)]
                 gc.collect()
                 left = [o for o in gc.get_objects() if isinstance(o, _EarlyAnswer)]
@@ -396,3 +403,152 @@ def test_the_fast_path_leaves_no_reference_cycles(a: FakeOpenAI, tmp_path: Path)
     # without the collector, every hook but the last few is already freed
     assert len(found) <= 2, f"{len(found)} fast-path hooks wait for the garbage collector"
     assert len(left) <= 2
+
+
+# ---- a stream relayed from the upstream's reads, with its task held back ----------------
+WHOLE = json.dumps({"id": "x", "object": "text_completion", "choices": []}).encode()
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+)
+
+
+def _keepalive_upstream(stream: Callable[[socket.socket], None]) -> tuple[str, threading.Thread]:
+    """An upstream that answers a first request whole on a kept-alive connection (so the
+    next request is begun on it, the fast path), then the second with ``stream``."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        f = conn.makefile("rb")
+        _read_request(f)
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+            % (len(WHOLE), WHOLE)
+        )
+        _read_request(f)
+        conn.sendall(SSE_HEAD)
+        try:
+            stream(conn)
+        finally:
+            f.close()
+            conn.close()
+            srv.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return f"http://127.0.0.1:{srv.getsockname()[1]}", t
+
+
+def _events(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln.startswith("data: ")]
+
+
+def test_a_held_stream_cut_by_its_upstream_ends_with_an_error_event(
+    slow_tasks: dict[str, int], tmp_path: Path
+) -> None:
+    """The upstream dies mid-stream while the stream goes on from its reads: the held
+    task takes over and ends the stream with an error event the client can parse."""
+
+    def half(conn: socket.socket) -> None:
+        conn.sendall(sse_chunk(b'data: {"choices":[{"text":"x"}]}\n\n'))
+        time.sleep(0.2)
+
+    url, _ = _keepalive_upstream(half)
+    with ProxyHarness({"tiers": [{"name": "a", "base_url": url}]}, tmp_path) as px:
+        with httpx.Client(timeout=10) as client:
+            assert client.post(px.url + "/v1/completions", json=BODY).status_code == 200
+            t0 = time.monotonic()
+            with client.stream(
+                "POST", px.url + "/v1/completions", json={**BODY, "stream": True}
+            ) as r:
+                lines = r.iter_lines()
+                first = next(ln for ln in lines if ln.startswith("data: "))
+                took = time.monotonic() - t0
+                events = [first, *(ln for ln in lines if ln.startswith("data: "))]
+    assert took < TASK_DELAY_S / 2  # the first event came from the upstream's read
+    assert len(events) == 2, events
+    err = json.loads(events[-1][len("data: ") :])
+    assert err["error"]["code"] == "reset" and "mid-stream" in err["error"]["message"]
+    assert slow_tasks["tasks"] == 2  # the first request's, and the one that took over
+    rec = {r["request_id"]: r for r in _records(px, 2)}
+    (cut,) = [r for r in rec.values() if r["stream"]]
+    assert "mid-stream" in cut["error"]
+
+
+def test_a_held_stream_stops_at_its_total_time_limit(a: FakeOpenAI, tmp_path: Path) -> None:
+    """The tier's total time limit ends a stream that goes on from the upstream's reads:
+    the upstream request is cancelled and the client gets a timeout error event."""
+    tl = [{"name": "a", "base_url": a.url, "timeouts": {"first_byte_s": 5, "total_s": 0.6}}]
+    with ProxyHarness({"tiers": tl}, tmp_path) as px:
+        with httpx.Client(timeout=10) as client:
+            assert client.post(px.url + "/v1/completions", json=BODY).status_code == 200
+            t0 = time.monotonic()
+            r = client.post(
+                px.url + "/v1/completions",
+                json={**BODY, "max_tokens": 100, "stream": True},
+                headers={"x-fake-chunk-interval": "0.05"},
+            )
+            took = time.monotonic() - t0
+        events = _events(r.text)
+        err = json.loads(events[-1][len("data: ") :])
+        assert err["error"]["code"] == "timeout", events[-3:]
+        assert 3 < len(events) < 40 and took < 3
+        wait_for(lambda: a.active == 0, 1, interval=0.01, what="upstream request cancelled")
+
+
+def test_a_client_leaving_a_held_stream_cancels_its_upstream_request(
+    a: FakeOpenAI, tmp_path: Path
+) -> None:
+    with ProxyHarness({"tiers": [{"name": "a", "base_url": a.url}]}, tmp_path) as px:
+        assert httpx.post(px.url + "/v1/completions", json=BODY, timeout=10).status_code == 200
+        host, port = px.url.removeprefix("http://").split(":")
+        body = json.dumps({**BODY, "max_tokens": 200, "stream": True}).encode()
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(_post_head(body, "x-fake-chunk-interval: 0.05\r\n") + body)
+            got = b""
+            while got.count(b"data: ") < 3:
+                got += sock.recv(65536)
+            assert a.active == 1
+        wait_for(lambda: a.active == 0, 1, interval=0.01, what="upstream request cancelled")
+        wait_for(
+            lambda: px.metric("sentinel_proxy_client_disconnects_total", tier="a") == 1,
+            2,
+            what="the disconnect counted",
+        )
+        (rec,) = [r for r in _records(px, 2) if r["stream"]]
+    assert rec["client_disconnect"] is True and rec["tier"] == "a"
+
+
+def test_a_slow_client_of_a_held_stream_gets_every_byte_in_order(tmp_path: Path) -> None:
+    """A client that falls behind a stream going on from the upstream's reads: the part
+    it cannot take is queued and the held task relays the rest with back-pressure."""
+    n, size = 1500, 16 * 1024  # ~24 MB, far more than the socket buffers hold
+
+    def flood(conn: socket.socket) -> None:
+        for i in range(n):
+            conn.sendall(sse_chunk(b"data: %06d %s\n\n" % (i, b"x" * size)))
+        conn.sendall(sse_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        time.sleep(0.5)
+
+    url, upstream = _keepalive_upstream(flood)
+    with ProxyHarness({"tiers": [{"name": "a", "base_url": url}]}, tmp_path) as px:
+        host, port = px.url.removeprefix("http://").split(":")
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # before connect
+            sock.settimeout(20)
+            sock.connect((host, int(port)))
+            f = sock.makefile("rb")
+            warm = json.dumps(BODY).encode()
+            sock.sendall(_post_head(warm) + warm)
+            assert _read_response(f)[0] == 200
+            body = json.dumps({**BODY, "stream": True}).encode()
+            sock.sendall(_post_head(body, "connection: close\r\n") + body)
+            time.sleep(1.0)  # not reading: the proxy must stop taking from the upstream
+            assert upstream.is_alive()
+            received = f.read()
+    head, _, chunked = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    payload = dechunk(chunked)
+    numbers = [ln[6:12] for ln in payload.split(b"\n") if ln.startswith(b"data: ")]
+    assert numbers == [b"%06d" % i for i in range(n)] + [b"[DONE]"]
+    assert payload.count(b"x" * size) == n

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from sentinel.proxy.rawhttp import RawResponse
-from tests.helpers import accept_sse, free_port, sse_chunk
+from tests.helpers import accept_sse, dechunk, free_port, sse_chunk
 from tests.unit.proxy_harness import ProxyHarness
 
 BODY = {"model": "m", "prompt": "hi", "max_tokens": 3, "stream": True}
@@ -127,18 +127,7 @@ def test_a_slow_client_gets_every_byte_in_order_through_back_pressure(
     client.close()
     head, _, chunked = bytes(received).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
-    payload = _dechunk(chunked)
+    payload = dechunk(chunked)
     assert _numbers(payload.decode()) == [*range(events), "[DONE]"]
     assert payload.count(b"x" * size) == events
     assert sink_calls["refused"] >= 1  # the slow client was relayed through send
-
-
-def _dechunk(data: bytes) -> bytes:
-    out, i = bytearray(), 0
-    while True:
-        j = data.index(b"\r\n", i)
-        n = int(data[i:j], 16)
-        if n == 0:
-            return bytes(out)
-        out += data[j + 2 : j + 2 + n]
-        i = j + 2 + n + 2
