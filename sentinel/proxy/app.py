@@ -11,10 +11,12 @@ that read a whole request, before the request's task has run. It checks the requ
 and, when the first tier can take it at once (``Chain.begin``), writes it upstream
 there and then; the upstream's answer goes to the client from the read that brings
 it (``_EarlyAnswer``). A whole answer is finished there (slot, breaker, record) and
-the request's task is never created; otherwise the task is started and finds the
-request begun or answered, and does the rest: timeouts, fallback, the relay's end,
-disconnects, records. On a busy loop this spares a new request two waits behind
-every other ready callback, and a whole answer the cost of a task.
+the request's task is never created; a stream goes on from the upstream's reads and
+is finished there at its end, likewise without a task. Anything else starts the
+task, which finds the request begun or answered, and does the rest: timeouts,
+fallback, a failed or slow stream, disconnects, records. On a busy loop this spares a
+new request two waits behind every other ready callback, and the request the cost of
+a task.
 """
 
 from __future__ import annotations

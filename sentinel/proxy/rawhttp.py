@@ -20,6 +20,8 @@ per-request CPU (see bench/proxy.py): the proxy's added latency is mostly this c
   a fresh connection, once, when the idle one turns out dead), and ``decided``
   resolves once the hook has let go. With these the proxy answers its client from
   the upstream's read, without waiting for its request task's turn on the loop.
+  While the hook holds a response that nobody else waits on, ``on_lost`` tells it of
+  a failure or of a part its sink refused, and ``on_end`` of the body's end.
 """
 
 from __future__ import annotations

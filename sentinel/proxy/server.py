@@ -11,7 +11,8 @@ connection itself, in uvicorn's chunked framing.
 
 The protocol hands every whole request to the app's ``early_start`` (when it has one)
 from the read that completed it, with an ``InlineResponse`` that writes a response
-into uvicorn's request cycle from there, outside the ASGI task. While the request's
+(a whole one, or a chunked one's head and first part and, later, its end) into
+uvicorn's request cycle from there, outside the ASGI task. While the request's
 task has not been created yet, the app may hold it back (``early_start`` returns
 True): it then either starts it (``InlineResponse.start_task``: the task runs and
 sees what was written) or, having answered and recorded the request itself, never
