@@ -193,6 +193,41 @@ def test_pipelined_requests_are_answered_in_order(a: FakeOpenAI, tmp_path: Path)
     assert all(s == 200 and json.loads(b)["served_by"] == "a" for s, _, b in got)
 
 
+def test_a_request_pipelined_behind_a_held_stream_waits_for_its_end(
+    a: FakeOpenAI, tmp_path: Path
+) -> None:
+    """A request sent on the connection while a stream on the fast path is still going
+    is answered after the stream's end, whole and in order."""
+    with ProxyHarness({"tiers": [{"name": "a", "base_url": a.url}]}, tmp_path) as px:
+        host, port = px.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            f = sock.makefile("rb")
+            warm = json.dumps(BODY).encode()
+            sock.sendall(_post_head(warm) + warm)  # an idle upstream connection
+            assert _read_response(f)[0] == 200
+            body = json.dumps({**BODY, "max_tokens": 10, "stream": True}).encode()
+            sock.sendall(_post_head(body, "x-fake-chunk-interval: 0.05\r\n") + body)
+            assert f.readline().startswith(b"HTTP/1.1 200")
+            head = {}
+            while (line := f.readline()) != b"\r\n":
+                k, v = line.decode().split(":", 1)
+                head[k.strip().lower()] = v.strip()
+            assert head["transfer-encoding"] == "chunked"
+            size = int(f.readline(), 16)  # the first event is out: the stream is going
+            first = f.read(size + 2)
+            assert first.startswith(b"data: ")
+            sock.sendall(_post_head(warm, "x-request-id: after\r\n") + warm)
+            rest = bytearray()
+            while (line := f.readline()) != b"0\r\n":
+                rest += f.read(int(line, 16) + 2)
+            assert f.readline() == b"\r\n"
+            events = [first, *rest.split(b"\n\n")]
+            status, headers, answer = _read_response(f)
+    assert rest.rstrip().endswith(b"data: [DONE]") and len(events) >= 11
+    assert status == 200 and headers["x-request-id"] == "after"
+    assert json.loads(answer)["served_by"] == "a"
+
+
 @pytest.mark.parametrize("where", ["after_head", "awaiting_head"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_an_answer_sent_as_the_first_byte_deadline_passes_stands(
