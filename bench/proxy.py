@@ -434,11 +434,13 @@ def ms(x: float) -> str:
 # ---------------------------------------------------------------------------------------
 # orchestration
 # ---------------------------------------------------------------------------------------
-def _spawn(args: list[str], cores: list[int] | None) -> subprocess.Popen[str]:
+def _spawn(args: list[str], cores: list[int] | None, tree: Path = ROOT) -> subprocess.Popen[str]:
+    """``bench.proxy`` in another role, from the source ``tree`` (this checkout by
+    default), once it says it is ready."""
     cmd = [sys.executable, "-m", "bench.proxy", *args]
     if cores is not None:
         cmd += ["--cores", ",".join(map(str, cores))]
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, cwd=tree, stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None
     line = p.stdout.readline()
     if line.strip() != "ready":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -32,15 +31,9 @@ STREAM = {"model": "bench", "prompt": "hi", "max_tokens": 32, "stream": True}
 def _proxy(root: Path, upstream_port: int) -> tuple[subprocess.Popen[str], int]:
     """The proxy of the tree at ``root``, and its port."""
     port = bp.free_port()
-    cmd = [sys.executable, "-m", "bench.proxy", "--role", "proxy", "--port", str(port)]
-    cmd += ["--payload-dir", tempfile.mkdtemp(), "--cores", "0"]
-    cmd += ["--upstream", f"http://127.0.0.1:{upstream_port}"]
-    p = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, text=True)
-    assert p.stdout is not None
-    if p.stdout.readline().strip() != "ready":
-        p.kill()
-        raise RuntimeError(f"the proxy of {root} did not start")
-    return p, port
+    args = ["--role", "proxy", "--port", str(port), "--payload-dir", tempfile.mkdtemp()]
+    args += ["--upstream", f"http://127.0.0.1:{upstream_port}"]
+    return bp._spawn(args, [0], tree=root), port
 
 
 async def _measure(port: int, pid: int) -> tuple[float, float]:

@@ -253,7 +253,7 @@ class _EarlyAnswer:
         resp.pipe(sink)
         if self.timer is not None:
             self.timer.cancel()
-        deadline = min(self.started + self.tier.timeouts.total_s, self.req.deadline)
+        deadline = Chain.total_deadline(self.tier, self.req, self.started)
         self.timer = asyncio.get_running_loop().call_at(deadline, self.start_task)
         resp.on_end = self._stream_end
         return True
@@ -422,7 +422,7 @@ class ProxyApp:
                     assert ex.failure is not None
                     await self._send_failure(send, ex.failure, ctx)
                 return
-            await self._relay(opened, send, ctx, req.deadline)
+            await self._relay(opened, send, ctx, req)
         except asyncio.CancelledError:
             if ctx.gone and main is not None and main.uncancel() == 0:
                 ctx.status = ctx.status or 499
@@ -612,7 +612,7 @@ class ProxyApp:
         headers += self._meta_headers(ctx, ctx.hops)
         return headers
 
-    async def _relay(self, opened: Opened, send: Any, ctx: _Ctx, req_deadline: float) -> None:
+    async def _relay(self, opened: Opened, send: Any, ctx: _Ctx, req: ProxyRequest) -> None:
         tier = opened.tier
         resp = opened.resp
         _served(ctx, tier, resp)
@@ -642,7 +642,7 @@ class ProxyApp:
                 await send({"type": "http.response.body", "body": first, "more_body": True})
                 ctx.ttft = time.perf_counter() - ctx.t0
                 self._capture(ctx, first)
-            deadline = min(opened.started + tier.timeouts.total_s, req_deadline)
+            deadline = Chain.total_deadline(tier, req, opened.started)
             tail_error: tuple[str, str, int] | None = None
             try:
                 async with asyncio.timeout_at(deadline):

@@ -433,6 +433,11 @@ class Chain:
         t = tier.timeouts
         return min(started + t.first_byte_s, started + t.total_s, req.deadline)
 
+    @staticmethod
+    def total_deadline(tier: Tier, req: ProxyRequest, started: float) -> float:
+        """The loop time by which ``tier``'s whole answer to ``req`` must have ended."""
+        return min(started + tier.timeouts.total_s, req.deadline)
+
     async def _attempt(self, tier: Tier, req: ProxyRequest, begun: Begun | None) -> Opened:
         loop = asyncio.get_running_loop()
         started = loop.time() if begun is None else begun.started

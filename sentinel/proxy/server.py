@@ -240,11 +240,7 @@ class InlineResponse:
             out += (b"\r\n", body)
         c.transport.write_now(b"".join(out))
         if not more_body:
-            c.response_complete = True
-            c.message_event.set()
-            if not c.keep_alive:
-                c.transport.close()
-            c.on_response()
+            self._complete()
 
     def end_body(self) -> bool:
         """End a chunked body begun by ``respond(..., more_body=True)`` (its later parts
@@ -260,12 +256,18 @@ class InlineResponse:
         ):
             return False
         c.transport.write(b"0\r\n\r\n")
+        self._complete()
+        return True
+
+    def _complete(self) -> None:
+        """The response is all written: uvicorn's completion (keep-alive or close, the
+        next pipelined request), as its ``send`` does after the last part."""
+        c = self._cycle
         c.response_complete = True
         c.message_event.set()
         if not c.keep_alive:
             c.transport.close()
         c.on_response()
-        return True
 
 
 EarlyStart = Callable[[dict[str, Any], bytes, InlineResponse], bool]
