@@ -16,9 +16,10 @@ the upstream and load generator to core 1 (as in ``bench.proxy``). Scenarios, ea
   added latency p99.
 
 Printed per relay: added p50 (median of rounds), p99 by round with their median, the
-share of each round stolen from the relays' core by the hypervisor, and the rounds in
-which no core lost any time. What the floor cannot reach on a machine, no proxy
-written on this stack reaches there.
+share of each round stolen from the relays' core by the hypervisor, the rounds in
+which no core lost any time, and the relay's CPU time (user + system) per request.
+Sentinel runs here with its payload log off, as the byte pipe has none. What the
+floor cannot reach on a machine, no proxy written on this stack reaches there.
 """
 
 from __future__ import annotations
@@ -151,13 +152,13 @@ def main() -> None:
         )
         procs.append(p)
         assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-        relays = [("bytepipe", pipe)]
+        relays = [("bytepipe", pipe, p.pid)]
         for name, fast in (("sentinel", "on"), ("no-fast", "off"))[: 2 if a.no_fast else 1]:
             port = bp.free_port()
             args = ["--role", "proxy", "--port", str(port), "--payload-dir", "off"]
             args += ["--fast-path", fast, "--upstream", f"http://127.0.0.1:{up}"]
             procs.append(bp._spawn(args, [0]))
-            relays.append((name, port))
+            relays.append((name, port, procs[-1].pid))
         bp.pin([1])
         scenarios = list(SCENARIOS) if a.scenario == "both" else [a.scenario]
         bp.new_loop().run_until_complete(_passes(up, relays, scenarios, a.rounds))
@@ -166,25 +167,31 @@ def main() -> None:
             bp._stop(proc)
 
 
-async def _passes(up: int, relays: list[tuple[str, int]], scenarios: list[str], n: int) -> None:
+async def _passes(
+    up: int, relays: list[tuple[str, int, int]], scenarios: list[str], n: int
+) -> None:
     """Each round runs every relay in turn (a direct run, then the relay's), so that the
     relays meet the same spells of the machine; per relay, the added p99 of each round
-    and their median, each round's stolen CPU time, and the rounds without any."""
+    and their median, each round's stolen CPU time, the rounds without any, and the
+    relay's CPU time (user + system) per request."""
     for name in scenarios:
         kw, key, goal = SCENARIOS[name]
         for _ in range(n):
             rounds: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {
-                r: [] for r, _ in relays
+                r: [] for r, _, _ in relays
             }
+            cpu = {r: 0.0 for r, _, _ in relays}
             for _ in range(bp.ROUNDS):
-                for relay, port in relays:
-                    pair = []
-                    for target in (up, port):
-                        pair.append(await bp._load(target, 64, **kw))
-                    rounds[relay].append((pair[0], pair[1]))
+                for relay, port, pid in relays:
+                    direct = await bp._load(up, 64, **kw)
+                    cpu0 = bp._tree_cpu_s(pid)
+                    relayed = await bp._load(port, 64, **kw)
+                    cpu[relay] += bp._tree_cpu_s(pid) - cpu0
+                    rounds[relay].append((direct, relayed))
             print(f"[{name}: added {key} p99, goal <= {goal * 1e3:g} ms]", flush=True)
-            for relay, _ in relays:
+            for relay, _, _ in relays:
                 rs = rounds[relay]
+                per_req = cpu[relay] / sum(pr["n"] for _, pr in rs)
                 added = [bp.pct(pr[key], 99) - bp.pct(dr[key], 99) for dr, pr in rs]
                 a50 = statistics.median(bp.pct(pr[key], 50) - bp.pct(dr[key], 50) for dr, pr in rs)
                 same = sum(sum(pr["events"]) for _, pr in rs) == sum(
@@ -194,7 +201,8 @@ async def _passes(up: int, relays: list[tuple[str, int]], scenarios: list[str], 
                     f"  {relay:9s} bytes/events out == in: {same}; added p50 {bp.ms(a50)}; "
                     f"p99 by round {bp._rounds_text(added)}: median "
                     f"{bp.ms(statistics.median(added))}; steal (proxy core) "
-                    f"{bp._steal_text(rs)}; {bp._quiet_text(added, rs)}",
+                    f"{bp._steal_text(rs)}; {bp._quiet_text(added, rs)}; CPU per request "
+                    f"{per_req * 1e6:.0f} us",
                     flush=True,
                 )
 
