@@ -103,8 +103,10 @@ class _Conn(asyncio.Protocol):
         resp = self.resp
         if resp is not None:
             sink = resp._sink  # a stream's part, on the path of every event: no more frames
-            if sink is None or resp.early is not None or not sink(body):
-                resp.feed(body)  # (a refused part is offered once more, then queued)
+            if sink is None or resp.early is not None:
+                resp.feed(body)
+            elif not sink(body):
+                resp.refused(body)
 
     def on_message_complete(self) -> None:
         resp = self.resp
@@ -211,19 +213,25 @@ class RawResponse:
             if took:
                 return
         sink = self._sink
-        refused = False
-        if sink is not None:
-            if sink(data):
-                return
-            self._sink = None  # refused (a slow client): queued, read the usual way
-            refused = True
+        if sink is None:
+            self._queue(data)
+        elif not sink(data):
+            self.refused(data)
+
+    def refused(self, data: bytes) -> None:
+        """A part the sink refused (a slow client): queued, and the rest read the usual
+        way, with back-pressure; ``on_lost`` is told, so that someone reads it."""
+        self._sink = None
+        self._queue(data)
+        if self.on_lost is not None:
+            self.on_lost()
+
+    def _queue(self, data: bytes) -> None:
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > HIGH_WATER:
             self.conn.pause()
         self._wake()
-        if refused and self.on_lost is not None:
-            self.on_lost()
 
     def finish(self) -> None:
         early = self.early
