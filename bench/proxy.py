@@ -1,6 +1,6 @@
 """Proxy overhead: Sentinel's proxy vs a direct connection to the same upstream.
 
-    .venv/bin/python -m bench.proxy [--quick] [--vllm URL | --start-vllm] [--transport aiohttp]
+    .venv/bin/python -m bench.proxy [--quick] [--vllm URL | --start-vllm]
 
 Processes (each its own interpreter, so the load generator is never the bottleneck):
   upstream   a minimal fast OpenAI-shaped server (raw asyncio + httptools, uvloop)
@@ -206,12 +206,7 @@ def run_proxy(
             )
         ],
     )
-    factory = None
-    if transport == "aiohttp":
-        from sentinel.proxy.upstream import AiohttpTransport
-
-        def factory(_name: str, limit: int) -> Any:
-            return AiohttpTransport(limit=limit)
+    factory = None  # Sentinel's own upstream client (the only one since aiohttp's left)
 
     async def main() -> None:
         kwargs = {"transport_factory": factory} if factory else {}
@@ -752,7 +747,7 @@ def main() -> None:
     ap.add_argument(
         "--transport",
         default="raw",
-        choices=["raw", "aiohttp"],
+        choices=["raw"],
         help="the proxy's upstream client (raw: Sentinel's default)",
     )
     ap.add_argument(

@@ -1,6 +1,8 @@
 """The degradation chain: ordered tiers, tried until one answers.
 
 For each tier, in order, before anything is sent:
+  - a tier with a model map is skipped for a model missing from it
+    (``model_not_offered``): nobody spends a tier's key on a model it was not offered;
   - the local tier is skipped when the probes say it cannot serve (not ready,
     stalled, draining, restarting, starting, failed; degraded where configured), or
     when its waiting queue is above the spill threshold and another tier follows;
@@ -10,6 +12,11 @@ For each tier, in order, before anything is sent:
 Then the request is sent. Connection refused/reset, a first-byte timeout, a 5xx or a
 429 move it to the next tier; nothing has reached the client yet, because the
 response is committed only once its first body bytes are in hand (``Opened``).
+A deadline (first byte, whole request) fails a tier only after the event loop has
+read what the upstream's socket already holds: a head that arrived in time counts,
+even when Sentinel's own loop was too busy to see it before the timer fired.
+The breaker hears one outcome per request: a whole answer's success at once, a
+stream's at its end (``Opened.finish``: a stream that breaks is one failure).
 
 ``begin`` sends a request to the first tier at once, from the event loop's callback
 that read it, when that needs no wait (no skip, breaker closed, a free slot, an idle
@@ -23,13 +30,14 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from sentinel.config.schema import AdmissionConfig, BreakerConfig, TierConfig, TierKind
 from sentinel.proxy.admission import Admission
 from sentinel.proxy.breaker import Breaker, BreakerState
 from sentinel.proxy.errors import ProxyError
 from sentinel.proxy.metrics import ProxyMetrics
+from sentinel.proxy.rawhttp import RawResponse, RawTransport
 from sentinel.proxy.secrets import Secret
 from sentinel.proxy.upstream import (
     Transport,
@@ -39,9 +47,6 @@ from sentinel.proxy.upstream import (
     drain,
 )
 from sentinel.state import EngineState, EngineStatus
-
-if TYPE_CHECKING:
-    from sentinel.proxy.rawhttp import RawResponse
 
 ERROR_BODY_LIMIT = 64 * 1024  # an upstream error body kept for pass-through
 FULL_READ_LIMIT = 8 * 1024 * 1024  # non-SSE bodies up to this (with a length) are read whole
@@ -61,6 +66,11 @@ HEALTH_SKIPS = frozenset(
         "breaker_open",
     }
 )
+MODEL_NOT_OFFERED = "model_not_offered"
+# event-loop passes given to an upstream after a deadline's timer fired, before the
+# deadline fails the request: what the socket already holds is read and handled, so a
+# stall of Sentinel's own loop is never blamed on the upstream
+DEADLINE_GRACE_PASSES = 8
 
 
 @dataclass(slots=True)
@@ -153,6 +163,12 @@ class Tier:
         else:
             self.in_flight -= 1
 
+    def offers(self, model: str | None) -> bool:
+        """Is ``model`` offered by this tier? With a model map, only the models it
+        names are (a request without a model, e.g. ``GET /v1/models``, always is)."""
+        model_map = self.cfg.model_map
+        return not model_map or model is None or model in model_map
+
     def body_for(self, req: ProxyRequest) -> bytes:
         mapped = self.cfg.model_map.get(req.model) if req.model is not None else None
         if mapped is None or req.payload is None:
@@ -205,13 +221,17 @@ class Opened:
         self._done = False
 
     def finish(self, upstream_failed: bool = False) -> None:
-        """Give the tier's slot back; on ``upstream_failed`` count it against the breaker."""
+        """Give the tier's slot back. A stream's outcome goes to the breaker here, once:
+        a failure on ``upstream_failed`` (it broke after it was committed), else a
+        success. (A whole answer's success was counted when it was opened.)"""
         if self._done:
             return
         self._done = True
         self.tier.release()
         if upstream_failed:
             self.tier.breaker.failure()
+        elif not self.complete:
+            self.tier.breaker.success()
 
     def abort(self) -> None:
         """Close the upstream connection now (the upstream cancels the request)."""
@@ -299,14 +319,16 @@ class Chain:
         at once, an idle connection (a transport with ``start``). The slot is then
         held for ``open(req, begun)``. None: nothing was taken; ``open`` does it all."""
         tier = self.tiers[0]
-        start = getattr(tier.transport, "start", None)
-        if start is None or tier.breaker.state is not BreakerState.closed:
+        transport = tier.transport
+        if not isinstance(transport, RawTransport):
+            return None
+        if tier.breaker.state is not BreakerState.closed or not tier.offers(req.model):
             return None
         if tier.local and self._local_skip(tier, 0) is not None:
             return None
         if not self._try_slot(tier):
             return None
-        resp = start(self._upstream_request(tier, req))
+        resp = transport.start(self._upstream_request(tier, req))
         if resp is None:
             tier.release()
             return None
@@ -322,7 +344,9 @@ class Chain:
             early = begun if index == 0 else None
             reason: str | None = None
             if early is None:  # else begin() checked this tier and holds its slot
-                reason = self._local_skip(tier, index) if tier.local else None
+                reason = None if tier.offers(req.model) else MODEL_NOT_OFFERED
+                if reason is None and tier.local:
+                    reason = self._local_skip(tier, index)
                 if reason is None and not tier.breaker.allow():
                     reason = "breaker_open"
                     ra = tier.breaker.retry_after()
@@ -357,7 +381,8 @@ class Chain:
                 tier.release()
                 tier.breaker.release()
                 raise
-            tier.breaker.success()
+            if opened.complete:
+                tier.breaker.success()  # a stream's outcome is counted at its end
             return opened
         raise self._exhausted(req, failure, capacity, breaker_wait)
 
@@ -392,7 +417,17 @@ class Chain:
         if failure is not None:
             return Exhausted(None, failure)
         reasons = {r for _, r in req.hops}
-        if reasons <= HEALTH_SKIPS:
+        if reasons == {MODEL_NOT_OFFERED}:
+            return Exhausted(
+                ProxyError(
+                    404,
+                    f"The model {req.model!r} is not offered by any tier ({hops})",
+                    "model_not_found",
+                    param="model",
+                ),
+                None,
+            )
+        if reasons <= HEALTH_SKIPS | {MODEL_NOT_OFFERED}:
             wait = max(1, math.ceil(breaker_wait)) if breaker_wait else 1
             return Exhausted(
                 ProxyError(
@@ -439,64 +474,121 @@ class Chain:
         return min(started + tier.timeouts.total_s, req.deadline)
 
     async def _attempt(self, tier: Tier, req: ProxyRequest, begun: Begun | None) -> Opened:
+        """``tier``'s committed answer by its first-byte deadline. The exchange runs as
+        its own task; when the deadline passes, the loop first gets a few passes to read
+        what the socket holds (see ``DEADLINE_GRACE_PASSES``) and only an exchange
+        that still has nothing is a ``first_byte_timeout``."""
         loop = asyncio.get_running_loop()
         started = loop.time() if begun is None else begun.started
-        fb_deadline = self.first_byte_deadline(tier, req, started)
+        ureq = begun.resp.request if begun is not None else None
+        if ureq is None:
+            ureq = self._upstream_request(tier, req)
+        deadline = self.first_byte_deadline(tier, req, started)
+        exchange = loop.create_task(self._exchange(tier, req, begun, started, ureq))
+        try:
+            while True:
+                done, _ = await asyncio.wait((exchange,), timeout=max(0.0, deadline - loop.time()))
+                if not done:
+                    for _ in range(DEADLINE_GRACE_PASSES):
+                        await asyncio.sleep(0)
+                        if exchange.done():
+                            break
+                if exchange.done():
+                    break
+                # the first byte is due ``first_byte_s`` after the request was written
+                sent = ureq.sent_at
+                later = deadline if sent is None else self.first_byte_deadline(tier, req, sent)
+                if later <= deadline or loop.time() >= later:
+                    break
+                deadline = later
+        except BaseException:  # the request is cancelled (its client went away)
+            _drop(exchange)
+            if begun is not None:
+                begun.resp.abort()
+            raise
+        if exchange.done():
+            return exchange.result()  # an Opened, or the exchange's own _TierFailed
+        _drop(exchange)
+        if begun is not None and begun.resp.committed:
+            # answered from the upstream's read as the deadline passed, before this
+            # task saw it: the client has it, so it stands (no fallback, no error)
+            return self._answered(tier, begun.resp, started)
+        if loop.time() >= req.deadline:
+            raise ProxyError(504, "request timed out (proxy.request_timeout_s)", "request_timeout")
+        raise _TierFailed("first_byte_timeout", health_failure=True)
+
+    async def _exchange(
+        self,
+        tier: Tier,
+        req: ProxyRequest,
+        begun: Begun | None,
+        started: float,
+        ureq: UpstreamRequest,
+    ) -> Opened:
         resp: UpstreamResponse | None = begun.resp if begun is not None else None
         try:
-            async with asyncio.timeout_at(fb_deadline):
-                if begun is None:
-                    resp = await tier.transport.send(self._upstream_request(tier, req))
-                else:
-                    resp = await tier.transport.resume(begun.resp)  # type: ignore[attr-defined]
-                kind = commit_kind(resp)
-                if kind == "fail":
-                    if begun is not None:
-                        begun.resp.early = None
-                    status = resp.status
-                    body = await drain(resp, ERROR_BODY_LIMIT)
-                    raise _TierFailed(
-                        "status_429" if status == 429 else "status_5xx",
-                        health_failure=status != 429,
-                        failure=UpstreamFailure(tier.name, status, resp.headers, body),
-                    )
-                if begun is not None and resp is begun.resp:
-                    if begun.resp.early is not None:
-                        assert begun.resp.decided is not None
-                        await begun.resp.decided
-                    if begun.resp.committed:  # already answered, from the upstream's read
-                        return self._answered(tier, begun.resp, started)
-                if kind == "whole":
-                    first = await resp.read()
-                    resp.release()
-                    return Opened(tier, resp, first, None, True, started)
-                rest = resp.chunks()
-                try:
-                    first = await anext(rest)
-                except StopAsyncIteration:
-                    resp.release()
-                    return Opened(tier, resp, b"", None, True, started)
-                return Opened(tier, resp, first, rest, False, started)
-        except TimeoutError:
-            if begun is not None and begun.resp.committed:
-                # answered from the upstream's read as the deadline passed, before this
-                # task saw it: the client has it, so it stands (no fallback, no error)
-                return self._answered(tier, begun.resp, started)
+            if begun is None:
+                resp = await tier.transport.send(ureq)
+            else:
+                transport = tier.transport
+                assert isinstance(transport, RawTransport)
+                resp = await transport.resume(begun.resp)
+            kind = commit_kind(resp)
+            if kind == "fail":
+                if begun is not None:
+                    begun.resp.early = None
+                status = resp.status
+                body = await drain(resp, ERROR_BODY_LIMIT)
+                raise _TierFailed(
+                    "status_429" if status == 429 else "status_5xx",
+                    health_failure=status != 429,
+                    failure=UpstreamFailure(tier.name, status, resp.headers, body),
+                )
+            if begun is not None and resp is begun.resp:
+                if begun.resp.early is not None:
+                    assert begun.resp.decided is not None
+                    await begun.resp.decided
+                if begun.resp.committed:  # already answered, from the upstream's read
+                    return self._answered(tier, begun.resp, started)
+            if kind == "whole":
+                first = await resp.read()
+                resp.release()
+                return Opened(tier, resp, first, None, True, started)
+            rest = resp.chunks()
+            try:
+                first = await anext(rest)
+            except StopAsyncIteration:
+                resp.release()
+                return Opened(tier, resp, b"", None, True, started)
+            return Opened(tier, resp, first, rest, False, started)
+        except UpstreamError as exc:
             if resp is not None:
                 resp.abort()
-            if loop.time() >= req.deadline:
-                raise ProxyError(
-                    504, "request timed out (proxy.request_timeout_s)", "request_timeout"
-                ) from None
-            raise _TierFailed("first_byte_timeout", health_failure=True) from None
-        except UpstreamError as exc:
-            raise _TierFailed(exc.reason, health_failure=True) from exc
+            raise _TierFailed(exc.reason, health_failure=exc.upstream_fault) from exc
         except _TierFailed:
             raise
         except BaseException:
-            if resp is not None:
+            if resp is not None and not (begun is not None and begun.resp.committed):
                 resp.abort()
             raise
+
+
+def _retrieve(task: asyncio.Task[Opened]) -> None:
+    if not task.cancelled():
+        task.exception()  # an outcome nobody waits for any more: not an error to log
+
+
+def _drop(exchange: asyncio.Task[Opened]) -> None:
+    """Stop an exchange the request no longer waits for; an answer it already opened is
+    closed (its upstream cancels it). The slot is the caller's to give back."""
+    if not exchange.done():
+        exchange.cancel()
+        exchange.add_done_callback(_retrieve)
+        return
+    if not exchange.cancelled() and exchange.exception() is None:
+        opened = exchange.result()
+        if not opened.sent:
+            opened.abort()
 
 
 def build_tier(

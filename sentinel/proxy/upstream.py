@@ -1,32 +1,34 @@
-"""The upstream HTTP client behind a small transport seam.
+"""The transport seam between the chain and an upstream, and a mock transport for tests.
 
-``Transport.send`` returns once the upstream's status line and headers are in; the
-body is then read whole (``read``) or chunk by chunk as it arrives (``chunks``, one
+``Transport.send`` returns once the upstream's final status line and headers are in;
+the body is then read whole (``read``) or part by part as it arrives (``chunks``, one
 item per network read, never merged). ``abort`` closes the connection at once, which
 is how a cancelled request reaches the upstream (vLLM aborts a request whose
-connection closes). Failures surface as ``UpstreamError`` with a short reason that
-the chain uses for fallback decisions and metrics.
+connection closes). Every failure crosses the seam as ``UpstreamError``: a short
+``reason`` for fallback decisions and metrics, and ``upstream_fault``, False when the
+failure is a bug of ours (it must not count against a healthy upstream's breaker).
 
-``AiohttpTransport`` is the production client (pooled keep-alive connections, C
-parser); tests pass any object with the same two methods.
+``sentinel.proxy.rawhttp.RawTransport`` is the production client; ``MockTransport``
+answers from a handler function, as httpx's ``MockTransport`` does.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Protocol
-
-import aiohttp
 
 
 class UpstreamError(Exception):
-    """A transport-level failure: connect_error, connect_timeout or reset."""
+    """A failure talking to an upstream: connect_error, connect_timeout, reset, or
+    internal_error (``upstream_fault`` False: ours, not the upstream's)."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, upstream_fault: bool = True) -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+        self.upstream_fault = upstream_fault
 
 
 @dataclass(slots=True)
@@ -37,9 +39,15 @@ class UpstreamRequest:
     headers: dict[str, str]
     body: bytes
     connect_timeout_s: float
+    # loop.time() when the transport wrote the request (the first-byte clock starts
+    # there: a connect, or a stall of Sentinel's own loop before the write, is not
+    # the upstream's time to answer)
+    sent_at: float | None = None
 
 
 class UpstreamResponse(Protocol):
+    """What the chain and the relay use of an upstream's answer."""
+
     status: int
     headers: list[tuple[bytes, bytes]]  # lower-case names, as received
     content_length: int | None
@@ -55,108 +63,11 @@ class UpstreamResponse(Protocol):
 
 
 class Transport(Protocol):
+    """What the chain uses of an upstream client."""
+
     async def send(self, request: UpstreamRequest) -> UpstreamResponse: ...
 
     async def aclose(self) -> None: ...
-
-
-def _map_error(exc: BaseException) -> UpstreamError:
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamError("connect_error", f"cannot connect: {exc.os_error or exc}")
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamError("connect_timeout", "connect timed out")
-    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)):
-        return UpstreamError("reset", f"upstream closed the connection: {exc}")
-    return UpstreamError("reset", f"upstream connection failed: {exc}")
-
-
-_CLIENT_ERRORS = (aiohttp.ClientError, OSError)
-
-
-class AiohttpResponse:
-    __slots__ = ("_resp", "status", "headers", "content_length", "content_type")
-
-    def __init__(self, resp: aiohttp.ClientResponse) -> None:
-        self._resp = resp
-        self.status = resp.status
-        self.headers = [(k.lower(), v) for k, v in resp.raw_headers]
-        self.content_length = resp.content_length
-        self.content_type = resp.headers.get("content-type", "")
-
-    async def read(self) -> bytes:
-        try:
-            return await self._resp.read()
-        except _CLIENT_ERRORS as exc:
-            self._resp.close()
-            raise _map_error(exc) from exc
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        content = self._resp.content
-        try:
-            while True:
-                data, _ = await content.readchunk()
-                if not data:
-                    if content.at_eof():
-                        return
-                    continue
-                yield data
-        except _CLIENT_ERRORS as exc:
-            self._resp.close()
-            raise _map_error(exc) from exc
-
-    def release(self) -> None:
-        self._resp.release()
-
-    def abort(self) -> None:
-        self._resp.close()
-
-
-class AiohttpTransport:
-    """Pooled keep-alive client for one upstream (one per tier)."""
-
-    def __init__(self, limit: int = 0, keepalive_s: float = 30.0) -> None:
-        self._limit = limit
-        self._keepalive_s = keepalive_s
-        self._session: aiohttp.ClientSession | None = None
-
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self._limit,
-                limit_per_host=0,
-                keepalive_timeout=self._keepalive_s,
-                ttl_dns_cache=300,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                auto_decompress=False,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-                timeout=aiohttp.ClientTimeout(total=None),
-            )
-        return self._session
-
-    async def send(self, request: UpstreamRequest) -> AiohttpResponse:
-        session = self._get_session()
-        try:
-            resp = await session.request(
-                request.method,
-                request.base_url + request.target,
-                headers=request.headers,
-                data=request.body or None,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=request.connect_timeout_s),
-            )
-        except _CLIENT_ERRORS as exc:
-            raise _map_error(exc) from exc
-        except TimeoutError as exc:  # a connect timeout not wrapped by aiohttp
-            raise UpstreamError("connect_timeout", "connect timed out") from exc
-        return AiohttpResponse(resp)
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
 
 async def drain(resp: UpstreamResponse, limit: int) -> bytes:
@@ -168,3 +79,78 @@ async def drain(resp: UpstreamResponse, limit: int) -> bytes:
             resp.abort()
             break
     return bytes(out[:limit])
+
+
+# ---- the mock transport ------------------------------------------------------------------
+@dataclass
+class MockResponse:
+    """An answer of ``MockTransport``: ``body`` whole, or ``parts`` one by one (each after
+    ``part_delay_s``), then ``error`` (a failure mid-body) if given."""
+
+    status: int = 200
+    body: bytes = b""
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    parts: Iterable[bytes] | None = None
+    part_delay_s: float = 0.0
+    error: UpstreamError | None = None
+    content_type: str = "application/json"
+    aborted: bool = False
+    released: bool = False
+    content_length: int | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        names = {k for k, _ in self.headers}
+        if b"content-type" not in names:
+            self.headers.append((b"content-type", self.content_type.encode()))
+        for k, v in self.headers:
+            if k == b"content-type":
+                self.content_type = v.decode("latin-1")
+        streamed = self.parts is not None or self.error is not None
+        self.content_length = None if streamed else len(self.body)
+        if self.content_length is not None and b"content-length" not in names:
+            self.headers.append((b"content-length", str(self.content_length).encode()))
+
+    async def read(self) -> bytes:
+        return b"".join([p async for p in self.chunks()])
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        parts = [self.body] if self.parts is None else self.parts
+        for part in parts:
+            if self.aborted:
+                return
+            if self.part_delay_s:
+                await asyncio.sleep(self.part_delay_s)
+            if part:
+                yield part
+        if self.error is not None and not self.aborted:
+            raise self.error
+
+    def release(self) -> None:
+        self.released = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+Handler = Callable[[UpstreamRequest], Awaitable[MockResponse]]
+
+
+class MockTransport:
+    """A ``Transport`` answering every request from ``handler`` (an async function that
+    returns a ``MockResponse`` or raises ``UpstreamError``); it keeps the requests."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.requests: list[UpstreamRequest] = []
+        self.responses: list[MockResponse] = []
+        self.closed = False
+
+    async def send(self, request: UpstreamRequest) -> MockResponse:
+        self.requests.append(request)
+        request.sent_at = asyncio.get_running_loop().time()
+        resp = await self.handler(request)
+        self.responses.append(resp)
+        return resp
+
+    async def aclose(self) -> None:
+        self.closed = True

@@ -342,42 +342,38 @@ def _burst(sp: SentinelProcess, n: int) -> tuple[list[httpx.Response], float, fl
 
 
 def test_burst_beyond_capacity_is_queued_then_429_never_5xx(stack: Any) -> None:
+    """40 long streams at once against 4 engine slots, a queue of 4 (1 s) and two small
+    fake tiers: the overflow is queued in front of the engine, the rest 429, none 5xx.
+    Once, with no rerun: a stall of Sentinel's own loop (seen in CI on a starved 2-core
+    machine) does not fail the engine's connects or first bytes any more (the socket is
+    read before a deadline fails a request), so requests queue as they should."""
     sp, backup, external = stack
     n = 40
-    for attempt in range(3):
-        results, waited, lag = _burst(sp, n)
-        codes = [r.status_code for r in results]
-        assert len(codes) == n, (codes, lag)
-        odd = [
-            (r.status_code, r.headers.get("x-sentinel-fallbacks"), r.text[:300])
-            for r in results
-            if r.status_code not in (200, 429)
-        ]
-        assert not odd, (codes, odd, lag)
-        limited = [r for r in results if r.status_code == 429]
-        assert limited, codes
-        for r in limited:
-            assert int(r.headers["retry-after"]) >= 1
-            assert r.json()["error"]["code"] == "capacity_exceeded"
-            # every tier was tried or passed over first (full, or timing out under the burst)
-            hops = r.headers["x-sentinel-fallbacks"]
-            assert "backup=" in hops and "external=" in hops, hops
-        served = {r.headers["x-sentinel-upstream"] for r in results if r.status_code == 200}
-        assert served and served <= {"local", "backup", "external"}, served
-        assert (_metric(sp, 'sentinel_proxy_rejected_total{reason="capacity"}') or 0) >= len(
-            limited
-        )
-        # requests were queued in front of the local engine (the queue-wait histogram
-        # counts them). Which reason each hop names is not asserted: on a busy 2-core
-        # machine the engine's first bytes can come late enough to open the local breaker
-        # mid-burst. When Sentinel's own loop stalled past the local first-byte deadline
-        # (1 s; seen in CI, the machine starved of CPU), the first requests' deadlines
-        # pass before the others are even read, and nothing queues: that burst says
-        # nothing about admission, so it is run again (the other checks held).
-        if waited >= 4 or lag is None or lag < 1.0 or attempt == 2:
-            hops_seen = sorted({r.headers.get("x-sentinel-fallbacks", "") for r in results})
-            assert waited >= 4, (waited, codes, hops_seen, lag, attempt)
-            return
+    results, waited, lag = _burst(sp, n)
+    codes = [r.status_code for r in results]
+    hops_seen = sorted({r.headers.get("x-sentinel-fallbacks", "") for r in results})
+    assert len(codes) == n, (codes, lag)
+    odd = [
+        (r.status_code, r.headers.get("x-sentinel-fallbacks"), r.text[:300])
+        for r in results
+        if r.status_code not in (200, 429)
+    ]
+    assert not odd, (codes, odd, lag)
+    limited = [r for r in results if r.status_code == 429]
+    assert limited, codes
+    for r in limited:
+        assert int(r.headers["retry-after"]) >= 1
+        assert r.json()["error"]["code"] == "capacity_exceeded"
+        # every tier was tried or passed over first (full, or timing out under the burst)
+        hops = r.headers["x-sentinel-fallbacks"]
+        assert "backup=" in hops and "external=" in hops, hops
+    served = {r.headers["x-sentinel-upstream"] for r in results if r.status_code == 200}
+    assert served and served <= {"local", "backup", "external"}, served
+    assert (_metric(sp, 'sentinel_proxy_rejected_total{reason="capacity"}') or 0) >= len(limited)
+    # requests were queued in front of the local engine (the queue-wait histogram counts
+    # them), and the loopback engine was never blamed for a connect
+    assert waited >= 4, (waited, codes, hops_seen, lag)
+    assert not any("local=connect_" in h for h in hops_seen), (hops_seen, lag)
 
 
 # ---- health-aware chain and breaker ------------------------------------------------------------
