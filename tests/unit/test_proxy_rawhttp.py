@@ -4,6 +4,8 @@ chunk-by-chunk delivery, connection errors."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 
 import pytest
 
@@ -171,6 +173,133 @@ def test_start_writes_on_an_idle_connection_and_resume_survives_a_dead_one() -> 
         got = await t.resume(resp)
         assert got is not resp and await got.read() == b"three"
         assert len(conns) == 2
+        await t.aclose()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_interim_1xx_answers_are_skipped_and_each_request_gets_its_own_body() -> None:
+    """An upstream that sends ``103 Early Hints`` (or 100, 102) before every answer, then
+    the real 200 a little later: 200 requests on pooled connections each get their own
+    body (a 1xx was taken as the answer, and the real one handed to the next request on
+    the connection: 43-51 of 200 got another request's answer)."""
+
+    async def main() -> None:
+        async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            n = 0
+            while True:
+                try:
+                    raw = await read_request(r)
+                except asyncio.IncompleteReadError:
+                    return
+                n += 1
+                interim = (b"100 Continue", b"102 Processing", b"103 Early Hints")[n % 3]
+                w.write(b"HTTP/1.1 " + interim + b"\r\nlink: </style.css>; rel=preload\r\n\r\n")
+                await w.drain()
+                await asyncio.sleep(0.002)
+                body = raw.split(b"\r\n\r\n", 1)[1]
+                w.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+                await w.drain()
+
+        server, port, conns = await serve(handler)
+        t = RawTransport()
+        wrong: list[tuple[bytes, bytes]] = []
+
+        async def one(i: int) -> None:
+            body = b"request-%d" % i
+            resp = await t.send(req(port, body=body))
+            got = await resp.read()
+            if resp.status != 200 or got != body or any(k == b"link" for k, _ in resp.headers):
+                wrong.append((body, got))
+
+        for start in range(0, 200, 8):  # 8 at a time: pooled connections reused
+            await asyncio.gather(*(one(i) for i in range(start, start + 8)))
+        assert wrong == []
+        assert len(conns) <= 16  # the connections were pooled and reused
+        await t.aclose()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_bytes_nobody_asked_for_spoil_the_connection() -> None:
+    """An upstream that sends a second answer after the first: the connection is never
+    pooled with those bytes unread; the next request goes on a fresh connection and
+    gets its own answer."""
+
+    async def main() -> None:
+        async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            while True:
+                try:
+                    raw = await read_request(r)
+                except asyncio.IncompleteReadError:
+                    return
+                body = raw.split(b"\r\n\r\n", 1)[1]
+                answer = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+                w.write(answer + b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstray")
+                await w.drain()
+
+        server, port, conns = await serve(handler)
+        t = RawTransport()
+        for i in range(5):
+            resp = await t.send(req(port, body=b"body-%d" % i))
+            assert await resp.read() == b"body-%d" % i
+            await asyncio.sleep(0.01)
+        assert len(conns) == 5  # none reused
+        await t.aclose()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_a_reset_before_a_close_delimited_body_ends_is_a_failure() -> None:
+    async def main() -> None:
+        async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            raw = await read_request(r)
+            w.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\npart1")
+            await w.drain()
+            await asyncio.sleep(0.05)
+            if b"/reset" in raw:
+                sock = w.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                w.transport.abort()  # RST: the body was cut, not ended
+            else:
+                w.close()  # a clean close ends the body
+
+        server, port, _ = await serve(handler)
+        t = RawTransport()
+        resp = await t.send(req(port, "/reset"))
+        with pytest.raises(UpstreamError) as err:
+            await resp.read()
+        assert err.value.reason == "reset"
+        resp = await t.send(req(port, "/clean"))
+        assert await resp.read() == b"part1"
+        await t.aclose()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_a_bug_in_our_parser_callbacks_is_not_an_upstream_fault(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An exception in our own code while parsing a healthy answer is reported as
+    ``internal_error`` with ``upstream_fault`` False (the breaker is not told), never as
+    a malformed upstream response."""
+    from sentinel.proxy import rawhttp
+
+    def broken(self: object, name: bytes, value: bytes) -> None:
+        raise KeyError("a bug of ours")
+
+    async def main() -> None:
+        server, port, _ = await serve(keep_alive(lambda raw: b"ok"))
+        t = RawTransport()
+        monkeypatch.setattr(rawhttp._Conn, "on_header", broken)
+        with pytest.raises(UpstreamError) as err:
+            await t.send(req(port))
+        assert err.value.reason == "internal_error" and not err.value.upstream_fault
+        assert "malformed" not in err.value.detail
         await t.aclose()
         server.close()
 
