@@ -65,6 +65,11 @@ class Breaker:
             return 0.0
         return max(0.0, self.opened_at + self.open_for - self._clock())
 
+    @property
+    def recorded(self) -> int:
+        """Outcomes (successes and failures) in the ratio window."""
+        return len(self._window)
+
     # ---- outcomes ------------------------------------------------------------
     def success(self) -> None:
         self.consecutive = 0
