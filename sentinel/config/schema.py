@@ -177,6 +177,12 @@ class AdmissionConfig(_Section):
     spill_waiting_threshold: int | None = Field(None, ge=0)
 
 
+class AuthConfig(_Section):
+    keys_file: Path | None = None
+    keys_env: str | None = None
+    allow_anonymous: bool = False
+
+
 class ProxyConfig(_Section):
     enabled: bool = True
     host: str = "0.0.0.0"
@@ -188,6 +194,7 @@ class ProxyConfig(_Section):
     )
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
 
     @model_validator(mode="after")
     def _unique_tiers(self) -> ProxyConfig:

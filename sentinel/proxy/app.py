@@ -33,6 +33,7 @@ from typing import Any
 from sentinel.config.schema import ProxyConfig
 from sentinel.logs import get_logger
 from sentinel.payloads.log import PayloadLog, PayloadRecord
+from sentinel.proxy.auth import Authenticator
 from sentinel.proxy.chain import (
     Begun,
     Chain,
@@ -98,6 +99,7 @@ EARLY_METHODS = frozenset({"GET", "POST"})
 # scope keys between the fast path and the request's task
 EARLY_KEY = "sentinel.early"
 BEGAN_KEY = "sentinel.began"
+CLIENT_KEY = "sentinel.client"  # the client key's id (proxy.auth), for the record
 
 
 class _Ctx:
@@ -327,7 +329,9 @@ class ProxyApp:
         chain: Chain,
         metrics: ProxyMetrics,
         payloads: PayloadLog | None = None,
+        auth: Authenticator | None = None,
     ) -> None:
+        self.auth = auth
         self.cfg = cfg
         self.chain = chain
         self.metrics = metrics
@@ -459,6 +463,8 @@ class ProxyApp:
 
     def _request_head(self, scope: dict[str, Any]) -> tuple[dict[str, str], bytes]:
         """Check the path and the headers; the headers to forward, and the content type."""
+        if self.auth is not None:  # 401 before anything is read or sent
+            scope[CLIENT_KEY] = self.auth.check(scope["headers"])
         path: str = scope["path"]
         if not path.startswith("/v1/"):
             raise ProxyError(
@@ -707,6 +713,7 @@ class ProxyApp:
         meta: dict[str, Any] = {
             "ts": time.time(),
             "request_id": ctx.rid,
+            "client": scope.get(CLIENT_KEY),
             "method": scope["method"],
             "path": scope["path"],
             "tier": ctx.tier,

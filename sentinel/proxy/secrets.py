@@ -1,7 +1,9 @@
 """Tier API keys: read from an environment variable or a file, never logged.
 
 The key is held in a ``Secret`` whose ``repr``/``str`` never show it, so a key that
-ends up in a log call or a status dump prints as ``Secret(****)``.
+ends up in a log call or a status dump prints as ``Secret(****)``. Every value that
+becomes a header (tier keys here, client keys in ``auth``) is checked at start-up:
+a CR, LF or other control character would split or corrupt the header it goes into.
 """
 
 from __future__ import annotations
@@ -29,11 +31,24 @@ class Secret:
     __str__ = __repr__
 
 
+def check_header_value(value: str, where: str) -> None:
+    """Raise ``SecretError`` (naming ``where``, never the value) when ``value`` cannot
+    go into an HTTP header: a CR, LF, NUL or other control character, or non-ASCII."""
+    for i, ch in enumerate(value):
+        if ch in "\r\n":
+            raise SecretError(f"{where}: the value holds a line break (CR/LF) at offset {i}")
+        if ord(ch) < 0x20 and ch != "\t" or ord(ch) == 0x7F or ord(ch) > 0x7E:
+            raise SecretError(
+                f"{where}: the value holds a control or non-ASCII character at offset {i}"
+            )
+
+
 def load_api_key(tier: str, env: str | None, file: Path | None) -> Secret | None:
     """The tier's key, env var first, then file; None when the tier has no key configured."""
     if env:
         value = os.environ.get(env, "").strip()
         if value:
+            check_header_value(value, f"tier {tier!r}: environment variable {env}")
             return Secret(value)
         if not file:
             raise SecretError(f"tier {tier!r}: environment variable {env} is not set or empty")
@@ -46,5 +61,6 @@ def load_api_key(tier: str, env: str | None, file: Path | None) -> Secret | None
             ) from None
         if not value:
             raise SecretError(f"tier {tier!r}: api_key_file {file} is empty")
+        check_header_value(value, f"tier {tier!r}: api_key_file {file}")
         return Secret(value)
     return None

@@ -14,6 +14,7 @@ from sentinel.config.schema import PayloadLogConfig, ProxyConfig, TierKind
 from sentinel.logs import get_logger
 from sentinel.payloads.log import PayloadLog
 from sentinel.proxy.app import ProxyApp
+from sentinel.proxy.auth import Authenticator
 from sentinel.proxy.chain import Chain, build_tier
 from sentinel.proxy.metrics import ProxyMetrics
 from sentinel.proxy.rawhttp import RawTransport
@@ -71,7 +72,8 @@ class ProxyService:
             )
         self.chain = Chain(tiers, status, cfg.admission, self.metrics)
         self.payloads = PayloadLog(payload_cfg, registry) if payload_cfg.enabled else None
-        self.app = ProxyApp(cfg, self.chain, self.metrics, self.payloads)
+        self.auth = Authenticator(cfg.auth, cfg.tiers, registry)
+        self.app = ProxyApp(cfg, self.chain, self.metrics, self.payloads, self.auth)
         self._server: ProxyServer | None = None
 
     def prepare(self) -> None:
@@ -84,6 +86,10 @@ class ProxyService:
                 tier.api_key = load_api_key(tier.name, tier.cfg.api_key_env, tier.cfg.api_key_file)
             except SecretError as exc:
                 raise ProxyStartError(str(exc)) from None
+        try:
+            self.auth.load()
+        except SecretError as exc:
+            raise ProxyStartError(str(exc)) from None
         try:
             self._server = ProxyServer(self.app, self.cfg.host, self.cfg.port)
         except ProxyBindError as exc:

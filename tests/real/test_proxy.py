@@ -65,6 +65,7 @@ def stack(
             ],
             "breaker": BREAKER,
             "admission": ADMISSION,
+            "auth": {"allow_anonymous": True},  # client keys: their own test below
         },
         "payload_log": {"sample_rate": 1.0},
     }

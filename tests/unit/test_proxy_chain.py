@@ -171,7 +171,8 @@ def test_model_map_and_api_key_for_external_tier(
                 "api_key_env": "EXT_KEY",
                 "model_map": {"m": "gpt-x"},
             },
-        ]
+        ],
+        "auth": {"allow_anonymous": True},
     }
     with ProxyHarness(cfg, tmp_path, engine_url=a.url) as px:
         r = httpx.post(
