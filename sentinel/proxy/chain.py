@@ -197,7 +197,17 @@ class Begun:
 class Opened:
     """A committed upstream response: status and headers, and the first body bytes."""
 
-    __slots__ = ("tier", "resp", "first", "rest", "complete", "started", "sent", "_done")
+    __slots__ = (
+        "tier",
+        "resp",
+        "first",
+        "rest",
+        "complete",
+        "started",
+        "sent",
+        "counted",
+        "_done",
+    )
 
     def __init__(
         self,
@@ -218,19 +228,23 @@ class Opened:
         # the response's head and first part (the whole body when complete) already
         # went to the client, from the upstream's read (``RawResponse.early``)
         self.sent = sent
+        # the breaker was told of a success when this was opened: a whole answer, or
+        # a stream that was a half-open breaker's trial (its first bytes close it)
+        self.counted = False
         self._done = False
 
     def finish(self, upstream_failed: bool = False) -> None:
         """Give the tier's slot back. A stream's outcome goes to the breaker here, once:
         a failure on ``upstream_failed`` (it broke after it was committed), else a
-        success. (A whole answer's success was counted when it was opened.)"""
+        success. (Only a half-open trial's stream, already counted as a success when
+        its first bytes closed the breaker, is counted again when it breaks.)"""
         if self._done:
             return
         self._done = True
         self.tier.release()
         if upstream_failed:
             self.tier.breaker.failure()
-        elif not self.complete:
+        elif not self.counted:
             self.tier.breaker.success()
 
     def abort(self) -> None:
@@ -381,8 +395,9 @@ class Chain:
                 tier.release()
                 tier.breaker.release()
                 raise
-            if opened.complete:
-                tier.breaker.success()  # a stream's outcome is counted at its end
+            if opened.complete or tier.breaker.state is BreakerState.half_open:
+                tier.breaker.success()  # else a stream's outcome is counted at its end
+                opened.counted = True
             return opened
         raise self._exhausted(req, failure, capacity, breaker_wait)
 

@@ -166,3 +166,34 @@ def test_a_client_gone_while_waiting_aborts_the_upstream_request() -> None:
         assert slow_resp.aborted  # the upstream hears of it (its connection is closed)
 
     run(main())
+
+
+def test_a_half_open_trial_stream_closes_the_breaker_with_its_first_bytes() -> None:
+    """A trial that is a long stream does not keep the tier half-open (every other
+    request passed over) until it ends: its first bytes close the breaker."""
+
+    async def main() -> None:
+        fail = [True]
+
+        async def handler(_req: UpstreamRequest) -> MockResponse:
+            if fail[0]:
+                raise UpstreamError("connect_error", "down")
+            return MockResponse(parts=[b"data: 1\n\n", b"data: 2\n\n"], content_type=SSE)
+
+        breaker = {"consecutive_failures": 1, "open_initial_s": 0.05}
+        chain = make_chain(
+            tier("a", MockTransport(handler)), tier("b", answering()), breaker=breaker
+        )
+        a = chain.tiers[0]
+        (await chain.open(request())).finish()
+        assert a.breaker.state is BreakerState.open
+        await asyncio.sleep(0.06)
+        fail[0] = False
+        opened = await chain.open(request(stream=True))
+        assert opened.tier is a and a.breaker.state is BreakerState.closed
+        async for _ in opened.rest:
+            pass
+        opened.finish()
+        assert a.breaker.state is BreakerState.closed and a.breaker.consecutive == 0
+
+    run(main())
