@@ -26,6 +26,7 @@ connection); ``open`` then goes on from there.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -502,8 +503,9 @@ class Chain:
         exchange = loop.create_task(self._exchange(tier, req, begun, started, ureq))
         try:
             while True:
-                done, _ = await asyncio.wait((exchange,), timeout=max(0.0, deadline - loop.time()))
-                if not done:
+                if not exchange.done():
+                    await _until(exchange, deadline)
+                if not exchange.done():
                     for _ in range(DEADLINE_GRACE_PASSES):
                         await asyncio.sleep(0)
                         if exchange.done():
@@ -586,6 +588,26 @@ class Chain:
             if resp is not None and not (begun is not None and begun.resp.committed):
                 resp.abort()
             raise
+
+
+async def _until(task: asyncio.Task[Opened], deadline: float) -> None:
+    """Wait until ``task`` is done or the loop time ``deadline`` has come, whichever is
+    first (``asyncio.wait`` with a timeout, at less cost per request)."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+    wake = functools.partial(_wake, waiter)
+    task.add_done_callback(wake)
+    timer = loop.call_at(deadline, wake)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        task.remove_done_callback(wake)
+
+
+def _wake(waiter: asyncio.Future[None], *_: object) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _retrieve(task: asyncio.Task[Opened]) -> None:
