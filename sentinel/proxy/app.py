@@ -713,7 +713,7 @@ class ProxyApp:
         meta: dict[str, Any] = {
             "ts": time.time(),
             "request_id": ctx.rid,
-            "client": scope.get(CLIENT_KEY),
+            "key_id": scope.get(CLIENT_KEY),
             "method": scope["method"],
             "path": scope["path"],
             "tier": ctx.tier,

@@ -147,7 +147,7 @@ def test_the_proxy_answers_401_without_an_upstream_request_and_records_the_key_i
             return None
 
         rec = wait_for(record, 10, what="the payload record of auth-1")
-        assert rec["client"] == "alice"
+        assert rec["key_id"] == "alice"
     assert ALICE not in "".join(p.read_text() for p in (tmp_path / "payloads").glob("*.jsonl"))
 
 
