@@ -2,8 +2,9 @@
 
 One Sentinel for the module: tiers ``local`` (real vLLM), ``backup`` and ``external``
 (small fake OpenAI servers on loopback, started here). Order matters (pytest keeps
-file order): plain serving and bad input, client disconnect, the burst, SIGSTOP with
-the breaker, and last the SIGKILL under load (the engine is left restarting).
+file order): plain serving and bad input, client disconnect, the burst, client keys
+and a stall of Sentinel's loop, SIGSTOP with the breaker, and last the SIGKILL under
+load (the engine is left restarting).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def stack(
     external = FakeOpenAI("external", model="gpt-x").start()
     os.environ["SENTINEL_TEST_EXTERNAL_KEY"] = EXTERNAL_KEY
     overrides: dict[str, Any] = {
+        # float32: vLLM's AMX bfloat16 kernel dies with SIGILL on CPUs that advertise AMX
+        # to a VM that does not enable it (the Worker dies minutes into start-up)
+        "engine": {"args": ["--max-model-len", "256", "--enforce-eager", "--dtype", "float32"]},
         "supervisor": {"crash_loop_max_starts": 50},
         # a hung probe fails after 4 s: the proxy's own first-byte timeouts (1 s) open the
         # breaker first, so the SIGSTOP test sees both mechanisms
@@ -377,6 +381,73 @@ def test_burst_beyond_capacity_is_queued_then_429_never_5xx(stack: Any) -> None:
     assert not any("local=connect_" in h for h in hops_seen), (hops_seen, lag)
 
 
+# ---- client keys and Sentinel's own stalls, against the engine ------------------------------
+def test_client_keys_401_reaches_no_engine_and_a_right_key_is_served(
+    stack: Any, tmp_path: Path
+) -> None:
+    sp, _, _ = stack
+    wait_for(lambda: _engine_running(sp) == 0, 20, interval=0.2, what="an idle engine")
+    keys = tmp_path / "client-keys"
+    keys.write_text("team-a:sk-team-a-0123456789abcdef\n")
+    cfg = {"tiers": [{"name": "vllm", "base_url": sp.engine_url}], "auth": {"keys_file": keys}}
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 3}
+    with ProxyHarness(cfg, tmp_path) as px, httpx.Client(base_url=px.url, timeout=30) as c:
+        before = _engine_sum(sp, "vllm:request_success_total")
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+        r = c.post(
+            "/v1/completions", json=body, headers={"authorization": "Bearer sk-wrong-key-000"}
+        )
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert _engine_sum(sp, "vllm:request_success_total") == before  # nothing reached it
+        r = c.post(
+            "/v1/completions", json=body, headers={"x-api-key": "sk-team-a-0123456789abcdef"}
+        )
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        assert r.headers["x-sentinel-upstream"] == "vllm"
+        assert px.metric("sentinel_proxy_client_requests_total", client="team-a") == 1
+
+
+def test_a_stall_of_sentinels_loop_is_not_blamed_on_the_engine(stack: Any, tmp_path: Path) -> None:
+    """Sentinel's own loop blocked 1.5 s while the engine answers (first_byte_s 1 s): the
+    answer that arrived meanwhile is taken; no fallback to the backup, no breaker
+    failure (the cause of the burst test's old flakiness, CI's starved loop)."""
+    sp, backup, _ = stack
+    wait_for(lambda: _served_by_local(sp), 30, interval=0.5, what="local serving")
+    timeouts = {"connect_s": 0.5, "first_byte_s": 1.0, "total_s": 30}
+    cfg = {
+        "tiers": [
+            {"name": "vllm", "base_url": sp.engine_url, "timeouts": timeouts},
+            {"name": "backup", "base_url": backup.url},
+        ]
+    }
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 3}
+    for stream in (False, True):
+        # a fresh proxy: no idle connection, so the request's task sends it and waits
+        # for the first byte under the deadline (the path that failed)
+        with ProxyHarness(cfg, tmp_path / str(stream)) as px:
+            out: list[httpx.Response] = []
+
+            def client(s: bool = stream, out: list[httpx.Response] = out) -> None:
+                payload = {**body, "stream": s}
+                out.append(httpx.post(px.url + "/v1/completions", json=payload, timeout=30))
+
+            thread = threading.Thread(target=client)
+            thread.start()
+            time.sleep(0.2)  # the request is on its way to the engine
+            px.call(time.sleep, 1.5)  # Sentinel's loop blocked while the engine answers
+            thread.join(30)
+            r = out[0]
+            assert r.status_code == 200, r.text
+            assert r.headers["x-sentinel-upstream"] == "vllm", r.headers
+            assert r.headers["x-sentinel-fallback-hops"] == "0"
+            assert px.metric("sentinel_proxy_breaker_state", upstream="vllm") == 0
+            timeouts_seen = px.metric(
+                "sentinel_proxy_fallbacks_total", tier="vllm", reason="first_byte_timeout"
+            )
+            assert timeouts_seen is None
+
+
 # ---- health-aware chain and breaker ------------------------------------------------------------
 def test_sigstopped_engine_backup_serves_within_3s_and_breaker_cycles(stack: Any) -> None:
     sp, backup, _ = stack
@@ -467,70 +538,3 @@ def test_sigkilled_engine_under_load_no_client_request_fails(stack: Any) -> None
     assert not failures, failures[:5]
     assert before.get("local", 0) > 0
     assert served.get("backup", 0) + served.get("external", 0) > 0, served
-
-
-# ---- client keys and Sentinel's own stalls, against the engine ------------------------------
-def test_client_keys_401_reaches_no_engine_and_a_right_key_is_served(
-    stack: Any, tmp_path: Path
-) -> None:
-    sp, _, _ = stack
-    wait_for(lambda: _engine_running(sp) == 0, 20, interval=0.2, what="an idle engine")
-    keys = tmp_path / "client-keys"
-    keys.write_text("team-a:sk-team-a-0123456789abcdef\n")
-    cfg = {"tiers": [{"name": "vllm", "base_url": sp.engine_url}], "auth": {"keys_file": keys}}
-    body = {"model": "tiny", "prompt": "hi", "max_tokens": 3}
-    with ProxyHarness(cfg, tmp_path) as px, httpx.Client(base_url=px.url, timeout=30) as c:
-        before = _engine_sum(sp, "vllm:request_success_total")
-        r = c.post("/v1/completions", json=body)
-        assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
-        r = c.post(
-            "/v1/completions", json=body, headers={"authorization": "Bearer sk-wrong-key-000"}
-        )
-        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-        assert _engine_sum(sp, "vllm:request_success_total") == before  # nothing reached it
-        r = c.post(
-            "/v1/completions", json=body, headers={"x-api-key": "sk-team-a-0123456789abcdef"}
-        )
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
-        assert r.headers["x-sentinel-upstream"] == "vllm"
-        assert px.metric("sentinel_proxy_client_requests_total", client="team-a") == 1
-
-
-def test_a_stall_of_sentinels_loop_is_not_blamed_on_the_engine(stack: Any, tmp_path: Path) -> None:
-    """Sentinel's own loop blocked 1.5 s while the engine answers (first_byte_s 1 s): the
-    answer that arrived meanwhile is taken; no fallback to the backup, no breaker
-    failure (the cause of the burst test's old flakiness, CI's starved loop)."""
-    sp, backup, _ = stack
-    wait_for(lambda: _served_by_local(sp), 30, interval=0.5, what="local serving")
-    timeouts = {"connect_s": 0.5, "first_byte_s": 1.0, "total_s": 30}
-    cfg = {
-        "tiers": [
-            {"name": "vllm", "base_url": sp.engine_url, "timeouts": timeouts},
-            {"name": "backup", "base_url": backup.url},
-        ]
-    }
-    body = {"model": "tiny", "prompt": "hi", "max_tokens": 3}
-    for stream in (False, True):
-        # a fresh proxy: no idle connection, so the request's task sends it and waits
-        # for the first byte under the deadline (the path that failed)
-        with ProxyHarness(cfg, tmp_path / str(stream)) as px:
-            out: list[httpx.Response] = []
-
-            def client(s: bool = stream, out: list[httpx.Response] = out) -> None:
-                payload = {**body, "stream": s}
-                out.append(httpx.post(px.url + "/v1/completions", json=payload, timeout=30))
-
-            thread = threading.Thread(target=client)
-            thread.start()
-            time.sleep(0.2)  # the request is on its way to the engine
-            px.call(time.sleep, 1.5)  # Sentinel's loop blocked while the engine answers
-            thread.join(30)
-            r = out[0]
-            assert r.status_code == 200, r.text
-            assert r.headers["x-sentinel-upstream"] == "vllm", r.headers
-            assert r.headers["x-sentinel-fallback-hops"] == "0"
-            assert px.metric("sentinel_proxy_breaker_state", upstream="vllm") == 0
-            timeouts_seen = px.metric(
-                "sentinel_proxy_fallbacks_total", tier="vllm", reason="first_byte_timeout"
-            )
-            assert timeouts_seen is None
