@@ -169,16 +169,20 @@ def test_proxies_the_openai_api_to_the_engine(stack: Any) -> None:
                 "max_tokens": 12,
                 "ignore_eos": True,
                 "stream": True,
+                "stream_options": {"include_usage": True},
             },
         ) as s:
             assert s.headers["content-type"].startswith("text/event-stream")
             reads = list(s.iter_raw())
         text = b"".join(reads).decode()
         events = [ln for ln in text.split("\n") if ln.startswith("data: ")]
-        assert len(events) == 13 and events[-1] == "data: [DONE]"
-        for ev in events[:-1]:  # each token's event whole: the relay's framing is intact
-            assert json.loads(ev[len("data: ") :])["choices"][0]["index"] == 0
-        assert len(reads) >= 6  # token by token as the engine makes them, not one buffer
+        assert events[-1] == "data: [DONE]"
+        chunks = [json.loads(ev[len("data: ") :]) for ev in events[:-1]]  # each event whole
+        assert all(c["choices"][0]["index"] == 0 for c in chunks[:-1])
+        assert chunks[-1]["usage"]["completion_tokens"] == 12  # all 12 tokens relayed
+        # as the engine sends them, not one buffer (a busy engine merges tokens into fewer
+        # events: one per token is not asserted)
+        assert len(events) >= 3 and len(reads) >= 2
     assert len(backup.requests) == n_backup
 
     # the payload log: metadata with the engine's token counts, secrets redacted
