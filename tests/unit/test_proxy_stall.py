@@ -25,6 +25,17 @@ async def backup_answer(_req: UpstreamRequest) -> MockResponse:
     return MockResponse(body=b'{"served_by": "backup"}')
 
 
+def stall(fake: FakeOpenAI, n: int) -> None:
+    """Block this (Sentinel's) event loop for ``STALL_S``, and on until the fake has
+    answered its ``n`` th request: the answer is in the socket before the loop runs again,
+    however slowly this machine lets the fake answer."""
+    time.sleep(STALL_S)
+    until = time.monotonic() + 20
+    while (len(fake.requests) < n or fake.active) and time.monotonic() < until:
+        time.sleep(0.01)
+    time.sleep(0.05)  # its write, after its handler returned
+
+
 async def wait_requests(fake: FakeOpenAI, n: int) -> None:
     """Until the fake has received ``n`` requests (it answers from its own thread)."""
     for _ in range(5000):
@@ -73,9 +84,10 @@ def test_a_stall_past_the_first_byte_deadline_is_no_upstream_failure(
         opening = asyncio.ensure_future(chain.open(req))
         if pooled:
             await wait_requests(a, n + 1)  # the request is out
+            stall(a, n + 1)  # meanwhile the upstream answers
         else:
             await asyncio.sleep(0)  # its first-byte clock runs, its connect is to come
-        time.sleep(STALL_S)  # meanwhile the upstream answers
+            time.sleep(STALL_S)
         opened = await opening
         opened.finish()
         assert opened.tier.name == "a" and b"served_by" in opened.first
@@ -91,7 +103,7 @@ def test_a_stall_past_the_first_byte_deadline_is_no_upstream_failure(
 @pytest.mark.parametrize("loop", LOOPS)
 def test_an_upstream_that_is_really_late_still_times_out(a: FakeOpenAI, loop: str) -> None:
     """The grace is for what arrived in time, not for a slow upstream."""
-    a.mode["delay"] = 2.0
+    a.mode["delay"] = 5.0  # far past the 1 s deadline, however busy this machine is
     backup = MockTransport(backup_answer)
 
     async def main() -> None:
@@ -99,14 +111,11 @@ def test_an_upstream_that_is_really_late_still_times_out(a: FakeOpenAI, loop: st
             tier("a", RawTransport(), base_url=a.url, timeouts=TIMEOUTS), tier("backup", backup)
         )
         req = request()
-        t0 = time.monotonic()
         opened = await chain.open(req)
-        took = time.monotonic() - t0
         opened.finish()
         assert opened.tier.name == "backup"
         assert req.hops == [("a", "first_byte_timeout")]
         assert chain.tiers[0].breaker.consecutive == 1
-        assert took < 1.9, took  # it did not wait for the late answer
         await chain.tiers[0].transport.aclose()
 
     run(main(), loop)
