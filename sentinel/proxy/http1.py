@@ -196,8 +196,7 @@ class HttpConnection(asyncio.Protocol):
 
     # ---- the connection ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # (uvloop's is no subclass)
         server = self.server
         if len(server.connections) >= self.limits.max_connections:
             server.events.connection_refused()

@@ -108,6 +108,17 @@ class ProxyService:
         return await self.handler.wait_idle(timeout_s)
 
     # ---- readiness ---------------------------------------------------------------------
+    def readiness(self) -> tuple[tuple[bool, str], str]:
+        """The proxy's word for /readyz, and the mode (``proxy.readiness``): in
+        ``any_tier`` whether some tier can serve; in either mode, not ready once the
+        proxy has stopped serving (its task crashed)."""
+        mode = self.cfg.readiness
+        if self.failed is not None:
+            return (False, f"proxy stopped: {self.failed}"), mode
+        if mode == "any_tier":
+            return self.can_serve(), mode
+        return (True, "proxy serving"), mode
+
     def can_serve(self) -> tuple[bool, str]:
         """Whether any tier can take traffic now (``proxy.readiness: any_tier``): the
         local engine ready, or another tier whose breaker is not open."""
