@@ -51,10 +51,13 @@ DROP_REQUEST_HEADERS = frozenset(
         b"x-request-id",
         b"proxy-authorization",
         b"expect",
+        # client credentials other than Authorization: of no use to vLLM, never sent to
+        # any tier (Authorization reaches the local tier only: ``Tier.headers_for``)
+        b"x-api-key",
+        b"api-key",
+        b"cookie",
     }
 )
-# client credentials: forwarded to the local engine only, never to another tier
-CLIENT_SECRET_HEADERS = frozenset({"authorization", "x-api-key", "api-key", "cookie"})
 # upstream response headers never relayed to the client: hop-by-hop and framing (ours),
 # and what an upstream sets about its own account or session
 DROP_RESPONSE_HEADERS = frozenset(
@@ -90,14 +93,6 @@ def request_id(headers: list[tuple[bytes, bytes]]) -> str:
                 return v.decode()
             break
     return new_request_id()
-
-
-def headers_for_tier(headers: dict[str, str], local: bool) -> dict[str, str]:
-    """The client's forwarded headers as one tier may see them: the client's
-    credentials (``CLIENT_SECRET_HEADERS``) reach the local engine only."""
-    if local:
-        return headers
-    return {k: v for k, v in headers.items() if k not in CLIENT_SECRET_HEADERS}
 
 
 def normalise_path(target: bytes) -> tuple[str, bytes]:

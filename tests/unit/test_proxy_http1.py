@@ -517,3 +517,25 @@ def test_a_handler_crash_is_a_500_and_logged_the_connection_survives_nothing_lea
     monkeypatch.undo()
     assert httpx.post(px.url + "/v1/completions", content=BODY).status_code == 200
     assert px.call(lambda: px.service.in_flight) == 0
+
+
+def test_client_credentials_reach_the_local_tier_only(up: FakeOpenAI, tmp_path: Path) -> None:
+    secrets = {
+        "authorization": "Bearer sk-client-1",
+        "x-api-key": "sk-client-2",
+        "api-key": "sk-client-3",
+        "cookie": "session=abc",
+    }
+    with FakeOpenAI("local", model="m") as local:
+        tiers = [{"name": "local", "kind": "local"}, {"name": "ext", "base_url": up.url}]
+        with ProxyHarness({"tiers": tiers}, tmp_path, engine_url=local.url) as h:
+            r = httpx.post(h.url + "/v1/completions", content=BODY, headers=secrets)
+            assert r.headers["x-sentinel-upstream"] == "local"
+            seen = local.requests[-1]["headers"]
+            assert seen["authorization"] == "Bearer sk-client-1"
+            assert not {"x-api-key", "api-key", "cookie"} & set(seen)
+            local.mode["status"] = 503  # the local tier fails: the request goes on to ext
+            r = httpx.post(h.url + "/v1/completions", content=BODY, headers=secrets)
+            assert r.headers["x-sentinel-upstream"] == "ext"
+            seen = up.requests[-1]["headers"]
+            assert not set(secrets) & set(seen), seen
