@@ -108,7 +108,8 @@ class ProxyHandler:
         )
         req: ProxyRequest | None = None
         self.in_flight += 1
-        self._idle.clear()
+        if self.in_flight == 1:
+            self._idle.clear()
         try:
             try:
                 req, ex.path, stream = self.policy.proxy_request(

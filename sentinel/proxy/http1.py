@@ -111,7 +111,8 @@ class Response:
 
     def __init__(self, conn: HttpConnection, req: Request) -> None:
         self._conn = conn
-        self._keep_alive = req.keep_alive
+        # a HEAD request's answer is closed after (its body would be read as the next)
+        self._keep_alive = req.keep_alive and req.method != "HEAD"
         self._chunked = req.version == "1.1"
         self.started = False
         self.ended = False
