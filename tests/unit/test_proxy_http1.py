@@ -219,7 +219,8 @@ def test_a_client_leaving_mid_stream_cancels_its_upstream_request(
 
 # ---- limits ---------------------------------------------------------------------------------
 def test_an_endless_header_gets_431_at_once_and_the_port_keeps_serving(px: ProxyHarness) -> None:
-    """64 MiB of one header in 4 KiB writes: 431 within 1 s (the rest is never read)."""
+    """64 MiB of one header in 4 KiB writes: 431 long before the end (the rest is never
+    read; tests/real/test_proxy_traffic.py holds it to 1 s)."""
     s = connect(px)
     s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\nx-junk: ")
     t0 = time.monotonic()
@@ -237,9 +238,8 @@ def test_an_endless_header_gets_431_at_once_and_the_port_keeps_serving(px: Proxy
             pass
         except ConnectionResetError:
             break
-    took = time.monotonic() - t0
     assert got.startswith(b"HTTP/1.1 431"), got[:200]
-    assert took < 1.0, f"431 took {took:.2f} s"
+    assert sent < 1024 * 1024, f"{sent} bytes were taken before the 431"
     assert b"max_header_bytes" in got
     s.close()
     assert httpx.post(px.url + "/v1/completions", content=BODY).status_code == 200
