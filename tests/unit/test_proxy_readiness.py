@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from sentinel.probes.readiness import pod_readiness
 from sentinel.state import EngineStatus
 from tests.unit.proxy_harness import ProxyHarness, ready_status
@@ -46,3 +48,32 @@ def test_local_engine_mode_leaves_the_engine_checks_in_charge(tmp_path: Path) ->
         assert svc is not None
         (ok, _), mode = svc.readiness()
         assert ok and mode == "local_engine"
+
+
+def test_a_crashed_proxy_task_is_logged_and_fails_readiness(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from sentinel.app import Sentinel
+
+    with ProxyHarness({"tiers": TIERS}, tmp_path, status=ready_status()) as h:
+        svc = h.service
+        assert svc is not None
+
+        async def crash() -> None:
+            raise RuntimeError("proxy bug")
+
+        async def main() -> None:
+            task = asyncio.create_task(crash())
+            with pytest.raises(RuntimeError):
+                await task
+            Sentinel._proxy_stopped(SimpleNamespace(proxy=svc), task)  # type: ignore[arg-type]
+
+        asyncio.run(main())
+        (ok, detail), _ = svc.readiness()
+        assert not ok and "RuntimeError: proxy bug" in detail
+    out = capsys.readouterr()
+    assert "proxy stopped serving" in out.out + out.err
+    assert "Traceback" in out.out + out.err
