@@ -54,7 +54,7 @@ class _Watchdog:
     """Cancels the relaying task at the stream's total deadline, or once nothing has
     arrived for ``idle_s``; ``expired`` says which. The timer re-arms itself lazily."""
 
-    __slots__ = ("loop", "task", "total", "idle_s", "last", "expired", "timer")
+    __slots__ = ("loop", "task", "total", "idle_s", "last", "expired", "timer", "client_behind")
 
     def __init__(
         self,
@@ -69,12 +69,15 @@ class _Watchdog:
         self.idle_s = idle_s
         self.last = loop.time()
         self.expired: str | None = None
+        self.client_behind = False  # waiting for the client: the upstream is not idle
         self.timer: asyncio.TimerHandle | None = loop.call_at(
             min(total, self.last + idle_s), self._check
         )
 
     def _check(self) -> None:
         now = self.loop.time()
+        if self.client_behind:
+            self.last = now
         if now >= self.total:
             self.expired = "total"
         elif now - self.last >= self.idle_s:
@@ -130,7 +133,9 @@ async def relay(
                 out.write(chunk)
                 ex.capture(chunk)
                 if out.paused:
+                    dog.client_behind = True
                     await out.drain()
+                    dog.client_behind = False
                 dog.last = loop.time()
         except asyncio.CancelledError:
             if dog.expired is None or task.uncancel() > 0:

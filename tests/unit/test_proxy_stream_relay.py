@@ -107,3 +107,30 @@ def test_a_slow_client_gets_every_byte_in_order_through_back_pressure(
     payload = dechunk(chunked)
     assert _numbers(payload.decode()) == [*range(events), "[DONE]"]
     assert payload.count(b"x" * size) == events
+
+
+def test_a_client_that_falls_behind_is_not_taken_for_a_silent_upstream(tmp_path: Path) -> None:
+    """The stream idle limit is about the upstream: waiting 1.5 s for a client that does
+    not read (0.5 s limit) ends nothing."""
+    events, size = 400, 16 * 1024
+    url, _ = _sse_upstream(events=events, size=size, gap_s=0.0)
+    cfg = {"tiers": [{"name": "up", "base_url": url}], "stream_idle_timeout_s": 0.5}
+    with ProxyHarness(cfg, tmp_path) as px:
+        host, port = px.url.removeprefix("http://").split(":")
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        client.connect((host, int(port)))
+        body = b'{"model": "m", "prompt": "hi", "stream": true}'
+        client.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        time.sleep(1.5)
+        received = bytearray()
+        client.settimeout(20)
+        while chunk := client.recv(1 << 20):
+            received += chunk
+        client.close()
+        payload = dechunk(bytes(received).partition(b"\r\n\r\n")[2])
+        assert _numbers(payload.decode()) == [*range(events), "[DONE]"]
+        assert px.metric("sentinel_proxy_stream_idle_timeouts_total", tier="up") in (None, 0.0)
