@@ -28,8 +28,9 @@ from sentinel.proxy.request import RequestPolicy, request_id
 
 log = get_logger(__name__)
 
-# Client authentication (w15b's ``sentinel.proxy.auth``): given a request's headers,
-# the key's id, None (anonymous allowed), or a ProxyError 401.
+# Client authentication (``sentinel.proxy.auth.Authenticator.check``): given a request's
+# headers (lower-case names), the client key's id, or a ProxyError 401. Called before
+# anything else about the request is looked at; None: no check.
 Authenticator = Callable[[list[tuple[bytes, bytes]]], "str | None"]
 
 
@@ -112,6 +113,8 @@ class ProxyHandler:
             self._idle.clear()
         try:
             try:
+                if self.authenticate is not None:  # client API keys: the one check, first
+                    ex.key_id = self.authenticate(request.headers)
                 req, ex.path, stream = self.policy.proxy_request(
                     ex.rid,
                     request.method,
@@ -122,8 +125,6 @@ class ProxyHandler:
                 )
                 ex.streamed = stream
                 ex.hops = req.hops  # the chain appends to it as it walks
-                if self.authenticate is not None:  # client API keys: the one check
-                    ex.key_id = self.authenticate(request.headers)
                 chain = self._drain_chain(req) if self.draining else self.chain
                 opened = await chain.open(req)
             except ProxyError as err:

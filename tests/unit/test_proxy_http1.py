@@ -539,3 +539,35 @@ def test_client_credentials_reach_the_local_tier_only(up: FakeOpenAI, tmp_path: 
             assert r.headers["x-sentinel-upstream"] == "ext"
             seen = up.requests[-1]["headers"]
             assert not set(secrets) & set(seen), seen
+
+
+def test_the_client_key_check_runs_first_and_its_id_is_recorded(
+    px: ProxyHarness, up: FakeOpenAI
+) -> None:
+    from sentinel.proxy.errors import ProxyError
+
+    def check(headers: list[tuple[bytes, bytes]]) -> str:
+        if (b"x-api-key", b"good") in headers:
+            return "key-1"
+        raise ProxyError(401, "Incorrect API key provided", "invalid_api_key")
+
+    assert px.service is not None
+    handler = px.service.handler
+    px.call(setattr, handler, "authenticate", check)
+    try:
+        before = len(up.requests)
+        r = httpx.post(
+            px.url + "/v1/completions", content=b"{not json", headers={"x-api-key": "bad"}
+        )
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert len(up.requests) == before
+        r = httpx.post(
+            px.url + "/v1/completions",
+            content=BODY,
+            headers={"x-api-key": "good", "x-request-id": "keyed-1"},
+        )
+        assert r.status_code == 200
+        rec = next(r for r in records(px) if r["request_id"] == "keyed-1")
+        assert rec["key_id"] == "key-1"
+    finally:
+        px.call(setattr, handler, "authenticate", None)
