@@ -128,7 +128,9 @@ async def relay(
         try:
             rest = opened.rest
             if out.paused:
+                dog.client_behind = True
                 await out.drain()
+                dog.client_behind = False
             async for chunk in rest:
                 out.write(chunk)
                 ex.capture(chunk)
