@@ -9,8 +9,8 @@ running between them. Checked after each case:
 
 - no exception escapes (a bug of ours would show as a 500 ``internal_error`` answer
   or a logged crash; both fail the case);
-- every request handed to the handler gets exactly one answer, in order, plus at most
-  one refusal by the connection itself;
+- every request handed to the handler gets exactly one answer, plus at most one
+  refusal by the connection itself (none after an answer that ends the connection);
 - nothing stays in flight (the handler's count and every tier's slots return to 0).
 """
 
@@ -212,7 +212,9 @@ class Target:
         heads = _response_heads(bytes(sock.out))
         statuses = [s for s, _ in heads]
         assert 500 not in statuses, f"a 500: {bytes(sock.out)[:500]!r}"
-        answered = len(heads) - (1 if server.refusals else 0)
+        refusals = sum(1 for _, rid in heads if rid == b"refused")
+        assert refusals <= min(server.refusals, 1), f"{refusals} refusals answered {statuses}"
+        answered = len(heads) - refusals
         assert answered == self.calls, f"{self.calls} requests, {len(heads)} answers {statuses}"
         conn.connection_lost(None)
         for tier in self.service.chain.tiers:

@@ -189,6 +189,7 @@ class HttpConnection(asyncio.Protocol):
         self._active_resp: Response | None = None
         self._counted = False
         self._continue_due = False
+        self._next_due = False  # the next request waits for the client to read
         # the one timer: phase None / "idle" / "head" / "body", and its deadline
         self._phase: str | None = None
         self._deadline = 0.0
@@ -240,6 +241,9 @@ class HttpConnection(asyncio.Protocol):
             self._drain_waiter = None
             if not waiter.done():
                 waiter.set_result(None)
+        if self._next_due:  # answers had piled up unread: the next request may go now
+            self._next_due = False
+            self._next()
 
     async def drain(self) -> None:
         if not self.write_paused or self.transport is None or self.transport.is_closing():
@@ -392,7 +396,7 @@ class HttpConnection(asyncio.Protocol):
         self._queued_bytes += req._size
         if self._active is None:
             self._next()
-        elif len(self._queue) >= MAX_PIPELINED or self._queued_bytes > self.limits.max_body_bytes:
+        if len(self._queue) >= MAX_PIPELINED or self._queued_bytes > self.limits.max_body_bytes:
             self._pause_reading()
 
     def _pause_reading(self) -> None:
@@ -419,6 +423,11 @@ class HttpConnection(asyncio.Protocol):
         self._active = None
         self._active_resp = None
         if self.transport is None or self.transport.is_closing():
+            return
+        if self._queue and self.write_paused:
+            # a client that pipelines and does not read: no new answer is made while
+            # the ones before wait unsent (reading stops once the queue is full)
+            self._next_due = True
             return
         if not self._queue:
             if self.closing:
@@ -460,7 +469,13 @@ class HttpConnection(asyncio.Protocol):
             self._active_resp = None
             return
         if resp is not None and not resp._keep_alive:
-            self.closing = True
+            # the answer ends the connection (asked for, HTTP/1.0, or a body that runs
+            # to the close): nothing more is written, requests read behind it are dropped
+            self._queue.clear()
+            self.close()
+            self._active = None
+            self._active_resp = None
+            return
         self._next()
 
     def _answer_refusal(self, refusal: _Refusal) -> None:

@@ -157,8 +157,11 @@ def test_a_request_answered_while_the_next_has_only_its_head_leaks_nothing(
     assert px.service is not None
     wait_for(lambda: px.call(lambda: px.service.in_flight) == 0, 5, what="in flight back to 0")
     assert px.service.chain.tiers[0].in_use() == 0
-    ids = {r["request_id"] for r in records(px)}
-    assert {"pipe-a", "pipe-b"} <= ids
+    wait_for(
+        lambda: {"pipe-a", "pipe-b"} <= {r["request_id"] for r in records(px)},
+        5,
+        what="both requests recorded",
+    )
 
 
 def test_100_continue_and_bodies_past_64_kib(px: ProxyHarness, up: FakeOpenAI) -> None:
@@ -567,7 +570,49 @@ def test_the_client_key_check_runs_first_and_its_id_is_recorded(
             headers={"x-api-key": "good", "x-request-id": "keyed-1"},
         )
         assert r.status_code == 200
-        rec = next(r for r in records(px) if r["request_id"] == "keyed-1")
+        # (the record is made as the answer leaves: the client may be quicker)
+        rec = wait_for(
+            lambda: next((r for r in records(px) if r["request_id"] == "keyed-1"), None),
+            5,
+            what="the record",
+        )
         assert rec["key_id"] == "key-1"
     finally:
         px.call(setattr, handler, "authenticate", None)
+
+
+def test_a_client_that_pipelines_without_reading_gets_no_new_answers_made() -> None:
+    """While answers wait unsent (the transport above its high-water mark), the next
+    pipelined request is not handled; reading stops once 16 wait; all are answered, in
+    order, once the client reads."""
+    import asyncio
+
+    from fuzz.request_path import FakeSocket, _Server
+    from sentinel.proxy.http1 import MAX_PIPELINED, HttpConnection
+
+    handled: list[bytes] = []
+
+    async def handler(req: Any, resp: Any) -> None:
+        handled.append(req.target)
+        resp.whole(200, [], b"ok")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        conn = HttpConnection(_Server(handler, loop))  # type: ignore[arg-type]
+        sock = FakeSocket()
+        conn.connection_made(sock)  # type: ignore[arg-type]
+        conn.data_received(b"GET /1 HTTP/1.1\r\n\r\n")
+        await asyncio.sleep(0.01)
+        conn.pause_writing()  # the client stopped reading
+        reqs = b"".join(b"GET /%d HTTP/1.1\r\n\r\n" % i for i in range(2, 40))
+        conn.data_received(reqs)
+        await asyncio.sleep(0.01)
+        assert handled == [b"/1"]
+        assert not sock.reading and len(conn._queue) >= MAX_PIPELINED
+        conn.resume_writing()
+        for _ in range(200):
+            await asyncio.sleep(0)
+        assert handled == [b"/%d" % i for i in range(1, 40)]
+        assert bytes(sock.out).count(b"HTTP/1.1 200 OK") == 39
+
+    asyncio.run(main())
