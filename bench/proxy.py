@@ -175,7 +175,6 @@ def run_proxy(
     payload_dir: str,
     transport: str,
     gc_tuned: bool = True,
-    fast_path: bool = True,
 ) -> None:
     from prometheus_client import CollectorRegistry
 
@@ -218,8 +217,6 @@ def run_proxy(
             engine_base_url=lambda: upstream,
             **kwargs,
         )
-        if not fast_path:  # the server then hands every request to its ASGI task only
-            svc.app.early_start = None  # type: ignore[method-assign,assignment]
         svc.prepare()
         if gc_tuned:  # as `sentinel run` does; else CPython's defaults
             tune_gc(RuntimeConfig())
@@ -756,12 +753,6 @@ def main() -> None:
         choices=["tuned", "default"],
         help="the proxy's garbage collector: Sentinel's runtime.gc_* defaults, or CPython's",
     )
-    ap.add_argument(
-        "--fast-path",
-        default="on",
-        choices=["on", "off"],
-        help="the proxy's fast path (requests begun and answered from the read callbacks)",
-    )
     ap.add_argument("--vllm", help="base URL of a running vLLM (scenario 4)")
     ap.add_argument("--vllm-model", default="tiny")
     ap.add_argument("--start-vllm", action="store_true", help="start vLLM on the tiny model")
@@ -781,9 +772,7 @@ def main() -> None:
         run_upstream(a.port, a.interval)
         return
     if a.role == "proxy":
-        run_proxy(
-            a.port, a.upstream, a.payload_dir, a.transport, a.gc == "tuned", a.fast_path == "on"
-        )
+        run_proxy(a.port, a.upstream, a.payload_dir, a.transport, a.gc == "tuned")
         return
 
     ncpu = len(os.sched_getaffinity(0))
@@ -818,8 +807,6 @@ def main() -> None:
                     a.transport,
                     "--gc",
                     a.gc,
-                    "--fast-path",
-                    a.fast_path,
                 ],
                 proxy_core,
             )

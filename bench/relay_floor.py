@@ -1,14 +1,13 @@
 """The floor under the proxy's tail figures: Sentinel's proxy against the leanest relay
 Python can make, on the same machine in the same minutes.
 
-    .venv/bin/python -m bench.relay_floor [--scenario stream|rate|both] [--rounds 2] [--no-fast]
+    .venv/bin/python -m bench.relay_floor [--scenario stream|rate|both] [--rounds 2]
 
 ``bytepipe`` parses requests and responses with httptools (to find message ends) on
 uvloop and forwards the upstream's bytes to the client the moment they arrive: no
-ASGI, no chain, no metrics, no payload log, no checks. The relays (bytepipe,
-Sentinel, and with ``--no-fast`` Sentinel with its fast path off) are pinned to core 0,
-the upstream and load generator to core 1 (as in ``bench.proxy``). Scenarios, each in
-5 rounds per pass, every round running each relay in turn after a direct run:
+chain, no metrics, no payload log, no checks. The relays (bytepipe and Sentinel) are
+pinned to core 0, the upstream and load generator to core 1 (as in ``bench.proxy``).
+Scenarios, each in 5 rounds per pass, every round running each relay in turn after a direct run:
 
 - ``stream``: the steady-state streaming scenario of ``bench.proxy`` (64 streams, 32
   events 20 ms apart, starts 10 ms apart); judged: added time to first token p99;
@@ -132,7 +131,6 @@ def main() -> None:
         default="stream",
         help="stream: 64 streams, added TTFT p99; rate: 1500 req/s, added latency p99",
     )
-    ap.add_argument("--no-fast", action="store_true", help="also Sentinel with its fast path off")
     a = ap.parse_args()
     if a.role == "bytepipe":
         bp.pin([0])
@@ -153,12 +151,11 @@ def main() -> None:
         procs.append(p)
         assert p.stdout is not None and p.stdout.readline().strip() == "ready"
         relays = [("bytepipe", pipe, p.pid)]
-        for name, fast in (("sentinel", "on"), ("no-fast", "off"))[: 2 if a.no_fast else 1]:
-            port = bp.free_port()
-            args = ["--role", "proxy", "--port", str(port), "--payload-dir", "off"]
-            args += ["--fast-path", fast, "--upstream", f"http://127.0.0.1:{up}"]
-            procs.append(bp._spawn(args, [0]))
-            relays.append((name, port, procs[-1].pid))
+        port = bp.free_port()
+        args = ["--role", "proxy", "--port", str(port), "--payload-dir", "off"]
+        args += ["--upstream", f"http://127.0.0.1:{up}"]
+        procs.append(bp._spawn(args, [0]))
+        relays.append(("sentinel", port, procs[-1].pid))
         bp.pin([1])
         scenarios = list(SCENARIOS) if a.scenario == "both" else [a.scenario]
         bp.new_loop().run_until_complete(_passes(up, relays, scenarios, a.rounds))

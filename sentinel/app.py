@@ -84,6 +84,14 @@ class Sentinel:
         except RuntimeError:
             log.debug("SIGCHLD is reserved by the event loop; reaping on pidfds and a timer")
 
+    def _proxy_stopped(self, task: asyncio.Task[object]) -> None:  # issue 15
+        if task.cancelled() or self.proxy is None:
+            return
+        exc = task.exception()
+        why = f"{type(exc).__name__}: {exc}" if exc is not None else "the proxy task ended"
+        self.proxy.failed = why
+        log.error("proxy stopped serving", error=why, exc_info=exc)
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self._install_signals(loop)
@@ -113,6 +121,9 @@ class Sentinel:
         self._tasks.append(asyncio.create_task(self.gpu.run(), name="gpu-poller"))  # issue 4
         if self.proxy is not None:  # issue 5
             self._tasks.append(asyncio.create_task(self.proxy.run(), name="proxy"))
+            # issue 15: /readyz hears the proxy; a crash of its task is logged, fails readiness
+            self.ops.probes.proxy_readiness = self.proxy.readiness
+            self._tasks[-1].add_done_callback(self._proxy_stopped)
         try:
             return await self.supervisor.run()
         finally:

@@ -183,6 +183,31 @@ class AuthConfig(_Section):
     allow_anonymous: bool = False
 
 
+class ProxyLimitsConfig(_Section):
+    max_request_line_bytes: int = Field(8192, ge=256)
+    max_header_bytes: int = Field(32768, ge=1024)
+    max_headers: int = Field(100, ge=8)
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0)
+    keepalive_timeout_s: float = Field(75.0, gt=0)
+    max_connections: int = Field(2048, ge=1)
+    max_json_depth: int = Field(64, ge=2)
+
+
+DEFAULT_ALLOWED_ENDPOINTS = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/models",
+    "/v1/responses",
+    "/v1/responses/*",
+    "/v1/audio/transcriptions",
+    "/v1/audio/translations",
+    "/v1/rerank",
+    "/v1/score",
+]
+
+
 class ProxyConfig(_Section):
     enabled: bool = True
     host: str = "0.0.0.0"
@@ -195,6 +220,21 @@ class ProxyConfig(_Section):
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    # --- the traffic port's own request path (issue 15) ---
+    limits: ProxyLimitsConfig = Field(default_factory=ProxyLimitsConfig)
+    allowed_endpoints: list[str] = Field(default_factory=lambda: list(DEFAULT_ALLOWED_ENDPOINTS))
+    stream_idle_timeout_s: float = Field(30.0, gt=0)
+    readiness: Literal["local_engine", "any_tier"] = "local_engine"
+
+    @field_validator("allowed_endpoints")
+    @classmethod
+    def _endpoint_paths(cls, value: list[str]) -> list[str]:
+        for ep in value:
+            if not ep.startswith("/v1/") or "*" in ep[:-1] or ".." in ep:
+                raise ValueError(
+                    f"allowed endpoint {ep!r} must be a path under /v1/, optionally ending in /*"
+                )
+        return value
 
     @model_validator(mode="after")
     def _unique_tiers(self) -> ProxyConfig:

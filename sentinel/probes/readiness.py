@@ -62,3 +62,15 @@ def evaluate_readiness(status: EngineStatus, cfg: ProbesConfig, now: float) -> t
         checks["progress"] = _check(True, "tokens flowing or idle")
 
     return all(c["ok"] for c in checks.values()), checks
+
+
+def pod_readiness(
+    engine_ready: bool, checks: Checks, proxy: tuple[bool, str], mode: str
+) -> tuple[bool, Checks]:
+    """/readyz with the proxy's word added as the ``proxy`` check. ``local_engine``: the
+    engine's checks and the proxy must hold; ``any_tier``: the proxy's alone (this pod
+    can serve through some tier), the engine's checks shown for information."""
+    checks = {**checks, "proxy": _check(proxy[0], proxy[1])}
+    if mode == "any_tier":
+        return proxy[0], checks
+    return engine_ready and proxy[0], checks

@@ -33,7 +33,7 @@ from sentinel.probes.progress import (
     EngineMetricsScraper,
     StallDetector,
 )
-from sentinel.probes.readiness import Checks, evaluate_readiness
+from sentinel.probes.readiness import Checks, evaluate_readiness, pod_readiness
 from sentinel.state import EngineStatus, Lifecycle, ProbeResult
 
 log = get_logger(__name__)
@@ -87,6 +87,8 @@ class ProbeRunner:
         self._not_ready_since: float | None = None
         self._last_probe_ok: bool | None = None
         self._last_ready: bool | None = None
+        # set by the app when the proxy runs: () -> ((ok, detail), proxy.readiness mode)
+        self.proxy_readiness: Callable[[], tuple[tuple[bool, str], str]] | None = None
         self.first_inference_at: float | None = None  # this generation's first good probe
 
     # ---- tasks ---------------------------------------------------------------
@@ -183,6 +185,8 @@ class ProbeRunner:
         routing and alerts, never a readiness failure)."""
         self.sync_generation()
         ready, checks = self.evaluate()
+        if self.proxy_readiness is not None:  # issue 15: the proxy's word, per proxy.readiness
+            ready, checks = pod_readiness(ready, checks, *self.proxy_readiness())
         return ready, {
             "state": self.status.state().value,
             "generation": self.status.generation,

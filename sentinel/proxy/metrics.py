@@ -108,6 +108,32 @@ class ProxyMetrics:
             ["tier"],
             registry=r,
         )
+        # --- the traffic port's connections and limits (issue 15) ---
+        self.stream_idle_timeouts = Counter(
+            "sentinel_proxy_stream_idle_timeouts",
+            "Streams ended because their upstream sent nothing for "
+            "proxy.stream_idle_timeout_s, per tier.",
+            ["tier"],
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "sentinel_proxy_connections_refused",
+            "Client connections closed at once because proxy.limits.max_connections were open.",
+            registry=r,
+        )
+        self.client_refusals = Counter(
+            "sentinel_proxy_client_refusals",
+            "Requests or connections the traffic port ended itself, by reason "
+            "(header_too_large, too_many_headers, uri_too_long, body_too_large, "
+            "header_timeout, body_timeout, idle_timeout, bad_request).",
+            ["reason"],
+            registry=r,
+        )
+        self.open_connections = Gauge(
+            "sentinel_proxy_open_connections",
+            "Client connections open on the traffic port.",
+            registry=r,
+        )
         self._req: dict[tuple[str, int], Counter] = {}
         self._fb: dict[tuple[str, str], Counter] = {}
         self._ttft: dict[str, Histogram] = {}
@@ -126,6 +152,13 @@ class ProxyMetrics:
         h.observe(latency_s)
         if ttft_s is not None:
             self._ttft[tier].observe(ttft_s)
+
+    # ServerEvents (sentinel.proxy.http1)
+    def connection_refused(self) -> None:
+        self.connections_refused.inc()
+
+    def client_refused(self, reason: str) -> None:
+        self.client_refusals.labels(reason).inc()
 
     def fallback(self, tier: str, reason: str) -> None:
         key = (tier, reason)

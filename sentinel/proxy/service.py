@@ -1,5 +1,6 @@
 """Building the proxy from config: tiers, transports, breakers, admission, payload log,
-the ASGI app and its server. ``Sentinel`` (app.py) owns one ``ProxyService``."""
+the request handler and its HTTP server. ``Sentinel`` (app.py) owns one
+``ProxyService``; the lifecycle drains it (``begin_drain`` ... ``wait_idle``)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ from prometheus_client import CollectorRegistry
 from sentinel.config.schema import PayloadLogConfig, ProxyConfig, TierKind
 from sentinel.logs import get_logger
 from sentinel.payloads.log import PayloadLog
-from sentinel.proxy.app import ProxyApp
 from sentinel.proxy.auth import Authenticator
+from sentinel.proxy.breaker import BreakerState
 from sentinel.proxy.chain import Chain, build_tier
+from sentinel.proxy.handler import ProxyHandler
+from sentinel.proxy.http1 import HttpLimits, HttpServer, ProxyBindError
 from sentinel.proxy.metrics import ProxyMetrics
 from sentinel.proxy.rawhttp import RawTransport
+from sentinel.proxy.request import new_request_id
 from sentinel.proxy.secrets import SecretError, load_api_key
-from sentinel.proxy.server import ProxyBindError, ProxyServer
 from sentinel.proxy.upstream import Transport
 from sentinel.state import EngineStatus
 
@@ -73,8 +76,68 @@ class ProxyService:
         self.chain = Chain(tiers, status, cfg.admission, self.metrics)
         self.payloads = PayloadLog(payload_cfg, registry) if payload_cfg.enabled else None
         self.auth = Authenticator(cfg.auth, cfg.tiers, registry)
-        self.app = ProxyApp(cfg, self.chain, self.metrics, self.payloads, self.auth)
-        self._server: ProxyServer | None = None
+        self.handler = ProxyHandler(
+            cfg, self.chain, self.metrics, self.payloads, authenticate=self.auth.check
+        )
+        lim = cfg.limits
+        self.limits = HttpLimits(
+            max_request_line_bytes=lim.max_request_line_bytes,
+            max_header_bytes=lim.max_header_bytes,
+            max_headers=lim.max_headers,
+            max_body_bytes=cfg.max_body_bytes,
+            header_timeout_s=lim.header_timeout_s,
+            body_timeout_s=lim.body_timeout_s,
+            keepalive_timeout_s=lim.keepalive_timeout_s,
+            max_connections=lim.max_connections,
+        )
+        self._server: HttpServer | None = None
+        # why the proxy stopped serving (its task crashed), for readiness
+        self.failed: str | None = None
+
+    # ---- drain (the lifecycle's interface) ----------------------------------------------
+    def begin_drain(self, retry_after_s: float, fallback: bool) -> None:
+        """New requests get 503 + Retry-After naming the drain (``fallback``: they skip
+        the local tier for the next ones instead); requests in flight finish."""
+        self.handler.begin_drain(retry_after_s, fallback)
+
+    def end_drain(self) -> None:
+        self.handler.end_drain()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests accepted and not yet finished, all tiers."""
+        return self.handler.in_flight
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        return await self.handler.wait_idle(timeout_s)
+
+    # ---- readiness ---------------------------------------------------------------------
+    def readiness(self) -> tuple[tuple[bool, str], str]:
+        """The proxy's word for /readyz, and the mode (``proxy.readiness``): in
+        ``any_tier`` whether some tier can serve; in either mode, not ready once the
+        proxy has stopped serving (its task crashed)."""
+        mode = self.cfg.readiness
+        if self.failed is not None:
+            return (False, f"proxy stopped: {self.failed}"), mode
+        if mode == "any_tier":
+            return self.can_serve(), mode
+        return (True, "proxy serving"), mode
+
+    def can_serve(self) -> tuple[bool, str]:
+        """Whether any tier can take traffic now (``proxy.readiness: any_tier``): the
+        local engine ready, or another tier whose breaker is not open."""
+        if self.failed is not None:
+            return False, f"proxy stopped: {self.failed}"
+        usable = []
+        for tier in self.chain.tiers:
+            if tier.local:
+                if self.chain.status.ready and not self.handler.draining:
+                    usable.append(tier.name)
+            elif tier.breaker.state is not BreakerState.open:
+                usable.append(tier.name)
+        if usable:
+            return True, "tiers that can serve: " + ", ".join(usable)
+        return False, "no tier can serve (local engine not ready, other breakers open)"
 
     def prepare(self) -> None:
         """Read the tiers' API keys and bind the traffic port. Raises ``ProxyStartError``
@@ -91,12 +154,19 @@ class ProxyService:
         except SecretError as exc:
             raise ProxyStartError(str(exc)) from None
         try:
-            self._server = ProxyServer(self.app, self.cfg.host, self.cfg.port)
+            self._server = HttpServer(
+                self.handler,
+                self.cfg.host,
+                self.cfg.port,
+                self.limits,
+                self.metrics,
+                new_request_id=new_request_id,
+            )
         except ProxyBindError as exc:
             raise ProxyStartError(str(exc)) from None
 
     @property
-    def server(self) -> ProxyServer:
+    def server(self) -> HttpServer:
         if self._server is None:
             raise RuntimeError("ProxyService.prepare() has not run")
         return self._server
@@ -120,8 +190,10 @@ class ProxyService:
             tiers=[t.name for t in self.chain.tiers],
             port=self.port,
         )
+        server = self.server
+        self.metrics.open_connections.set_function(lambda: len(server.connections))
         try:
-            await self.server.serve()
+            await server.serve()
         finally:
             await self.aclose()
 

@@ -24,7 +24,7 @@ import pytest
 from tests.fake_openai import FakeOpenAI
 from tests.helpers import wait_for
 from tests.real.harness import SentinelProcess, engine_available
-from tests.unit.proxy_harness import ProxyHarness, delay_request_tasks
+from tests.unit.proxy_harness import ProxyHarness
 
 pytestmark = [
     pytest.mark.real,
@@ -199,50 +199,6 @@ def test_proxies_the_openai_api_to_the_engine(stack: Any) -> None:
     assert rec["prompt_tokens"] >= 1 and rec["completion_tokens"] == 5
     assert rec["request_headers"]["authorization"] == "[REDACTED]"
     assert "sk-client-12345678" not in json.dumps(rec)
-
-
-def test_answers_leave_from_the_engines_read_not_the_request_task(
-    stack: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """The fast path against real vLLM: with a connection to the engine idle in the
-    pool, a whole answer and a stream's tokens reach the client while the request's
-    task has not even started (each starts 2 s late here, as on a loop busy with
-    other streams); neither the whole answer nor the stream, its end included, needs a
-    task at all."""
-    sp, _, _ = stack
-    started = delay_request_tasks(monkeypatch, 2.0)
-    body = {"model": "tiny", "prompt": "hi", "max_tokens": 5, "ignore_eos": True}
-    with ProxyHarness({"tiers": [{"name": "vllm", "base_url": sp.engine_url}]}, tmp_path) as px:
-        with httpx.Client(base_url=px.url, timeout=30) as c:
-            assert c.post("/v1/completions", json=body).status_code == 200  # opens it
-            t0 = time.monotonic()
-            r = c.post("/v1/completions", json=body)
-            took = time.monotonic() - t0
-            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
-            assert r.headers["x-sentinel-upstream"] == "vllm"
-            assert took < 1.0, f"whole answer took {took:.2f} s"
-            t0 = time.monotonic()
-            events: list[str] = []
-            five = float("inf")
-            with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
-                for line in s.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(line)
-                        if len(events) == 5:
-                            five = time.monotonic() - t0
-            whole = time.monotonic() - t0
-            assert five < 1.0, f"five tokens took {five:.2f} s"
-            assert whole < 1.0, f"the stream took {whole:.2f} s to end"
-            assert len(events) == 6 and events[-1] == "data: [DONE]"
-            assert c.post("/v1/completions", json=body).status_code == 200  # same connection
-        # the whole answers and the stream were finished, slot and record included,
-        # without a task: only the first request (no idle connection yet) had one
-        assert started["tasks"] == 1
-        wait_for(
-            lambda: px.metric("sentinel_proxy_requests_total", tier="vllm", status="200") == 4,
-            10,
-            what="all four requests recorded",
-        )
 
 
 @pytest.mark.parametrize(

@@ -8,11 +8,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from sentinel.config.schema import PayloadLogConfig, ProxyConfig
-from sentinel.proxy.app import ProxyApp
 from sentinel.proxy.service import ProxyService, TransportFactory
 from sentinel.state import EngineStatus
 
@@ -23,21 +21,6 @@ def ready_status() -> EngineStatus:
     status.mark_loaded()
     status.set_readiness(True, {})
     return status
-
-
-def delay_request_tasks(monkeypatch: pytest.MonkeyPatch, delay_s: float) -> dict[str, int]:
-    """Make every request's task start ``delay_s`` late, as on a loop busy with other
-    work; the returned dict counts the tasks started."""
-    started = {"tasks": 0}
-    original = ProxyApp._http
-
-    async def late(self: ProxyApp, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        started["tasks"] += 1
-        await asyncio.sleep(delay_s)
-        await original(self, scope, receive, send)
-
-    monkeypatch.setattr(ProxyApp, "_http", late)
-    return started
 
 
 class ProxyHarness:

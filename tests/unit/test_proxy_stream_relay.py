@@ -1,6 +1,6 @@
-"""A stream's later parts are written to the client inside the upstream read that
-brings them (RawResponse.relay_inline); a client that reads slower than the upstream
-sends gets every byte, in order, through ASGI's send and back-pressure instead."""
+"""A stream's parts reach the client one by one as they arrive, every event in order;
+a client that reads slower than the upstream sends gets every byte, in order, through
+back-pressure (the upstream is read no faster than the client reads)."""
 
 from __future__ import annotations
 
@@ -14,31 +14,10 @@ from typing import Any
 import httpx
 import pytest
 
-from sentinel.proxy.rawhttp import RawResponse
 from tests.helpers import accept_sse, dechunk, free_port, sse_chunk
 from tests.unit.proxy_harness import ProxyHarness
 
 BODY = {"model": "m", "prompt": "hi", "max_tokens": 3, "stream": True}
-
-
-@pytest.fixture
-def sink_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Counts of the parts the proxy's inline sink took and refused."""
-    counts = {"relays": 0, "taken": 0, "refused": 0}
-    original = RawResponse.relay_inline
-
-    async def counting(self: RawResponse, sink: Callable[[bytes], bool]) -> None:
-        counts["relays"] += 1
-
-        def wrapped(chunk: bytes) -> bool:
-            ok = sink(chunk)
-            counts["taken" if ok else "refused"] += 1
-            return ok
-
-        await original(self, wrapped)
-
-    monkeypatch.setattr(RawResponse, "relay_inline", counting)
-    return counts
 
 
 def _event(i: int, size: int) -> bytes:
@@ -88,8 +67,8 @@ def _numbers(text: str) -> list[Any]:
     return out
 
 
-def test_a_streams_later_parts_go_out_inside_the_reads_that_bring_them(
-    harness_for: Callable[[str], ProxyHarness], sink_calls: dict[str, int]
+def test_a_streams_parts_go_out_one_by_one_in_order(
+    harness_for: Callable[[str], ProxyHarness],
 ) -> None:
     url, _ = _sse_upstream(events=30, size=20, gap_s=0.005)
     px = harness_for(url)
@@ -99,12 +78,10 @@ def test_a_streams_later_parts_go_out_inside_the_reads_that_bring_them(
     got = _numbers(b"".join(chunks).decode())
     assert got == [*range(30), "[DONE]"]  # every event, in order, nothing merged away
     assert len(chunks) >= 20  # chunk by chunk, not buffered into a few big reads
-    assert sink_calls["relays"] == 1 and sink_calls["refused"] == 0
-    assert sink_calls["taken"] >= 29  # all but the first part went out inline
 
 
 def test_a_slow_client_gets_every_byte_in_order_through_back_pressure(
-    harness_for: Callable[[str], ProxyHarness], sink_calls: dict[str, int]
+    harness_for: Callable[[str], ProxyHarness],
 ) -> None:
     events, size = 1500, 16 * 1024  # ~24 MB, far more than the socket buffers hold
     url, upstream = _sse_upstream(events=events, size=size, gap_s=0.0)
@@ -130,4 +107,30 @@ def test_a_slow_client_gets_every_byte_in_order_through_back_pressure(
     payload = dechunk(chunked)
     assert _numbers(payload.decode()) == [*range(events), "[DONE]"]
     assert payload.count(b"x" * size) == events
-    assert sink_calls["refused"] >= 1  # the slow client was relayed through send
+
+
+def test_a_client_that_falls_behind_is_not_taken_for_a_silent_upstream(tmp_path: Path) -> None:
+    """The stream idle limit is about the upstream: waiting 1.5 s for a client that does
+    not read (0.5 s limit) ends nothing."""
+    events, size = 400, 16 * 1024
+    url, _ = _sse_upstream(events=events, size=size, gap_s=0.0)
+    cfg = {"tiers": [{"name": "up", "base_url": url}], "stream_idle_timeout_s": 0.5}
+    with ProxyHarness(cfg, tmp_path) as px:
+        host, port = px.url.removeprefix("http://").split(":")
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        client.connect((host, int(port)))
+        body = b'{"model": "m", "prompt": "hi", "stream": true}'
+        client.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        time.sleep(1.5)
+        received = bytearray()
+        client.settimeout(20)
+        while chunk := client.recv(1 << 20):
+            received += chunk
+        client.close()
+        payload = dechunk(bytes(received).partition(b"\r\n\r\n")[2])
+        assert _numbers(payload.decode()) == [*range(events), "[DONE]"]
+        assert px.metric("sentinel_proxy_stream_idle_timeouts_total", tier="up") in (None, 0.0)

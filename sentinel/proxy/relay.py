@@ -1,0 +1,172 @@
+"""Relaying a committed upstream answer (``Opened``) to the client.
+
+A whole answer leaves in one write. A stream leaves part by part as each arrives,
+awaiting the client when it falls behind (so a slow client gets every byte, in order,
+and the upstream is read no faster than the client reads). One watchdog timer per
+stream guards both its total time limit and its idle limit
+(``proxy.stream_idle_timeout_s``: a stream that has begun and then sends nothing that
+long); the per-part cost is one clock read. A stream that fails after its first byte
+ends with one parseable SSE error event (an SSE stream) or a cut connection (any
+other body), never a silent, well-formed end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from sentinel.payloads.exchange import Exchange
+from sentinel.proxy.chain import Chain, Opened, ProxyRequest, Tier
+from sentinel.proxy.errors import sse_error_event
+from sentinel.proxy.http1 import Response
+from sentinel.proxy.metrics import ProxyMetrics
+from sentinel.proxy.request import DROP_RESPONSE_HEADERS
+from sentinel.proxy.upstream import UpstreamError, UpstreamResponse
+
+
+def meta_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
+    """What Sentinel tells the client about the exchange: its id, the serving tier,
+    the tiers passed over."""
+    out = [(b"x-request-id", ex.rid.encode())]
+    if ex.tier != "none":
+        out.append((b"x-sentinel-upstream", ex.tier.encode()))
+    hops = ex.hops
+    out.append((b"x-sentinel-fallback-hops", str(len(hops)).encode()))
+    if hops:
+        out.append((b"x-sentinel-fallbacks", ",".join(f"{t}={r}" for t, r in hops).encode()))
+    return out
+
+
+def relayed_headers(headers: list[tuple[bytes, bytes]], ex: Exchange) -> list[tuple[bytes, bytes]]:
+    out = [(k, v) for k, v in headers if k not in DROP_RESPONSE_HEADERS]
+    out += meta_headers(ex)
+    return out
+
+
+def served(ex: Exchange, tier: Tier, resp: UpstreamResponse) -> None:
+    """Note the tier whose answer the client gets."""
+    ex.tier = tier.name
+    ex.upstream = tier.url_base()
+    ex.status = resp.status
+
+
+class _Watchdog:
+    """Cancels the relaying task at the stream's total deadline, or once nothing has
+    arrived for ``idle_s``; ``expired`` says which. The timer re-arms itself lazily."""
+
+    __slots__ = ("loop", "task", "total", "idle_s", "last", "expired", "timer", "client_behind")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        task: asyncio.Task[object],
+        total: float,
+        idle_s: float,
+    ) -> None:
+        self.loop = loop
+        self.task = task
+        self.total = total
+        self.idle_s = idle_s
+        self.last = loop.time()
+        self.expired: str | None = None
+        self.client_behind = False  # waiting for the client: the upstream is not idle
+        self.timer: asyncio.TimerHandle | None = loop.call_at(
+            min(total, self.last + idle_s), self._check
+        )
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        if self.client_behind:
+            self.last = now
+        if now >= self.total:
+            self.expired = "total"
+        elif now - self.last >= self.idle_s:
+            self.expired = "idle"
+        else:
+            self.timer = self.loop.call_at(min(self.total, self.last + self.idle_s), self._check)
+            return
+        self.timer = None
+        self.task.cancel()
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+async def relay(
+    opened: Opened,
+    out: Response,
+    ex: Exchange,
+    req: ProxyRequest,
+    idle_s: float,
+    metrics: ProxyMetrics,
+) -> None:
+    tier = opened.tier
+    resp = opened.resp
+    served(ex, tier, resp)
+    if opened.complete:
+        body = opened.first
+        ex.captured = [body]
+        out.whole(resp.status, relayed_headers(resp.headers, ex), body)
+        ex.ttft = time.perf_counter() - ex.t0
+        opened.finish(False)
+        return
+    upstream_failed = False
+    dog: _Watchdog | None = None
+    try:
+        ex.streamed = True
+        first = opened.first
+        out.start(resp.status, relayed_headers(resp.headers, ex), first)
+        ex.ttft = time.perf_counter() - ex.t0
+        ex.capture(first)
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        dog = _Watchdog(loop, task, Chain.total_deadline(tier, req, opened.started), idle_s)
+        tail: tuple[str, str, int] | None = None
+        try:
+            rest = opened.rest
+            if out.paused:
+                dog.client_behind = True
+                await out.drain()
+                dog.client_behind = False
+            async for chunk in rest:
+                out.write(chunk)
+                ex.capture(chunk)
+                if out.paused:
+                    dog.client_behind = True
+                    await out.drain()
+                    dog.client_behind = False
+                dog.last = loop.time()
+        except asyncio.CancelledError:
+            if dog.expired is None or task.uncancel() > 0:
+                raise
+            opened.abort()
+            if dog.expired == "total":
+                tail = ("request time limit reached while streaming", "timeout", 504)
+            else:
+                upstream_failed = True
+                metrics.stream_idle_timeouts.labels(tier.name).inc()
+                tail = (
+                    f"upstream {tier.name} sent nothing for {idle_s:g} s mid-stream "
+                    "(proxy.stream_idle_timeout_s)",
+                    "stream_idle_timeout",
+                    504,
+                )
+        except UpstreamError as exc:
+            upstream_failed = True
+            tail = (f"upstream {tier.name} failed mid-stream: {exc.detail}", exc.reason, 502)
+        if tail is not None:
+            ex.error = tail[0]
+            if "text/event-stream" not in resp.content_type:
+                return  # a body left unfinished closes the connection: a visible error
+            out.write(sse_error_event(*tail))
+        out.end()
+    except BaseException:
+        opened.abort()
+        raise
+    finally:
+        if dog is not None:
+            dog.cancel()
+        opened.finish(upstream_failed)

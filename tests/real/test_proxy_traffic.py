@@ -1,0 +1,257 @@
+"""The traffic port against hostile clients, with real vLLM as the local tier.
+
+One Sentinel for the module (the local engine only; a short stream idle limit). Order
+matters (pytest keeps file order): the tests that need a healthy engine come first;
+the frozen engine (SIGSTOP of EngineCore and Worker mid-stream) comes last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.helpers import wait_for
+from tests.real.harness import SentinelProcess, engine_available
+
+pytestmark = [
+    pytest.mark.real,
+    pytest.mark.skipif(not engine_available(), reason="vLLM or the tiny model is not installed"),
+]
+
+IDLE_S = 3.0
+BODY = {"model": "tiny", "prompt": "hi", "max_tokens": 4, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def sp(sentinel_factory: Any) -> SentinelProcess:
+    overrides: dict[str, Any] = {
+        # float32: vLLM's AMX attention kernel (bfloat16) dies with SIGILL on this VM
+        "engine": {"args": ["--max-model-len", "256", "--enforce-eager", "--dtype", "float32"]},
+        "proxy": {
+            "stream_idle_timeout_s": IDLE_S,
+            "tiers": [
+                {
+                    "name": "local",
+                    "kind": "local",
+                    "timeouts": {"connect_s": 1.0, "first_byte_s": 30.0, "total_s": 60},
+                }
+            ],
+        },
+        "payload_log": {"sample_rate": 1.0},
+    }
+    s: SentinelProcess = sentinel_factory(overrides, name="traffic")
+    s.wait_serving()
+    wait_for(lambda: _post(s, BODY).status_code == 200, 120, interval=1, what="proxy serving")
+    return s
+
+
+def _post(sp: SentinelProcess, body: dict[str, Any], timeout: float = 30) -> httpx.Response:
+    return httpx.post(sp.proxy_url + "/v1/completions", json=body, timeout=timeout)
+
+
+def _connect(sp: SentinelProcess) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", sp.config["proxy"]["port"]), timeout=10)
+
+
+def _metric(sp: SentinelProcess, series: str) -> float | None:
+    for line in sp.get("/metrics").text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _records(sp: SentinelProcess) -> list[dict[str, Any]]:
+    out = []
+    for f in sorted(Path(sp.config["payload_log"]["dir"]).glob("*.jsonl")):
+        out += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return out
+
+
+def _raw_post(body: bytes, rid: str) -> bytes:
+    return (
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"x-request-id: %s\r\ncontent-length: %d\r\n\r\n%s" % (rid.encode(), len(body), body)
+    )
+
+
+def _read_response(s: socket.socket, buf: bytes = b"") -> tuple[bytes, bytes, bytes]:
+    """One response with a content-length: head, body, and what followed."""
+    while b"\r\n\r\n" not in buf:
+        buf += s.recv(65536)
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    size = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    while len(rest) < size:
+        rest += s.recv(65536)
+    return head, rest[:size], rest[size:]
+
+
+def test_an_endless_header_gets_431_within_1s_while_livez_answers(sp: SentinelProcess) -> None:
+    """64 MiB of one header sent in 4 KiB writes: 431 within 1 s; /livez 200 throughout."""
+    livez: list[int] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            try:
+                livez.append(sp.get("/livez", timeout=2).status_code)
+            except httpx.HTTPError:
+                livez.append(0)
+            time.sleep(0.05)
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    s = _connect(sp)
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\nx-junk: ")
+    s.setblocking(False)
+    t0 = time.monotonic()
+    got = b""
+    sent = 0
+    while b"\r\n\r\n" not in got and sent < 64 * 1024 * 1024 and time.monotonic() - t0 < 10:
+        try:
+            sent += s.send(b"a" * 4096)
+        except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+            time.sleep(0.001)
+        try:
+            got += s.recv(65536)
+        except BlockingIOError:
+            pass
+        except ConnectionResetError:
+            break
+    took = time.monotonic() - t0
+    s.close()
+    time.sleep(0.3)
+    stop.set()
+    t.join(5)
+    assert got.startswith(b"HTTP/1.1 431"), got[:200]
+    assert took < 1.0, f"431 after {took:.2f} s"
+    assert livez and set(livez) == {200}, livez
+    assert _post(sp, BODY).status_code == 200
+
+
+def test_200_slowloris_connections_do_not_stop_a_completion(sp: SentinelProcess) -> None:
+    conns = []
+    try:
+        for i in range(200):
+            c = _connect(sp)
+            c.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\nx-slow-%d: " % i)
+            conns.append(c)
+        for c in conns:  # still trickling
+            c.sendall(b"a")
+        t0 = time.monotonic()
+        r = _post(sp, BODY)
+        took = time.monotonic() - t0
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None
+        assert took < 1.0, f"completion took {took:.2f} s beside 200 slowloris connections"
+        assert (_metric(sp, "sentinel_proxy_open_connections") or 0) >= 200
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_a_whole_request_then_only_the_next_ones_head_leaks_no_slot(sp: SentinelProcess) -> None:
+    """A whole plus B's head; after A's answer, B's body: both answered and recorded, and
+    the local tier's in-flight count returns to 0."""
+    a = json.dumps(BODY).encode()
+    b = _raw_post(json.dumps({**BODY, "max_tokens": 2}).encode(), "pipe-b-real")
+    cut = b.index(b"\r\n\r\n") + 4
+    s = _connect(sp)
+    s.sendall(_raw_post(a, "pipe-a-real") + b[:cut])
+    head_a, body_a, rest = _read_response(s)
+    assert head_a.startswith(b"HTTP/1.1 200") and b"pipe-a-real" in head_a
+    assert json.loads(body_a)["usage"]["completion_tokens"] == 4
+    time.sleep(0.2)
+    s.sendall(b[cut:])
+    head_b, body_b, _ = _read_response(s, rest)
+    assert head_b.startswith(b"HTTP/1.1 200") and b"pipe-b-real" in head_b
+    s.close()
+    series = 'sentinel_proxy_in_flight_requests{tier="local"}'
+    wait_for(lambda: _metric(sp, series) == 0, 10, what="in flight back to 0")
+    wait_for(
+        lambda: {"pipe-a-real", "pipe-b-real"} <= {r["request_id"] for r in _records(sp)},
+        10,
+        what="both requests recorded",
+    )
+
+
+@pytest.mark.parametrize(
+    "target", ["/v1/../v1/completions", "/v1/%2e%2e/v1/completions", "/v1/chat%2Fcompletions"]
+)
+def test_dot_segments_and_encoded_slashes_never_reach_the_engine(
+    sp: SentinelProcess, target: str
+) -> None:
+    before = _metric(sp, 'sentinel_proxy_requests_total{tier="local",status="200"}') or 0
+    s = _connect(sp)
+    body = json.dumps(BODY).encode()
+    s.sendall(
+        b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s"
+        % (target.encode(), len(body), body)
+    )
+    head, payload, _ = _read_response(s)
+    s.close()
+    assert head.startswith(b"HTTP/1.1 400")
+    assert json.loads(payload)["error"]["code"] == "invalid_path"
+    assert (_metric(sp, 'sentinel_proxy_requests_total{tier="local",status="200"}') or 0) == before
+
+
+def test_json_100000_deep_gets_an_openai_400_not_a_500(sp: SentinelProcess) -> None:
+    body = b'{"model": "tiny", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = httpx.post(
+        sp.proxy_url + "/v1/completions",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "json_too_deep"
+    assert "RecursionError" not in sp.log_text()
+    assert _post(sp, BODY).status_code == 200
+
+
+def test_files_and_batches_are_not_forwarded(sp: SentinelProcess) -> None:
+    for path in ("/v1/files", "/v1/batches"):
+        r = httpx.post(sp.proxy_url + path, json={"model": "tiny"}, timeout=10)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "endpoint_not_allowed"
+
+
+def _pids(sp: SentinelProcess, roles: tuple[str, ...]) -> list[int]:
+    by_role = sp.engine_processes_by_role()
+    return [p.pid for role in roles for p in by_role.get(role, [])]
+
+
+def test_a_frozen_engine_mid_stream_ends_the_stream_with_an_sse_error(sp: SentinelProcess) -> None:
+    """SIGSTOP of EngineCore and Worker after the first tokens: the client gets a parseable
+    SSE error event about IDLE_S later, and the idle timeout is counted."""
+    pids = _pids(sp, ("engine_core", "worker"))
+    assert len(pids) >= 2, sp.engine_processes_by_role()
+    body = {**BODY, "max_tokens": 240, "ignore_eos": True, "stream": True}
+    events: list[str] = []
+    stopped_at: float | None = None
+    try:
+        with httpx.stream("POST", sp.proxy_url + "/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line)
+                if stopped_at is None:
+                    for pid in pids:
+                        os.kill(pid, signal.SIGSTOP)
+                    stopped_at = time.monotonic()
+        ended = time.monotonic()
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    assert stopped_at is not None
+    last = json.loads(events[-1].removeprefix("data: "))
+    assert last["error"]["code"] == "stream_idle_timeout", events[-3:]
+    assert IDLE_S - 0.5 <= ended - stopped_at <= IDLE_S + 5, ended - stopped_at
+    assert _metric(sp, 'sentinel_proxy_stream_idle_timeouts_total{tier="local"}') == 1
+    wait_for(lambda: _post(sp, BODY, timeout=10).status_code == 200, 90, interval=1, what="serving")
