@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import free_port
-from tests.real.conftest import SentinelFactory
+from tests.real.conftest import SHARED_OVERRIDES, SentinelFactory
 from tests.real.harness import SentinelProcess
 
 pytestmark = pytest.mark.real
@@ -33,6 +33,7 @@ INHERITED = {"OMP_TEST_SETTING": f"omp-{MARK}"}
 @pytest.fixture(scope="module")
 def sentinel(sentinel_factory: SentinelFactory) -> SentinelProcess:
     overrides = {
+        **SHARED_OVERRIDES,
         "engine": {"env": {"ENGINE_ONLY_SETTING": f"engine-env-{MARK}"}},
         "proxy": {
             "tiers": [
