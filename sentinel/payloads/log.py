@@ -285,6 +285,11 @@ class PayloadLog:
         while (self._queued or self._q.unfinished_tasks) and time.monotonic() < deadline:
             time.sleep(0.005)
 
+    @property
+    def pending(self) -> int:
+        """Records submitted and not yet written or dropped."""
+        return self._queued
+
     def disk_bytes(self) -> int:
         return sum(s for _, s in self._files) + self._file_size
 
