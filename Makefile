@@ -22,7 +22,7 @@ lint:
 	$(PY) -m ruff check sentinel tests bench dashboards
 	$(PY) -m ruff format --check sentinel tests bench
 
-# The CPU benchmarks (bench.gpu and bench.gpu_calls need a GPU with NVML).
+# The CPU benchmarks, each against its baseline in the same run (bench.gpu needs a GPU with NVML).
 bench: setup
 	$(PY) -m bench.supervisor
 	$(PY) -m bench.metrics

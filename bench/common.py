@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import IO
 
+import psutil
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ROOT / "var" / "tiny-model"
 COPY_LOOP = ROOT / "tests" / "gpu" / "copy_loop.py"
@@ -101,3 +103,107 @@ class CopyLoad:
     def stop(self) -> None:
         self.proc.kill()
         self.proc.wait()
+
+
+def engine_available() -> bool:
+    """Real vLLM importable and the tiny model built (`make setup`)."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return (TINY_MODEL / "model.safetensors").exists()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class SentinelRun:
+    """``sentinel run`` as a subprocess on the tiny model, on free loopback ports, for the
+    benchmarks (the test suite has its own harness; bench never imports tests)."""
+
+    def __init__(self, tmp: Path, overrides: dict[str, dict[str, object]] | None = None):
+        import yaml
+
+        self.engine_port, ops_port, proxy_port = free_port(), free_port(), free_port()
+        cfg: dict[str, dict[str, object]] = {
+            "engine": {
+                "model": str(TINY_MODEL), "served_model_name": "tiny", "port": self.engine_port,
+                "args": ["--max-model-len", "256", "--enforce-eager"],
+                "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
+            },
+            "ops": {"host": "127.0.0.1", "port": ops_port},
+            "proxy": {"host": "127.0.0.1", "port": proxy_port},
+            "payload_log": {"dir": str(tmp / "payloads")},
+            "logging": {"format": "json"},
+        }  # fmt: skip
+        for section, values in (overrides or {}).items():
+            cfg.setdefault(section, {}).update(values)
+        self.config_path = tmp / "sentinel.yaml"
+        self.config_path.write_text(yaml.safe_dump(cfg))
+        self.log_path = tmp / "sentinel.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> SentinelRun:
+        cmd = [sys.executable, "-m", "sentinel", "run", "--config", str(self.config_path)]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        return self
+
+    def stop(self, sig: int = 15, timeout: float = 60) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def sentinel_pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def serves(self) -> bool:
+        import httpx
+
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
+        try:
+            r = httpx.post(
+                f"http://127.0.0.1:{self.engine_port}/v1/completions", json=body, timeout=10
+            )
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200
+
+    def wait_serving(self, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.serves():
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"sentinel exited {self.proc.returncode}: see {self.log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the engine did not serve within {timeout}s")
+            time.sleep(1.0)
+
+    def engine_tree(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.sentinel_pid()).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+
+def role_of(p: psutil.Process) -> str:
+    """api_server, engine_core, worker (vLLM retitles the last two) or other."""
+    from sentinel.engine.proctree import role_from_cmdline
+
+    cmdline = p.cmdline()
+    role = role_from_cmdline(cmdline)
+    if role is not None:
+        return role
+    return "api_server" if "vllm.entrypoints.openai.api_server" in cmdline else "other"

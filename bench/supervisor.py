@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.real.harness import SentinelProcess, engine_available, role_of
+from bench.common import SentinelRun, engine_available, role_of
 
 
 def _alive(pid: int) -> bool:
@@ -30,11 +30,11 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _tree(s: SentinelProcess) -> list[psutil.Process]:
+def _tree(s: SentinelRun) -> list[psutil.Process]:
     return [p for p in s.engine_tree() if _alive(p.pid)]
 
 
-def _full_tree(s: SentinelProcess, timeout: float = 60) -> dict[str, list[int]]:
+def _full_tree(s: SentinelRun, timeout: float = 60) -> dict[str, list[int]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         roles: dict[str, list[int]] = {}
@@ -49,7 +49,7 @@ def _full_tree(s: SentinelProcess, timeout: float = 60) -> dict[str, list[int]]:
     raise RuntimeError("the engine tree did not come up")
 
 
-def recovery_run(s: SentinelProcess) -> tuple[float, float]:
+def recovery_run(s: SentinelRun) -> tuple[float, float]:
     roles = _full_tree(s)
     old = [pid for pids in roles.values() for pid in pids]
     t0 = time.monotonic()
@@ -87,7 +87,7 @@ def _rss(procs: list[psutil.Process]) -> int:
     return total
 
 
-def idle_usage(s: SentinelProcess, seconds: float) -> dict[str, float]:
+def idle_usage(s: SentinelRun, seconds: float) -> dict[str, float]:
     me = psutil.Process(s.sentinel_pid())
     engine = _tree(s)
     c0_me, c0_eng, t0 = _cpu_s([me]), _cpu_s(engine), time.monotonic()
@@ -118,7 +118,7 @@ def main() -> int:
         print("real vLLM or var/tiny-model missing: run `make setup`")
         return 2
     with tempfile.TemporaryDirectory(prefix="bench-supervisor-") as tmp:
-        s = SentinelProcess(
+        s = SentinelRun(
             Path(tmp),
             {
                 "supervisor": {"crash_loop_max_starts": 100, "backoff_initial_s": 0.5},
@@ -154,11 +154,13 @@ def main() -> int:
                 print(f"  run {i + 1}: no orphan left after {g:.3f}s, serving again after {r:.1f}s")
             print(f"  orphans gone: {_fmt(gone)}   (goal <= 2 s)")
             print(f"  ready again:  {_fmt(ready)}")
+            engine = s.engine_tree()
             t0 = time.monotonic()
             code = s.stop(signal.SIGTERM)
+            left = [p for p in engine if _alive(p.pid)]
             print(
                 f"\nSIGTERM: Sentinel exited {code} after {time.monotonic() - t0:.2f}s; "
-                f"engine processes left: {len(s.engine_processes_anywhere())}"
+                f"engine processes left: {len(left)}"
             )
         finally:
             s.stop()

@@ -27,6 +27,7 @@ class Sentinel:
     """Owns every component for one `sentinel run`."""
 
     def __init__(self, cfg: SentinelConfig) -> None:
+        from sentinel.engine.command import secret_env_names
         from sentinel.engine.supervisor import Supervisor
 
         self.cfg = cfg
@@ -40,6 +41,8 @@ class Sentinel:
             engine_lines=cfg.logging.engine_lines,
             # "loaded" means a first real inference passed: the probes decide it
             detect_load=False,
+            # the engine never sees a variable the config reads a secret from
+            withhold_env=secret_env_names(cfg),
         )
         self._tasks: list[asyncio.Task[object]] = []
         # --- probes, ops server and metrics (issue 3) ---

@@ -91,6 +91,10 @@ def _register_optional() -> None:
 
     status_cli.register(app)
     gpu_cli.register(app)
+    # sentinel doctor (issue 16)
+    from sentinel.cli import doctor as doctor_cli
+
+    doctor_cli.register(app)
 
 
 def main() -> int:

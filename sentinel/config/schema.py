@@ -22,6 +22,22 @@ class OnFailed(StrEnum):
     exit = "exit"
 
 
+# What the engine inherits from Sentinel's environment (names; a trailing * is a prefix).
+# default.yaml lists the same names (a test checks that they agree).
+# fmt: off
+DEFAULT_INHERIT_ENV = (
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_*", "TZ", "TERM",
+    "TMPDIR", "HOSTNAME", "LD_LIBRARY_PATH", "LD_PRELOAD", "PYTHON*", "VIRTUAL_ENV",
+    "CUDA_*", "NVIDIA_*", "NCCL_*", "CUBLAS_*", "CUDNN_*", "NVTE_*", "TRITON_*",
+    "VLLM_*", "HF_*", "HUGGING_FACE_*", "TRANSFORMERS_*", "TOKENIZERS_*", "TORCH*",
+    "PYTORCH_*", "OMP_*", "MKL_*", "KMP_*", "XDG_*", "SSL_CERT_*", "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
+    "no_proxy", "RAY_*", "GLOO_*", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "RANK",
+    "WORLD_SIZE", "ROCM_*", "HIP_*", "HSA_*",
+)
+# fmt: on
+
+
 class EngineConfig(_Section):
     model: str = "var/tiny-model"
     served_model_name: str | None = None
@@ -30,6 +46,7 @@ class EngineConfig(_Section):
     python: str | None = None
     args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
+    inherit_env: list[str] = Field(default_factory=lambda: list(DEFAULT_INHERIT_ENV))
     command: list[str] = Field(default_factory=list)
     workdir: Path | None = None
     gpu_indices: list[int] = Field(default_factory=list)
@@ -250,6 +267,8 @@ class PayloadLogConfig(_Section):
     dir: Path = Path("var/payloads")
     sample_rate: float = Field(0.01, ge=0, le=1)
     log_errors: bool = True
+    error_sample_rate: float = Field(1.0, ge=0, le=1)
+    max_error_bodies_per_s: float = Field(10.0, ge=0)
     max_record_bytes: int = Field(64 * 1024, ge=256)
     max_file_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_total_bytes: int = Field(256 * 1024 * 1024, ge=1024)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Iterator, Mapping
+from typing import Any
 
-from sentinel.config.schema import EngineConfig
+from sentinel.config.schema import EngineConfig, SentinelConfig
 
 VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
 
@@ -31,16 +32,59 @@ def build_argv(cfg: EngineConfig) -> list[str]:
     return argv + list(cfg.args)
 
 
-def build_env(cfg: EngineConfig, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Sentinel's environment, minus Sentinel's own settings, plus ``engine.env``."""
-    env = dict(os.environ if base is None else base)
-    for name in [n for n in env if n.startswith("SENTINEL_")]:
-        del env[name]
+def inherited(name: str, patterns: Collection[str]) -> bool:
+    """True when ``name`` is one of ``patterns`` (exact names, or prefixes ending in ``*``)."""
+    for pat in patterns:
+        if pat.endswith("*"):
+            if name.startswith(pat[:-1]):
+                return True
+        elif name == pat:
+            return True
+    return False
+
+
+def build_env(
+    cfg: EngineConfig,
+    base: Mapping[str, str] | None = None,
+    withhold: Collection[str] = (),
+) -> dict[str, str]:
+    """The engine's environment: the variables of Sentinel's that ``engine.inherit_env``
+    names, plus ``engine.env``. ``SENTINEL_*`` and every name in ``withhold`` (secrets
+    such as a tier's API key variable) never reach the engine, whatever names them."""
+    source = os.environ if base is None else base
+    blocked = set(withhold)
+    env = {
+        name: value
+        for name, value in source.items()
+        if inherited(name, cfg.inherit_env)
+        and not name.startswith("SENTINEL_")
+        and name not in blocked
+    }
     # vLLM logs through Python logging; unbuffered output keeps lines in order
     # and none are lost in a buffer when the process is killed
     env.setdefault("PYTHONUNBUFFERED", "1")
-    env.update(cfg.env)
+    env.update((k, v) for k, v in cfg.env.items() if k not in blocked)
     return env
+
+
+def _env_name_settings(node: Any, key: str = "") -> Iterator[str]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _env_name_settings(v, str(k))
+    elif isinstance(node, list):
+        for item in node:
+            yield from _env_name_settings(item, key)
+    elif isinstance(node, str) and key.endswith("_env") and node:
+        yield node
+
+
+def secret_env_names(cfg: SentinelConfig) -> set[str]:
+    """Names of the environment variables the config reads secrets from: every setting
+    named ``*_env`` holding a variable's name (a tier's ``api_key_env``, the proxy's
+    client-key variable, an admin token's...), outside the ``engine`` section."""
+    dumped = cfg.model_dump(mode="json")
+    dumped.pop("engine", None)
+    return set(_env_name_settings(dumped))
 
 
 def uses_managed_port(cfg: EngineConfig) -> bool:

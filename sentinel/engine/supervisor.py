@@ -23,7 +23,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,8 +89,11 @@ class Supervisor:
         *,
         engine_lines: bool = True,
         detect_load: bool = True,
+        withhold_env: Collection[str] = (),
     ) -> None:
         self.engine_cfg = engine_cfg
+        # variables that never reach the engine (secrets' sources: command.secret_env_names)
+        self._withhold_env = frozenset(withhold_env)
         self.cfg = supervisor_cfg
         self.status = status
         self.gpu_processes = gpu_processes
@@ -386,7 +389,7 @@ class Supervisor:
             await self._after_failure("crashed", cause)
             return
         number = self.status.new_generation()
-        env = command.build_env(self.engine_cfg)
+        env = command.build_env(self.engine_cfg, withhold=self._withhold_env)
         try:
             popen = launcher.spawn(self._argv, env, self.engine_cfg.workdir)
         except OSError as exc:

@@ -8,6 +8,13 @@ long); a sampled record is redacted and capped on the writer thread
 ``payloads-*.jsonl`` file, rotates at ``max_file_bytes`` and
 deletes the oldest files to stay under ``max_total_bytes``. A write error (a full
 disk, a vanished directory) drops that batch and counts it; requests never notice.
+
+Bodies are admitted in ``submit``, whoever calls it: a failed request's bodies only at
+``error_sample_rate`` and at most ``max_error_bodies_per_s`` a second, and at most
+``BODY_RECORDS_QUEUED`` records with bodies wait for the writer; each body is cut to
+the record's cap (plus a margin) at once, so a flood of failing 4 MiB requests costs
+neither memory nor the writer's time. A record whose bodies are not admitted keeps its
+metadata line; the bodies are counted in ``sentinel_payload_bodies_dropped_total``.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from sentinel.config.schema import PayloadLogConfig
 from sentinel.logs import get_logger
-from sentinel.payloads.record import Redactor, build_line
+from sentinel.payloads.record import Redactor, build_line, clip
 
 log = get_logger(__name__)
 
@@ -35,6 +42,10 @@ PREFIX = "payloads-"
 SUFFIX = ".jsonl"
 _STOP = object()
 HANDOFF_S = 0.05
+# records with bodies queued or pending, at most (each is at most ~2 x (cap + margin))
+BODY_RECORDS_QUEUED = 64
+# the tail of a large response in which token usage is looked for
+USAGE_TAIL = 65536
 
 
 @dataclass(slots=True)
@@ -46,6 +57,38 @@ class PayloadRecord:
     usage_source: bytes | None
     streamed: bool
     with_bodies: bool
+
+
+def failed(meta: dict[str, Any]) -> bool:
+    """A failed request: an error status, an error, or a client that went away."""
+    status = meta.get("status")
+    return (
+        (isinstance(status, int) and status >= 400)
+        or bool(meta.get("error"))
+        or bool(meta.get("client_disconnect"))
+    )
+
+
+class RateCap:
+    """A token bucket: at most ``rate`` a second, bursts of up to ``max(1, rate)``."""
+
+    def __init__(self, rate: float, clock: Callable[[], float]) -> None:
+        self.rate = rate
+        self.burst = max(1.0, rate)
+        self._clock = clock
+        self._tokens = self.burst
+        self._at = clock()
+
+    def take(self) -> bool:
+        if self.rate <= 0:
+            return False
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
 
 
 def _open_append(path: Path) -> BinaryIO:
@@ -61,6 +104,7 @@ class PayloadLog:
         opener: Callable[[Path], BinaryIO] = _open_append,
         queue_size: int = 10_000,
         batch: int = 256,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
         self.dir = Path(cfg.dir)
@@ -69,6 +113,8 @@ class PayloadLog:
         self._q: queue.Queue[Any] = queue.Queue()
         self._limit = queue_size  # records queued or pending, at most
         self._queued = 0
+        self._bodies_queued = 0
+        self._error_cap = RateCap(cfg.max_error_bodies_per_s, clock)
         self._count_lock = threading.Lock()
         self._pending: list[PayloadRecord | bytes] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -93,6 +139,17 @@ class PayloadLog:
             ["reason"],
             registry=registry,
         )
+        self.bodies_dropped = Counter(
+            "sentinel_payload_bodies_dropped",
+            "Records kept without their bodies, by reason (error_sampled_out: "
+            "error_sample_rate; error_rate_cap: max_error_bodies_per_s; "
+            "bodies_queue_full: too many records with bodies waiting for the writer).",
+            ["reason"],
+            registry=registry,
+        )
+        self._bodies_sampled_out = self.bodies_dropped.labels("error_sampled_out")
+        self._bodies_rate_cap = self.bodies_dropped.labels("error_rate_cap")
+        self._bodies_queue_full = self.bodies_dropped.labels("bodies_queue_full")
         self.truncated = Counter(
             "sentinel_payload_records_truncated",
             "Sampled records whose bodies were cut to max_record_bytes.",
@@ -125,6 +182,12 @@ class PayloadLog:
         if self._queued >= self._limit:
             self._dropped_queue.inc()
             return
+        usage = record.usage_source
+        if usage is not None and len(usage) > USAGE_TAIL:
+            # usage comes last in an OpenAI answer: never scan or keep a whole 4 MiB body
+            record.usage_source = usage[-USAGE_TAIL:]
+        if record.with_bodies:
+            record = self._admit_bodies(record)
         self._queued += 1
         try:
             loop = asyncio.get_running_loop()
@@ -140,6 +203,33 @@ class PayloadLog:
             self._handoff()
         elif self._timer is None:
             self._timer = loop.call_later(HANDOFF_S, self._handoff)
+
+    def _admit_bodies(self, rec: PayloadRecord) -> PayloadRecord:
+        """``rec`` with its bodies cut to the cap, or without them when not admitted."""
+        drop = None
+        if failed(rec.meta):
+            if self.cfg.error_sample_rate < 1 and self._rng() >= self.cfg.error_sample_rate:
+                drop = self._bodies_sampled_out
+            elif not self._error_cap.take():
+                drop = self._bodies_rate_cap
+        if drop is None and self._bodies_queued >= BODY_RECORDS_QUEUED:
+            drop = self._bodies_queue_full
+        usage = rec.usage_source
+        if drop is not None:
+            drop.inc()
+            return PayloadRecord(rec.meta, None, None, None, usage, rec.streamed, False)
+        with self._count_lock:
+            self._bodies_queued += 1
+        cap = self.cfg.max_record_bytes
+        return PayloadRecord(
+            rec.meta,
+            rec.request_headers,
+            clip(rec.request_body, cap),
+            clip(rec.response_body, cap),
+            usage,
+            rec.streamed,
+            True,
+        )
 
     def _handoff(self) -> None:
         if self._timer is not None:
@@ -168,9 +258,10 @@ class PayloadLog:
     def _put(self, batch: list[PayloadRecord | bytes]) -> None:
         self._q.put_nowait(batch)  # unbounded queue: the bound is _limit records
 
-    def _done(self, n: int) -> None:
+    def _done(self, n: int, bodies: int = 0) -> None:
         with self._count_lock:
             self._queued -= n
+            self._bodies_queued -= bodies
 
     # ---- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -193,6 +284,11 @@ class PayloadLog:
         deadline = time.monotonic() + timeout
         while (self._queued or self._q.unfinished_tasks) and time.monotonic() < deadline:
             time.sleep(0.005)
+
+    @property
+    def pending(self) -> int:
+        """Records submitted and not yet written or dropped."""
+        return self._queued
 
     def disk_bytes(self) -> int:
         return sum(s for _, s in self._files) + self._file_size
@@ -218,11 +314,12 @@ class PayloadLog:
                     break
             stop = any(it is _STOP for it in items)
             records = [r for it in items if it is not _STOP for r in it]
+            bodies = sum(1 for r in records if isinstance(r, PayloadRecord) and r.with_bodies)
             try:
                 for i in range(0, len(records), self._batch):
                     self._write(records[i : i + self._batch])
             finally:
-                self._done(len(records))
+                self._done(len(records), bodies)
                 for _ in items:
                     q.task_done()
             if stop:

@@ -75,6 +75,29 @@ def _decode(body: bytes) -> str:
 
 
 _MARK = "...[truncated]"
+# Bodies are cut to the record's cap plus this margin before they are decoded and
+# redacted: redaction never runs over a 4 MiB body, and a secret that the cut splits
+# lies beyond the cap, so the final truncation drops what is left of it.
+CLIP_MARGIN = 4096
+MAX_HEADERS = 128
+
+
+def clip(body: bytes | None, max_bytes: int) -> bytes | None:
+    """At most ``max_bytes + CLIP_MARGIN`` bytes of ``body`` (its head)."""
+    if body is None or len(body) <= max_bytes + CLIP_MARGIN:
+        return body
+    return body[: max_bytes + CLIP_MARGIN]
+
+
+def clip_headers(headers: dict[str, str], max_bytes: int) -> dict[str, str]:
+    """At most MAX_HEADERS headers, each value cut like a body."""
+    limit = max_bytes + CLIP_MARGIN
+    out = {}
+    for i, (k, v) in enumerate(headers.items()):
+        if i >= MAX_HEADERS:
+            break
+        out[k[:limit]] = v[:limit]
+    return out
 
 
 # compact JSON, non-ASCII kept as UTF-8 (msgspec: a tenth of the json module's time,
@@ -161,9 +184,10 @@ def build_line(
     if "error" in record and isinstance(record["error"], str):
         record["error"] = redactor.text(record["error"])
     if with_bodies:
+        # cut first, then redact, then fit the line to its cap
         record["sampled"] = True
         if request_headers is not None:
-            record["request_headers"] = redactor.headers(request_headers)
-        record["request_body"] = redactor.text(_decode(request_body or b""))
-        record["response_body"] = redactor.text(_decode(response_body or b""))
+            record["request_headers"] = redactor.headers(clip_headers(request_headers, max_bytes))
+        record["request_body"] = redactor.text(_decode(clip(request_body, max_bytes) or b""))
+        record["response_body"] = redactor.text(_decode(clip(response_body, max_bytes) or b""))
     return cap_record(record, max_bytes)
