@@ -82,12 +82,24 @@ class EngineMetricNames(StrEnum):
     verbatim = "verbatim"
 
 
+class AdminConfig(_Section):
+    token_file: Path | None = None
+    token_env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AdminConfig:
+        if self.token_file and self.token_env:
+            raise ValueError("set only one of token_file and token_env")
+        return self
+
+
 class OpsConfig(_Section):
     host: str = "0.0.0.0"
     port: int = Field(8090, ge=0, le=65535)
     passthrough_engine_metrics: bool = True
     engine_metric_names: EngineMetricNames = EngineMetricNames.promtool
     livez_heartbeat_timeout_s: float = Field(5.0, gt=0)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
 
 
 class GpuMode(StrEnum):

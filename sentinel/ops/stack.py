@@ -17,6 +17,7 @@ from sentinel.collectors.process import ProcessCollector
 from sentinel.collectors.sentinel_metrics import EngineStatusCollector
 from sentinel.config import SentinelConfig
 from sentinel.config.schema import EngineMetricNames
+from sentinel.ops.admin import AdminAuth, AdminRoutes
 from sentinel.ops.app import OpsDeps, build_ops_app
 from sentinel.ops.heartbeat import LoopMonitor
 from sentinel.ops.metrics import MetricsRenderer
@@ -33,6 +34,10 @@ class OpsStack:
     metrics: MetricsRenderer
     report: StatusReport
     server: OpsServer
+    # issue 16: admin endpoints (add with admin.add(path, handler, methods)); the token is
+    # set on auth at start (Sentinel.run reads ops.admin)
+    auth: AdminAuth
+    admin: AdminRoutes
 
     def tasks(self) -> list[tuple[Coroutine[Any, Any, None], str]]:
         """The background coroutines, named; start them after ``server.bind()``."""
@@ -80,6 +85,8 @@ def build_ops_stack(
     metrics = MetricsRenderer(
         registry, engine_series if cfg.ops.passthrough_engine_metrics else None
     )
+    auth = AdminAuth(registry)
+    admin = AdminRoutes()
     server_box: list[OpsServer] = []
     report = StatusReport(
         status,
@@ -96,8 +103,10 @@ def build_ops_stack(
             readiness=probes.readiness_report,
             report=report,
             metrics=metrics,
+            auth=auth,
+            admin=admin,
         )
     )
     server = OpsServer(app, cfg.ops.host, cfg.ops.port)
     server_box.append(server)
-    return OpsStack(probes, loop_monitor, metrics, report, server)
+    return OpsStack(probes, loop_monitor, metrics, report, server, auth, admin)
