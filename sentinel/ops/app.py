@@ -39,6 +39,7 @@ class OpsDeps:
     readiness: Callable[[], tuple[bool, dict[str, Any]]]
     report: StatusReport
     metrics: MetricsRenderer
+    livez_problem: Callable[[], str | None] | None = None
     auth: AdminAuth | None = None
     admin: AdminRoutes | None = None
 
@@ -62,6 +63,10 @@ def build_ops_app(deps: OpsDeps) -> Starlette:
                 f"event loop heartbeat is {info['heartbeat_age_s']:.1f}s old "
                 f"(limit {deps.heartbeat_timeout_s:g}s)"
             )
+        problem = deps.livez_problem() if deps.livez_problem is not None else None
+        if alive and problem:
+            alive = False
+            body["alive"], body["reason"] = False, problem
         return json_response(body, 200 if alive else 503)
 
     async def startupz(_: Request) -> Response:

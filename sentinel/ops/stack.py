@@ -53,6 +53,37 @@ def engine_series_max_age_s(cfg: SentinelConfig) -> float:
     return max(3 * cfg.probes.metrics_interval_s, 5.0)
 
 
+def drain_readiness(
+    status: EngineStatus, report: tuple[bool, dict[str, Any]]
+) -> tuple[bool, dict[str, Any]]:
+    """/readyz during a drain (issue 16): 503 from its first moment, the drain named."""
+    ready, body = report
+    drain = status.drain
+    if drain is None:
+        return ready, body
+    how = "next tier" if drain.fallback else "503 with Retry-After"
+    body["checks"]["drain"] = {
+        "ok": False,
+        "detail": f"draining ({drain.reason}); new requests get the {how}",
+    }
+    body["failed"] = [*body["failed"], "drain"]
+    body["state"] = "draining"
+    return False, body
+
+
+def unkillable_problem(status: EngineStatus, enabled: bool) -> str | None:
+    """/livez fails while an engine process survives SIGKILL, where configured."""
+    if not enabled or not status.unkillable:
+        return None
+    procs = ", ".join(
+        f"pid {p['pid']} ({p['state']}, wchan {p['wchan']})" for p in status.unkillable
+    )
+    return (
+        f"engine processes survive SIGKILL: {procs}; the node needs replacing "
+        "(lifecycle.livez_fails_on_unkillable)"
+    )
+
+
 def build_ops_stack(
     cfg: SentinelConfig,
     status: EngineStatus,
@@ -100,7 +131,10 @@ def build_ops_stack(
             loop=loop_monitor,
             heartbeat_timeout_s=cfg.ops.livez_heartbeat_timeout_s,
             startup=probes.startup_report,
-            readiness=probes.readiness_report,
+            readiness=lambda: drain_readiness(status, probes.readiness_report()),
+            livez_problem=lambda: unkillable_problem(
+                status, cfg.lifecycle.livez_fails_on_unkillable
+            ),
             report=report,
             metrics=metrics,
             auth=auth,
