@@ -91,6 +91,9 @@ def _register_optional() -> None:
 
     status_cli.register(app)
     gpu_cli.register(app)
+    from sentinel.cli import lifecycle as lifecycle_cli  # issue 16: drain, resume, restart
+
+    lifecycle_cli.register(app)
 
 
 def main() -> int:
