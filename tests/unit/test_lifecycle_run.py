@@ -121,6 +121,10 @@ class LRun:
             body["x_sleep"] = sleep
         return httpx.post(self.proxy + "/v1/completions", json=body, timeout=timeout)
 
+    def in_flight(self) -> int:
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        return int(httpx.get(self.ops + "/admin/drain", headers=auth).json()["in_flight"])
+
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "sentinel", *args],
@@ -343,3 +347,46 @@ def test_a_second_sentinel_on_the_same_engine_port_refuses_to_start(tmp_path: Pa
     assert second.proc.wait(30) == 2
     assert "another Sentinel" in second.tail() and str(first.proc.pid) in second.tail()
     assert first.proc.poll() is None and httpx.get(first.ops + "/readyz").status_code == 200
+
+
+def test_preemption_notice_drains_stops_the_engine_and_stays_up(tmp_path: Path) -> None:
+    notice = tmp_path / "preempt-notice"
+    run = LRun(
+        tmp_path, over={"lifecycle": {"preemption": {"file": str(notice), "poll_interval_s": 0.1}}}
+    )
+    run.wait_ready()
+    procs = run.fakes()
+    threads, results = _in_background(lambda: run.complete(sleep=1.0), 2)
+    wait_for(lambda: run.in_flight() == 2, 10, what="2 requests in flight")
+    notice.write_text("node is being reclaimed")
+    wait_for(lambda: httpx.get(run.ops + "/readyz").status_code == 503, 2, interval=0.02)
+    for t in threads:
+        t.join(10)
+    assert [getattr(r, "status_code", r) for r in results] == [200, 200]
+    wait_for(lambda: not any(alive(p) for p in procs), 20, what="the engine stopped")
+    st = httpx.get(run.ops + "/status").json()
+    assert st["lifecycle"] == "stopped" and st["drain"]["reason"].startswith("preemption")
+    time.sleep(1.0)
+    assert run.proc.poll() is None, "Sentinel stays up after a preemption notice"
+    assert httpx.get(run.ops + "/status").json()["generation"] == st["generation"]  # no relaunch
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.proc.wait(10) == 0
+
+
+def test_bad_input_to_the_lifecycle_commands_is_a_clear_message(tmp_path: Path) -> None:
+    run = LRun.__new__(LRun)  # only its CLI helper: no Sentinel needed
+    token = tmp_path / "tok"
+    token.write_text(TOKEN)
+    cases = [
+        (["drain", "--bogus"], 2, "No such option"),
+        (["restart", "--url", "http://127.0.0.1:9", "--token-file", str(token)], 2, "cannot reach"),
+        (["resume", "--token-file", str(tmp_path / "missing")], 2, "does not exist"),
+        (["drain"], 2, "no admin token"),
+        (["drain", "--config", str(tmp_path / "nope.yaml")], 2, "nope.yaml"),
+        (["status", "--log-tail", "5", "--url", "http://127.0.0.1:9"], 2, "no admin token"),
+    ]
+    for args, code, text in cases:
+        r = run.cli(*args)
+        assert r.returncode == code, (args, r.returncode, r.stderr)
+        assert text in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr, (args, r.stderr)
