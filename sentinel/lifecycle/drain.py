@@ -159,6 +159,7 @@ class DrainController:
         if self._op is not None and not self._op.done():
             raise LifecycleError("a restart is already in progress")
         self._op = asyncio.get_running_loop().create_task(self._restart(), name="restart")
+        self._op.add_done_callback(_report_restart)
         if wait:
             return await asyncio.shield(self._op)
         return {**self.describe(), "restart": "started"}
@@ -282,3 +283,10 @@ class DrainController:
             "drain wait over", outcome=outcome, seconds=round(seconds, 3), left_in_flight=left
         )
         return outcome
+
+
+def _report_restart(task: asyncio.Task[Any]) -> None:
+    if task.cancelled():
+        log.warning("restart cancelled (Sentinel is shutting down)")
+    elif task.exception() is not None:
+        log.error("restart did not complete", error=str(task.exception()))

@@ -54,6 +54,13 @@ def child_tree() -> None:
             retitle("VLLM::Worker")
             signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
             say("Worker", "worker up")
+            stuck = os.environ.get("FAKE_STUCK_PATH")
+            if stuck:  # a file on a FUSE mount whose daemon never answers: stuck in the kernel
+                say("Worker", f"stat {stuck}")
+                try:
+                    os.stat(stuck)
+                except OSError as exc:
+                    say("Worker", f"stat failed: {exc}")
             while True:
                 time.sleep(1)
         say("EngineCore", "engine core up")

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 from prometheus_client import CollectorRegistry
@@ -18,7 +20,9 @@ from sentinel.engine.supervisor import Supervisor
 from sentinel.lifecycle.drain import DrainMetrics
 from sentinel.ops.stack import unkillable_problem
 from sentinel.state import EngineStatus
-from tests.helpers import free_port
+from tests.fuse_stuck import StuckFuse
+from tests.helpers import free_port, wait_for
+from tests.unit.test_lifecycle_run import LRun
 
 FAKE = Path(__file__).with_name("test_engine_fake.py")
 
@@ -141,3 +145,63 @@ def test_supervisor_marks_unkillable_does_not_relaunch_until_it_is_gone(
         assert await asyncio.wait_for(task, 30) == 0
 
     asyncio.run(scenario())
+
+
+@pytest.mark.skipif(not StuckFuse.available(), reason="needs root and /dev/fuse")
+@pytest.mark.timeout(120)
+def test_a_real_process_in_uninterruptible_sleep_makes_the_engine_unkillable(
+    tmp_path: Path,
+) -> None:
+    """The fake engine's Worker touches a file on a FUSE mount that never answers; after
+    SIGKILL it sits in state D. Sentinel reports it (state, wait channel, metric, /livez),
+    launches nothing, and launches again once the kernel lets go of it."""
+    fuse = StuckFuse(tmp_path / "mnt")
+    try:
+        fuse.mount()
+    except OSError as exc:
+        pytest.skip(f"cannot mount FUSE here: {exc}")
+    run: LRun | None = None
+    try:
+        run = LRun(
+            tmp_path / "run",
+            env={"FAKE_STUCK_PATH": str(tmp_path / "mnt" / "x")},
+            over={
+                "lifecycle": {"runtime_dir": str(tmp_path / "rt"), "unkillable_after_s": 1.0},
+                "supervisor": {"kill_grace_s": 0.5, "stop_grace_s": 1.0},
+            },
+        )
+        ops = run.ops
+        run.wait_ready()
+        wait_for(lambda: fuse.requests, 10, what="the Worker to reach the FUSE mount")
+        run.proc.send_signal(signal.SIGHUP)  # replace the generation: the Worker cannot go
+
+        def unkillable() -> list[dict[str, object]]:
+            return httpx.get(ops + "/status").json()["unkillable"]
+
+        procs = wait_for(unkillable, 30, what="state unkillable")
+        assert procs[0]["state"] == "D" and procs[0]["wchan"] == "request_wait_answer"
+        assert procs[0]["role"] == "worker"
+        st = httpx.get(ops + "/status").json()
+        assert st["state"] == "unkillable"
+        livez = httpx.get(ops + "/livez")
+        assert livez.status_code == 503 and "survive SIGKILL" in livez.json()["reason"]
+        assert "sentinel_engine_unkillable 1.0" in httpx.get(ops + "/metrics").text
+        time.sleep(2)
+        assert httpx.get(ops + "/status").json()["generation"] == st["generation"]  # no loop
+        events = [r for r in run.records() if "survives SIGKILL" in str(r.get("event"))]
+        assert len(events) == 1 and events[0]["wchan"] == "request_wait_answer"
+        fuse.release()  # the kernel lets go: the Worker dies, a new engine is launched
+        wait_for(lambda: not unkillable(), 30, what="unkillable cleared")
+        wait_for(
+            lambda: httpx.get(ops + "/status").json()["generation"] == st["generation"] + 1,
+            30,
+            what="a new generation",
+        )
+        assert httpx.get(ops + "/livez").status_code == 200
+    finally:
+        fuse.release()
+        if run is not None:
+            if run.proc.poll() is None:
+                run.proc.send_signal(signal.SIGTERM)
+                run.proc.wait(30)
+            run._log.close()
