@@ -26,6 +26,8 @@ import psutil
 from tests.helpers import wait_for
 from tests.real.harness import SentinelProcess, engine_available
 
+DTYPE = ["--dtype", "float32"]
+
 
 def _alive(p: psutil.Process) -> bool:
     try:
@@ -37,7 +39,13 @@ def _alive(p: psutil.Process) -> bool:
 def one_run(streams: int, max_tokens: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bench-drain-") as tmp:
         s = SentinelProcess(
-            Path(tmp), {"lifecycle": {"drain_timeout_s": 120}, "logging": {"engine_lines": False}}
+            Path(tmp),
+            {
+                "lifecycle": {"drain_timeout_s": 120},
+                "logging": {"engine_lines": False},
+                # float32: this machine's AMX attention kernel (bfloat16) dies of SIGILL
+                "engine": {"args": ["--max-model-len", "256", "--enforce-eager"] + DTYPE},
+            },
         ).start()
         try:
             s.wait_serving(base=s.proxy_url)
