@@ -189,7 +189,9 @@ def _in_background(fn: Any, n: int) -> tuple[list[threading.Thread], list[Any]]:
 
 
 def test_sigterm_drains_in_flight_requests_then_stops_api_server_first(tmp_path: Path) -> None:
-    run = LRun(tmp_path, env={"FAKE_TERM_DELAY": "0.5"})
+    # a grace long enough to see the order (the default after a drain is short)
+    over = {"lifecycle": {"engine_grace_after_drain_s": 5.0, "runtime_dir": str(tmp_path / "run")}}
+    run = LRun(tmp_path, env={"FAKE_TERM_DELAY": "0.5"}, over=over)
     run.wait_ready()
     wait_for(lambda: len(run.fakes()) == 3, 10, what="3 fake engine processes")
     procs = run.fakes()
