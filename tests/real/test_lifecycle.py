@@ -137,7 +137,8 @@ def test_restart_under_load_with_a_backup_tier_fails_no_request(
         }
         s = SentinelProcess(tmp, over)
         with s:
-            s.wait_serving(base=s.proxy_url)
+            s.wait_serving()  # the engine itself: through the proxy the backup would answer
+            wait_for(lambda: s.get("/readyz").status_code == 200, 60, what="ready")
             gen = s.status()["generation"]
             stop = threading.Event()
             outcomes: list[tuple[int, str]] = []
