@@ -255,6 +255,12 @@ def test_second_sigterm_skips_the_drain(tmp_path: Path) -> None:
 def test_admin_drain_resume_and_restart_through_the_cli(tmp_path: Path) -> None:
     run = LRun(tmp_path)
     run.wait_ready()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    bad = httpx.post(run.ops + "/admin/drain?wait=maybe", headers=auth)
+    assert bad.status_code == 400 and "wait must be true or false" in bad.json()["error"]
+    bad = httpx.post(run.ops + "/admin/restart?force=1", headers=auth)
+    assert bad.status_code == 400 and "force" in bad.json()["error"]
+    assert httpx.get(run.ops + "/readyz").status_code == 200  # neither did anything
     r = run.admin("drain", "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
