@@ -43,6 +43,7 @@ class Sentinel:
             detect_load=False,
             # the engine never sees a variable the config reads a secret from
             withhold_env=secret_env_names(cfg),
+            lifecycle=cfg.lifecycle,  # issue 16: state file, guard, unkillable, GPU release
         )
         self._tasks: list[asyncio.Task[object]] = []
         # --- probes, ops server and metrics (issue 3) ---
@@ -75,10 +76,26 @@ class Sentinel:
                 self.registry,
                 engine_base_url=lambda: self.supervisor.engine_base_url,
             )
+        # --- lifecycle: drain, resume, restart, preemption notices (issue 16) ---
+        from sentinel.lifecycle.drain import DrainController
+        from sentinel.lifecycle.endpoints import add_lifecycle_routes
+        from sentinel.lifecycle.preempt import PreemptionWatcher
+
+        self.drain = DrainController(
+            cfg.lifecycle,
+            cfg.proxy if cfg.proxy.enabled else None,
+            self.status,
+            self.supervisor,
+            self.proxy,
+            self.registry,
+            startup_timeout_s=cfg.supervisor.startup_timeout_s,
+        )
+        add_lifecycle_routes(self.ops.admin, self.drain)
+        self.preemption = PreemptionWatcher(cfg.lifecycle.preemption, self.drain.on_preemption)
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.supervisor.request_stop, sig)
+        for sig in (signal.SIGTERM, signal.SIGINT):  # issue 16: drain first, then stop
+            loop.add_signal_handler(sig, self.drain.on_sigterm, sig)
         loop.add_signal_handler(signal.SIGHUP, self.supervisor.request_restart, "sighup")
         # SIGCHLD only hurries reaping along: the supervisor watches the engine through
         # pidfds and reaps every second anyway. uvloop keeps SIGCHLD for itself.
@@ -107,6 +124,18 @@ class Sentinel:
             except ProxyStartError as exc:
                 log.error("cannot start the proxy", error=str(exc))
                 return 2
+        # issue 16: the admin token (ops.admin), read once; a configured but unusable
+        # source stops start-up with the key named
+        from sentinel.ops.admin import AdminTokenError, read_token
+
+        try:
+            admin_cfg = self.cfg.ops.admin
+            self.ops.auth.set_token(read_token(admin_cfg.token_file, admin_cfg.token_env))
+        except AdminTokenError as exc:
+            log.error("cannot start the admin API", error=str(exc))
+            return 2
+        if not self.ops.auth.enabled:
+            log.info("admin API off: no ops.admin.token_file or ops.admin.token_env set")
         # issue 3: bind the ops port first (clear error, real port when 0), then serve
         from sentinel.ops.server import OpsBindError, report_task_crash
 
@@ -127,6 +156,10 @@ class Sentinel:
             # issue 15: /readyz hears the proxy; a crash of its task is logged, fails readiness
             self.ops.probes.proxy_readiness = self.proxy.readiness
             self._tasks[-1].add_done_callback(self._proxy_stopped)
+        for coro, name in ((self.drain.run(), "drain"), (self.preemption.run(), "preemption")):
+            task = asyncio.create_task(coro, name=name)  # issue 16
+            task.add_done_callback(report_task_crash)
+            self._tasks.append(task)
         try:
             return await self.supervisor.run()
         finally:

@@ -60,7 +60,7 @@ class ProxyHandler:
         self._idle.set()
         self.draining = False
         self._drain_retry_after = 1.0
-        self._drain_fallback = False
+        self.drain_fallback = False
 
     # ---- drain -----------------------------------------------------------------------
     def begin_drain(self, retry_after_s: float, fallback: bool) -> None:
@@ -68,7 +68,7 @@ class ProxyHandler:
         skips the local tier for the next ones); requests in flight finish."""
         self.draining = True
         self._drain_retry_after = retry_after_s
-        self._drain_fallback = fallback
+        self.drain_fallback = fallback
         log.info("proxy_drain_begin", retry_after_s=retry_after_s, fallback=fallback)
 
     def end_drain(self) -> None:
@@ -87,7 +87,7 @@ class ProxyHandler:
 
     def _drain_chain(self, req: ProxyRequest) -> Chain:
         local = next((t for t in self.chain.tiers if t.local), None)
-        if not self._drain_fallback or self._without_local is None or local is None:
+        if not self.drain_fallback or self._without_local is None or local is None:
             raise ProxyError(
                 503,
                 "this Sentinel is draining (shutting down or restarting its engine); "

@@ -30,6 +30,8 @@ log = get_logger(__name__)
 
 TransportFactory = Callable[[str, int], Transport]
 SWITCH_INTERVAL_S = 0.0005
+IDLE_POLL_S = 0.01  # how often a drain with fallback looks at the local tier
+IDLE_POLL_S = 0.01
 
 
 class ProxyStartError(RuntimeError):
@@ -105,11 +107,28 @@ class ProxyService:
 
     @property
     def in_flight(self) -> int:
-        """Requests accepted and not yet finished, all tiers."""
+        """The requests a drain waits for: with fallback, those on the local tier (queued or
+        running; new ones go to the next tiers); else every request accepted and not yet
+        finished, all tiers."""
+        if self.handler.draining and self.handler.drain_fallback:
+            n = 0
+            for tier in self.chain.tiers:
+                if tier.local:
+                    n += tier.in_use() + (tier.admission.queued if tier.admission else 0)
+            return n
         return self.handler.in_flight
 
     async def wait_idle(self, timeout_s: float) -> bool:
-        return await self.handler.wait_idle(timeout_s)
+        """Wait until ``in_flight`` is 0 (True) or ``timeout_s`` passes (False)."""
+        if not (self.handler.draining and self.handler.drain_fallback):
+            return await self.handler.wait_idle(timeout_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.in_flight > 0:
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(IDLE_POLL_S)
+        return True
 
     # ---- readiness ---------------------------------------------------------------------
     def readiness(self) -> tuple[tuple[bool, str], str]:
