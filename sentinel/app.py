@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 from contextlib import suppress
 
 from prometheus_client import CollectorRegistry
 
 from sentinel.config import SentinelConfig
+from sentinel.incidents.logring import LogRing
 from sentinel.logs import configure_logging, get_logger
 from sentinel.runtime import tune_gc
 from sentinel.state import EngineStatus
@@ -26,7 +28,7 @@ log = get_logger("sentinel.app")
 class Sentinel:
     """Owns every component for one `sentinel run`."""
 
-    def __init__(self, cfg: SentinelConfig) -> None:
+    def __init__(self, cfg: SentinelConfig, log_ring: LogRing | None = None) -> None:
         from sentinel.engine.supervisor import Supervisor
 
         self.cfg = cfg
@@ -60,6 +62,22 @@ class Sentinel:
         self.registry.register(GpuCollector(lambda: self.gpu.snapshot))
         if cfg.gpu.mode != "off":  # a fresh NVML read; the supervisor runs it in a thread
             self.supervisor.gpu_processes = gpu_processes
+        # --- watchdogs, stack dumps, incidents (issue 17) ---
+        from sentinel.watchdogs.service import Watchdogs
+
+        self.watchdogs = Watchdogs(
+            cfg,
+            self.status,
+            self.registry,
+            request_restart=self.supervisor.request_restart,
+            gpu_snapshot=(lambda: self.gpu.snapshot) if cfg.gpu.mode != "off" else None,
+            status_doc=lambda: self.ops.report.build(log_lines=0),
+            metrics_text=self.ops.metrics.render,
+            engine_log=self.supervisor.log_tail,
+            sentinel_log=log_ring.lines if log_ring is not None else list,
+        )
+        self.supervisor.env_extenders.append(self.watchdogs.extend_engine_env)
+        self.ops.report.sections["watchdogs"] = self.watchdogs.describe
         # --- proxy and degradation chain (issue 5) ---
         self.proxy = None
         if cfg.proxy.enabled:
@@ -111,6 +129,11 @@ class Sentinel:
             task.add_done_callback(report_task_crash)
             self._tasks.append(task)
         self._tasks.append(asyncio.create_task(self.gpu.run(), name="gpu-poller"))  # issue 4
+        self.watchdogs.open()  # issue 17: the agent's socket exists before the first launch
+        for coro, name in self.watchdogs.tasks():
+            task = asyncio.create_task(coro, name=name)
+            task.add_done_callback(report_task_crash)
+            self._tasks.append(task)
         if self.proxy is not None:  # issue 5
             self._tasks.append(asyncio.create_task(self.proxy.run(), name="proxy"))
         try:
@@ -121,12 +144,14 @@ class Sentinel:
             for task in self._tasks:
                 with suppress(asyncio.CancelledError):
                     await task
+            self.watchdogs.close()  # issue 17
 
 
 def run_sentinel(cfg: SentinelConfig) -> int:
-    configure_logging(cfg.logging)
+    log_ring = LogRing(sys.stderr, cfg.incidents.log_lines)  # issue 17: for snapshots
+    configure_logging(cfg.logging, stream=log_ring)  # type: ignore[arg-type]
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(Sentinel(cfg).run())
-    return uvloop.run(Sentinel(cfg).run())
+        return asyncio.run(Sentinel(cfg, log_ring).run())
+    return uvloop.run(Sentinel(cfg, log_ring).run())

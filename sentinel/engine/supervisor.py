@@ -126,6 +126,8 @@ class Supervisor:
         self._exit_code: int | None = None
         self._next_scan = 0.0
         self._foreign_reported: set[tuple[int, float]] = set()
+        # called on the engine's environment before each launch (issue 17: the agent)
+        self.env_extenders: list[Callable[[dict[str, str]], None]] = []
 
     # ---- the interface for signal handlers and other components -------------
     def request_stop(self, sig: int = signal.SIGTERM) -> None:
@@ -387,6 +389,8 @@ class Supervisor:
             return
         number = self.status.new_generation()
         env = command.build_env(self.engine_cfg)
+        for extend in self.env_extenders:  # e.g. the watchdog agent (issue 17)
+            extend(env)
         try:
             popen = launcher.spawn(self._argv, env, self.engine_cfg.workdir)
         except OSError as exc:
