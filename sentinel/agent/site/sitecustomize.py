@@ -178,6 +178,7 @@ def _sentinel_agent_main():  # a function: nothing leaks into the sitecustomize 
             state["started"] = time.monotonic()
             state["test_done"] = set(state["test_done"])
             state["hold"] = []
+            state["tracked_at"] = 0.0
             if state["disabled"] is None:
                 start_thread()
                 send({"t": "hello", "pid": os.getpid(), "ppid": os.getppid(), "fork": True})
