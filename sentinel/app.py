@@ -114,6 +114,18 @@ class Sentinel:
             except ProxyStartError as exc:
                 log.error("cannot start the proxy", error=str(exc))
                 return 2
+        # issue 16: the admin token (ops.admin), read once; a configured but unusable
+        # source stops start-up with the key named
+        from sentinel.ops.admin import AdminTokenError, read_token
+
+        try:
+            admin_cfg = self.cfg.ops.admin
+            self.ops.auth.set_token(read_token(admin_cfg.token_file, admin_cfg.token_env))
+        except AdminTokenError as exc:
+            log.error("cannot start the admin API", error=str(exc))
+            return 2
+        if not self.ops.auth.enabled:
+            log.info("admin API off: no ops.admin.token_file or ops.admin.token_env set")
         # issue 3: bind the ops port first (clear error, real port when 0), then serve
         from sentinel.ops.server import OpsBindError, report_task_crash
 

@@ -42,6 +42,7 @@ class EngineState(StrEnum):
     draining = "draining"
     failed = "failed"
     stopped = "stopped"
+    unkillable = "unkillable"  # an engine process survived SIGKILL (issue 16)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,16 @@ class ProbeResult:
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class DrainInfo:
+    """A drain in progress: no new traffic for the local engine (issue 16)."""
+
+    reason: str  # sigterm | preemption | admin | restart
+    since: float
+    fallback: bool  # new requests go to the next tier (else 503 + Retry-After)
+    by_hand: bool  # asked for through the admin API; ended by `sentinel resume`
+
+
 Listener = Callable[["EngineStatus"], None]
 
 
@@ -115,6 +126,9 @@ class EngineStatus:
         self.engine_metrics_at: float | None = None
         self.zombies_reaped: int = 0
         self.orphans_killed: int = 0
+        self.drain: DrainInfo | None = None  # issue 16: set while draining
+        # issue 16: engine processes that survived SIGKILL ([{pid, state, wchan, ...}])
+        self.unkillable: list[dict[str, Any]] = []
         self._listeners: list[Listener] = []
 
     # ---- writers -----------------------------------------------------------
@@ -194,6 +208,14 @@ class EngineStatus:
         with self._lock:
             self._degraded.pop(source, None)
 
+    def set_drain(self, info: DrainInfo | None) -> None:
+        self.drain = info
+        self._changed()
+
+    def set_unkillable(self, procs: list[dict[str, Any]]) -> None:
+        self.unkillable = list(procs)
+        self._changed()
+
     # ---- readers -----------------------------------------------------------
     def degraded_reasons(self) -> dict[str, str]:
         with self._lock:
@@ -204,7 +226,14 @@ class EngineStatus:
         return self.loaded_at is not None
 
     def state(self) -> EngineState:
+        """The engine's routing state. A drain shows here only when its new requests go
+        to the next tier (``fallback``): without one, requests accepted before the drain
+        still finish on the local engine, and new ones are refused at the proxy's gate."""
         lc = self.lifecycle
+        if self.unkillable:
+            return EngineState.unkillable
+        if self.drain is not None and self.drain.fallback and lc != Lifecycle.stopped:
+            return EngineState.draining
         if lc == Lifecycle.failed:
             return EngineState.failed
         if lc == Lifecycle.stopped:
@@ -224,8 +253,11 @@ class EngineStatus:
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready view for /status and the CLI."""
         now = self._clock()
+        state = self.state()
+        if self.drain is not None and state not in (EngineState.stopped, EngineState.unkillable):
+            state = EngineState.draining
         return {
-            "state": self.state().value,
+            "state": state.value,
             "lifecycle": self.lifecycle.value,
             "lifecycle_since": self.lifecycle_since,
             "generation": self.generation,
@@ -245,4 +277,6 @@ class EngineStatus:
             "ready_checks": self.ready_checks,
             "zombies_reaped": self.zombies_reaped,
             "orphans_killed": self.orphans_killed,
+            "drain": asdict(self.drain) if self.drain else None,
+            "unkillable": list(self.unkillable),
         }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -13,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sentinel.cli import admin_client
 from sentinel.config.schema import OpsConfig
 
 DEFAULT_URL = f"http://127.0.0.1:{OpsConfig.model_fields['port'].default}"
@@ -32,11 +32,13 @@ class StatusUnavailable(Exception):
     pass
 
 
-def fetch_status(url: str, timeout: float, log_tail: int = 0) -> dict[str, Any]:
+def fetch_status(
+    url: str, timeout: float, log_tail: int = 0, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
     target = url.rstrip("/") + "/status"
     params = {"log_tail": str(log_tail)} if log_tail else None
     try:
-        resp = httpx.get(target, params=params, timeout=timeout, trust_env=False)
+        resp = httpx.get(target, params=params, timeout=timeout, trust_env=False, headers=headers)
     except httpx.HTTPError as exc:
         raise StatusUnavailable(
             f"cannot reach Sentinel's ops server at {url} ({type(exc).__name__}: {exc}). "
@@ -187,11 +189,21 @@ def register(app: typer.Typer) -> None:
             int, typer.Option(help="Also show this many engine log lines.", min=0)
         ] = 0,
         timeout: Annotated[float, typer.Option(help="Seconds to wait for an answer.")] = 5.0,
+        config: admin_client.ConfigOpt = None,
+        token_file: admin_client.TokenFileOpt = None,
     ) -> None:
-        """Show the engine's state: lifecycle, readiness checks, processes, probes, restarts."""
-        target = url or os.environ.get("SENTINEL_OPS_URL") or DEFAULT_URL
+        """Show the engine's state: lifecycle, readiness checks, processes, probes, restarts.
+
+        --log-tail is admin-only: the token comes from --token-file or --config."""
         try:
-            doc = fetch_status(target, timeout, log_tail)
+            target = admin_client.resolve_url(url, config)
+            headers = None
+            if log_tail:
+                token = admin_client.resolve_token(config, token_file)
+                headers = {"Authorization": f"Bearer {token}"}
+            doc = fetch_status(target, timeout, log_tail, headers)
+        except admin_client.AdminCallError as exc:
+            raise admin_client.fail("status", exc) from None
         except StatusUnavailable as exc:
             typer.echo(f"sentinel status: {exc}", err=True)
             raise typer.Exit(2) from None

@@ -48,6 +48,7 @@ class SupervisorConfig(_Section):
     on_failed: OnFailed = OnFailed.stay
     log_tail_lines: int = Field(200, ge=10, le=100_000)
     kill_foreign_gpu_processes: bool = False
+    evidence_timeout_s: float = Field(5.0, ge=0)
 
     @model_validator(mode="after")
     def _backoff_order(self) -> SupervisorConfig:
@@ -71,15 +72,26 @@ class ProbesConfig(_Section):
     prompt: str = "hi"
     metrics_interval_s: float = Field(2.0, gt=0)
     stall_window_s: float = Field(30.0, gt=0)
-    on_stall: ProbeAction = ProbeAction.report
-    stall_restart_after_s: float = Field(0.0, ge=0)
-    on_not_ready: ProbeAction = ProbeAction.report
-    not_ready_restart_after_s: float = Field(120.0, ge=0)
+    on_stall: ProbeAction = ProbeAction.restart
+    stall_restart_after_s: float = Field(60.0, ge=0)
+    on_not_ready: ProbeAction = ProbeAction.restart
+    not_ready_restart_after_s: float = Field(300.0, ge=0)
 
 
 class EngineMetricNames(StrEnum):
     promtool = "promtool"
     verbatim = "verbatim"
+
+
+class AdminConfig(_Section):
+    token_file: Path | None = None
+    token_env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AdminConfig:
+        if self.token_file and self.token_env:
+            raise ValueError("set only one of token_file and token_env")
+        return self
 
 
 class OpsConfig(_Section):
@@ -88,6 +100,7 @@ class OpsConfig(_Section):
     passthrough_engine_metrics: bool = True
     engine_metric_names: EngineMetricNames = EngineMetricNames.promtool
     livez_heartbeat_timeout_s: float = Field(5.0, gt=0)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
 
 
 class GpuMode(StrEnum):
@@ -309,6 +322,45 @@ class WatchdogsConfig(_Section):
     stuck: StuckWatchdogConfig = Field(default_factory=StuckWatchdogConfig)
 
 
+class PreemptionConfig(_Section):
+    file: Path | None = None
+    url: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    match: str = ""
+    poll_interval_s: float = Field(5.0, gt=0)
+    timeout_s: float = Field(2.0, gt=0)
+
+    @field_validator("match")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        import re
+
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"match is not a valid regular expression: {exc}") from None
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https://, got {value!r}")
+        return value
+
+
+class LifecycleConfig(_Section):
+    drain_timeout_s: float = Field(30.0, ge=0)
+    drain_retry_after_s: float = Field(5.0, ge=0)
+    drain_fallback: bool = True
+    vllm_shutdown_timeout: bool = True
+    runtime_dir: Path | None = None
+    gpu_release_timeout_s: float = Field(30.0, ge=0)
+    unkillable_after_s: float = Field(5.0, gt=0)
+    livez_fails_on_unkillable: bool = True
+    preemption: PreemptionConfig = Field(default_factory=PreemptionConfig)
+
+
 class SentinelConfig(_Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
@@ -321,3 +373,4 @@ class SentinelConfig(_Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     incidents: IncidentsConfig = Field(default_factory=IncidentsConfig)  # issue 17
     watchdogs: WatchdogsConfig = Field(default_factory=WatchdogsConfig)  # issue 17
+    lifecycle: LifecycleConfig = Field(default_factory=LifecycleConfig)

@@ -4,7 +4,10 @@
 - ``/startupz`` 200 once the engine generation's first real inference succeeded; 503 before,
                 with the reason.
 - ``/readyz``   200 when every readiness check passes; 503 naming the failed checks.
-- ``/status``   the whole observed state as JSON (``?log_tail=N`` adds engine log lines).
+- ``/status``   the whole observed state as JSON (``?log_tail=N`` adds engine log lines:
+                admin only, see ``sentinel.ops.admin``).
+- ``/admin/...`` endpoints registered in ``AdminRoutes`` (drain, resume, restart, ...),
+                each behind the admin bearer token.
 - ``/metrics``  Prometheus text format 0.0.4: ``sentinel_*`` plus the engine's series.
 """
 
@@ -20,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from sentinel.ops.admin import AdminAuth, AdminRoutes
 from sentinel.ops.heartbeat import LoopMonitor
 from sentinel.ops.metrics import CONTENT_TYPE, MetricsRenderer
 from sentinel.ops.report import StatusReport, finite
@@ -35,6 +39,9 @@ class OpsDeps:
     readiness: Callable[[], tuple[bool, dict[str, Any]]]
     report: StatusReport
     metrics: MetricsRenderer
+    livez_problem: Callable[[], str | None] | None = None
+    auth: AdminAuth | None = None
+    admin: AdminRoutes | None = None
 
 
 def json_response(data: Any, status_code: int = 200) -> Response:
@@ -56,6 +63,10 @@ def build_ops_app(deps: OpsDeps) -> Starlette:
                 f"event loop heartbeat is {info['heartbeat_age_s']:.1f}s old "
                 f"(limit {deps.heartbeat_timeout_s:g}s)"
             )
+        problem = deps.livez_problem() if deps.livez_problem is not None else None
+        if alive and problem:
+            alive = False
+            body["alive"], body["reason"] = False, problem
         return json_response(body, 200 if alive else 503)
 
     async def startupz(_: Request) -> Response:
@@ -72,23 +83,29 @@ def build_ops_app(deps: OpsDeps) -> Starlette:
             lines = min(max(int(raw), 0), _MAX_LOG_LINES)
         except ValueError:
             return json_response({"error": f"log_tail must be an integer, got {raw!r}"}, 400)
+        if lines and deps.auth is not None:  # the engine's log lines are admin-only
+            refused = deps.auth.check(request)
+            if refused is not None:
+                return refused
         return json_response(deps.report.build(log_lines=lines))
 
     async def metrics(_: Request) -> Response:
         return Response(deps.metrics.render(), media_type=CONTENT_TYPE)
 
     async def index(_: Request) -> Response:
-        return json_response(
-            {"endpoints": ["/livez", "/startupz", "/readyz", "/status", "/metrics"]}
-        )
+        endpoints = ["/livez", "/startupz", "/readyz", "/status", "/metrics"]
+        if deps.admin is not None:
+            endpoints += deps.admin.paths
+        return json_response({"endpoints": endpoints})
 
-    return Starlette(
-        routes=[
-            Route("/", index),
-            Route("/livez", livez),
-            Route("/startupz", startupz),
-            Route("/readyz", readyz),
-            Route("/status", status),
-            Route("/metrics", metrics),
-        ]
-    )
+    routes = [
+        Route("/", index),
+        Route("/livez", livez),
+        Route("/startupz", startupz),
+        Route("/readyz", readyz),
+        Route("/status", status),
+        Route("/metrics", metrics),
+    ]
+    if deps.auth is not None and deps.admin is not None:
+        routes.append(deps.admin.route(deps.auth))
+    return Starlette(routes=routes)

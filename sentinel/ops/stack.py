@@ -17,6 +17,7 @@ from sentinel.collectors.process import ProcessCollector
 from sentinel.collectors.sentinel_metrics import EngineStatusCollector
 from sentinel.config import SentinelConfig
 from sentinel.config.schema import EngineMetricNames
+from sentinel.ops.admin import AdminAuth, AdminRoutes
 from sentinel.ops.app import OpsDeps, build_ops_app
 from sentinel.ops.heartbeat import LoopMonitor
 from sentinel.ops.metrics import MetricsRenderer
@@ -33,6 +34,10 @@ class OpsStack:
     metrics: MetricsRenderer
     report: StatusReport
     server: OpsServer
+    # issue 16: admin endpoints (add with admin.add(path, handler, methods)); the token is
+    # set on auth at start (Sentinel.run reads ops.admin)
+    auth: AdminAuth
+    admin: AdminRoutes
 
     def tasks(self) -> list[tuple[Coroutine[Any, Any, None], str]]:
         """The background coroutines, named; start them after ``server.bind()``."""
@@ -46,6 +51,37 @@ class OpsStack:
 def engine_series_max_age_s(cfg: SentinelConfig) -> float:
     """The engine's series are passed through only while this fresh."""
     return max(3 * cfg.probes.metrics_interval_s, 5.0)
+
+
+def drain_readiness(
+    status: EngineStatus, report: tuple[bool, dict[str, Any]]
+) -> tuple[bool, dict[str, Any]]:
+    """/readyz during a drain (issue 16): 503 from its first moment, the drain named."""
+    ready, body = report
+    drain = status.drain
+    if drain is None:
+        return ready, body
+    how = "next tier" if drain.fallback else "503 with Retry-After"
+    body["checks"]["drain"] = {
+        "ok": False,
+        "detail": f"draining ({drain.reason}); new requests get the {how}",
+    }
+    body["failed"] = [*body["failed"], "drain"]
+    body["state"] = "draining"
+    return False, body
+
+
+def unkillable_problem(status: EngineStatus, enabled: bool) -> str | None:
+    """/livez fails while an engine process survives SIGKILL, where configured."""
+    if not enabled or not status.unkillable:
+        return None
+    procs = ", ".join(
+        f"pid {p['pid']} ({p['state']}, wchan {p['wchan']})" for p in status.unkillable
+    )
+    return (
+        f"engine processes survive SIGKILL: {procs}; the node needs replacing "
+        "(lifecycle.livez_fails_on_unkillable)"
+    )
 
 
 def build_ops_stack(
@@ -80,6 +116,8 @@ def build_ops_stack(
     metrics = MetricsRenderer(
         registry, engine_series if cfg.ops.passthrough_engine_metrics else None
     )
+    auth = AdminAuth(registry)
+    admin = AdminRoutes()
     server_box: list[OpsServer] = []
     report = StatusReport(
         status,
@@ -93,11 +131,16 @@ def build_ops_stack(
             loop=loop_monitor,
             heartbeat_timeout_s=cfg.ops.livez_heartbeat_timeout_s,
             startup=probes.startup_report,
-            readiness=probes.readiness_report,
+            readiness=lambda: drain_readiness(status, probes.readiness_report()),
+            livez_problem=lambda: unkillable_problem(
+                status, cfg.lifecycle.livez_fails_on_unkillable
+            ),
             report=report,
             metrics=metrics,
+            auth=auth,
+            admin=admin,
         )
     )
     server = OpsServer(app, cfg.ops.host, cfg.ops.port)
     server_box.append(server)
-    return OpsStack(probes, loop_monitor, metrics, report, server)
+    return OpsStack(probes, loop_monitor, metrics, report, server, auth, admin)

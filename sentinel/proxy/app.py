@@ -334,6 +334,11 @@ class ProxyApp:
         self.payloads = payloads
         self.max_body = cfg.max_body_bytes
         self.request_timeout_s = cfg.request_timeout_s
+        # issue 16, drain: while set, a new request is answered with this error (503 +
+        # Retry-After); requests accepted before finish. ``accepted`` counts requests
+        # taken in and not yet recorded (every accepted request is recorded once).
+        self.drain_gate: ProxyError | None = None
+        self.accepted = 0
 
     # ---- ASGI entry ------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -363,6 +368,8 @@ class ProxyApp:
         starts it, or finishes the request without it."""
         if BEGAN_KEY in scope or scope["method"] not in EARLY_METHODS:
             return False
+        if self.drain_gate is not None:
+            return False  # the task answers it: 503 while draining
         ctx = self._new_ctx(scope["headers"])
         try:
             fwd, ctype = self._request_head(scope)
@@ -373,6 +380,7 @@ class ProxyApp:
             return False  # the task answers it, with the body read the usual way
         begun = self.chain.begin(req)
         scope[EARLY_KEY] = _Early(ctx, req, begun)
+        self.accepted += 1
         if begun is None:
             return False
         hook = _EarlyAnswer(self, ctx, out, begun, req, scope)
@@ -390,10 +398,15 @@ class ProxyApp:
             early.hook.let_go()  # this task takes over (the hook may still answer first)
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         ctx = early.ctx if early is not None else self._new_ctx(headers)
+        if early is None:
+            self.accepted += 1
         req: ProxyRequest | None = None
         arm: asyncio.TimerHandle | None = None
         main = asyncio.current_task()
         try:
+            if early is None and self.drain_gate is not None:
+                await self._send_error(send, self.drain_gate, ctx)
+                return
             try:
                 if early is not None:
                     req = early.req
@@ -696,6 +709,7 @@ class ProxyApp:
 
     # ---- records -------------------------------------------------------------------------
     def _record(self, ctx: _Ctx, req: ProxyRequest | None, scope: dict[str, Any]) -> None:
+        self.accepted -= 1
         latency = time.perf_counter() - ctx.t0
         status = ctx.status
         self.metrics.request(ctx.tier, status, ctx.ttft, latency)

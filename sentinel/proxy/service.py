@@ -4,6 +4,7 @@ the ASGI app and its server. ``Sentinel`` (app.py) owns one ``ProxyService``."""
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 from collections.abc import Callable
 from contextlib import suppress
@@ -15,6 +16,7 @@ from sentinel.logs import get_logger
 from sentinel.payloads.log import PayloadLog
 from sentinel.proxy.app import ProxyApp
 from sentinel.proxy.chain import Chain, build_tier
+from sentinel.proxy.errors import ProxyError
 from sentinel.proxy.metrics import ProxyMetrics
 from sentinel.proxy.rawhttp import RawTransport
 from sentinel.proxy.secrets import SecretError, load_api_key
@@ -26,6 +28,7 @@ log = get_logger(__name__)
 
 TransportFactory = Callable[[str, int], Transport]
 SWITCH_INTERVAL_S = 0.0005
+IDLE_POLL_S = 0.01
 
 
 class ProxyStartError(RuntimeError):
@@ -73,6 +76,52 @@ class ProxyService:
         self.payloads = PayloadLog(payload_cfg, registry) if payload_cfg.enabled else None
         self.app = ProxyApp(cfg, self.chain, self.metrics, self.payloads)
         self._server: ProxyServer | None = None
+        self._drain_fallback = False
+
+    # ---- drain (issue 16) ------------------------------------------------------------
+    def begin_drain(self, retry_after_s: float, fallback: bool) -> None:
+        """Stop taking new requests for the local engine. ``fallback=False``: a new
+        request gets 503 + Retry-After and an OpenAI-style error naming the drain.
+        ``fallback=True``: new requests skip the local tier (the ``EngineStatus`` drain
+        marks it draining) and go to the next tiers. Requests in flight finish."""
+        self._drain_fallback = fallback
+        if fallback:
+            self.app.drain_gate = None
+            return
+        retry = max(1, math.ceil(retry_after_s))
+        self.app.drain_gate = ProxyError(
+            503,
+            "Sentinel is draining this replica (shutting down or restarting its engine) and "
+            f"takes no new requests; retry in {retry}s or on another replica",
+            "draining",
+            retry_after=retry,
+        )
+
+    def end_drain(self) -> None:
+        self.app.drain_gate = None
+        self._drain_fallback = False
+
+    @property
+    def in_flight(self) -> int:
+        """Requests a drain waits for: with fallback, those on the local tier (queued or
+        running; new ones go elsewhere); else every request accepted and not finished."""
+        if self._drain_fallback:
+            n = 0
+            for tier in self.chain.tiers:
+                if tier.local:
+                    n += tier.in_use() + (tier.admission.queued if tier.admission else 0)
+            return n
+        return self.app.accepted
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until ``in_flight`` is 0 (True) or ``timeout_s`` passes (False)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.in_flight > 0:
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(IDLE_POLL_S)
+        return True
 
     def prepare(self) -> None:
         """Read the tiers' API keys and bind the traffic port. Raises ``ProxyStartError``

@@ -110,8 +110,13 @@ def test_livez_ignores_the_engine_and_fails_when_the_heartbeat_stops(engine):
         assert "heartbeat" in o.get("/livez").json()["reason"]
 
 
+ADMIN = "admin-token-for-the-ops-tests-0123"
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
+
+
 def test_status_has_state_processes_probes_and_no_secrets(ops):
-    doc = ops.get("/status", params={"log_tail": 5}).json()
+    ops.stack.auth.set_token(ADMIN)
+    doc = ops.get("/status", params={"log_tail": 5}, headers=AUTH).json()
     for key in (
         "state",
         "lifecycle",
@@ -128,7 +133,7 @@ def test_status_has_state_processes_probes_and_no_secrets(ops):
         assert key in doc
     assert doc["state"] == "ready" and doc["probes"]["inference"]["ok"] is True
     assert doc["engine_metrics"]["vllm:num_requests_running"] == 1
-    text = ops.get("/status", params={"log_tail": 5}).text
+    text = ops.get("/status", params={"log_tail": 5}, headers=AUTH).text
     assert "sk-supersecret" not in text and "hf_verysecretvalue" not in text
     assert "abcdefgh12345" not in text
     assert doc["config"]["engine"]["env_names"] == ["HF_TOKEN"]

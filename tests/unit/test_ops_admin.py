@@ -1,0 +1,118 @@
+"""The admin API: token sources, 403 without a token, 401 (counted) with a wrong one,
+the right one lets the handler run; /status?log_tail is admin-only, probes stay open."""
+
+from __future__ import annotations
+
+import pytest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from sentinel.ops.admin import AdminTokenError, read_token
+from tests.helpers import free_port
+from tests.unit.ops_thread import OpsThread
+
+TOKEN = "s3cret-admin-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def ops():
+    dead = f"http://127.0.0.1:{free_port()}"
+    with OpsThread({}, dead, run_probes=False) as o:
+        calls: list[str] = []
+
+        async def poke(request: Request) -> Response:
+            calls.append(request.method)
+            return JSONResponse({"poked": True})
+
+        o.stack.admin.add("/admin/poke", poke, methods=["POST"])
+        o.calls = calls
+        yield o
+
+
+def _post(ops, path, token=None, **kw):
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    return httpx.post(ops.url + path, headers=headers, timeout=5, trust_env=False, **kw)
+
+
+def _failures(ops, reason):
+    return ops.registry.get_sample_value("sentinel_admin_auth_failures_total", {"reason": reason})
+
+
+def test_without_a_token_admin_endpoints_are_off_and_say_how_to_turn_them_on(ops):
+    ops.stack.auth.set_token(None)
+    r = _post(ops, "/admin/poke", token=TOKEN)
+    assert r.status_code == 403
+    assert "ops.admin.token_file" in r.json()["error"] and "token_env" in r.json()["error"]
+    r = ops.get("/status", params={"log_tail": 3})
+    assert r.status_code == 403 and "log_tail" not in r.json()
+    assert ops.calls == []
+
+
+def test_wrong_or_missing_token_is_401_and_counted(ops):
+    ops.stack.auth.set_token(TOKEN)
+    wrong0, missing0 = _failures(ops, "wrong"), _failures(ops, "missing")
+    r = _post(ops, "/admin/poke", token=TOKEN + "x")
+    assert r.status_code == 401 and "not the admin token" in r.json()["error"]
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    assert _post(ops, "/admin/poke").status_code == 401
+    assert ops.get("/status", params={"log_tail": 3}).status_code == 401
+    assert _failures(ops, "wrong") == wrong0 + 1
+    assert _failures(ops, "missing") == missing0 + 2
+    assert ops.calls == []
+    metrics = ops.get("/metrics").text
+    assert 'sentinel_admin_auth_failures_total{reason="wrong"}' in metrics
+
+
+def test_right_token_runs_the_handler_and_unlocks_the_log_tail(ops):
+    ops.stack.auth.set_token(TOKEN)
+    r = _post(ops, "/admin/poke", token=TOKEN)
+    assert r.status_code == 200 and r.json() == {"poked": True}
+    assert ops.calls == ["POST"]
+    doc = ops.get("/status", params={"log_tail": 3}, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert doc.status_code == 200 and len(doc.json()["log_tail"]) == 2
+    # wrong method and unknown endpoint: clear answers, after the token check
+    get = ops.get("/admin/poke", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert get.status_code == 405 and "POST" in get.json()["error"]
+    unknown = _post(ops, "/admin/nope", token=TOKEN)
+    assert unknown.status_code == 404 and "/admin/poke" in unknown.json()["error"]
+    assert _post(ops, "/admin/nope").status_code == 401
+
+
+def test_probes_metrics_and_summary_status_stay_open(ops):
+    ops.stack.auth.set_token(TOKEN)
+    for path in ("/livez", "/readyz", "/startupz", "/metrics"):
+        assert ops.get(path).status_code in (200, 503), path
+    doc = ops.get("/status")
+    assert doc.status_code == 200 and "state" in doc.json() and "log_tail" not in doc.json()
+    assert "/admin/poke" in ops.get("/").json()["endpoints"]
+
+
+def test_token_sources(tmp_path, monkeypatch):
+    assert read_token(None, None) is None
+    f = tmp_path / "tok"
+    f.write_text(TOKEN + "\n")
+    assert read_token(f, None) == TOKEN
+    monkeypatch.setenv("MY_ADMIN_TOKEN", TOKEN)
+    assert read_token(None, "MY_ADMIN_TOKEN") == TOKEN
+    with pytest.raises(AdminTokenError, match="token_file .* does not exist"):
+        read_token(tmp_path / "missing", None)
+    monkeypatch.delenv("MY_ADMIN_TOKEN")
+    with pytest.raises(AdminTokenError, match="'MY_ADMIN_TOKEN', which is not set"):
+        read_token(None, "MY_ADMIN_TOKEN")
+    (tmp_path / "short").write_text("abc")
+    with pytest.raises(AdminTokenError, match="at least 16"):
+        read_token(tmp_path / "short", None)
+    (tmp_path / "empty").write_text("  \n")
+    with pytest.raises(AdminTokenError, match="is empty"):
+        read_token(tmp_path / "empty", None)
+    with pytest.raises(AdminTokenError, match="is a directory|cannot be read"):
+        read_token(tmp_path, None)
+
+
+def test_only_one_token_source(tmp_path):
+    from sentinel.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="only one of token_file and token_env"):
+        load_config(None, sets=[f"ops.admin.token_file={tmp_path}/t", "ops.admin.token_env=X"])
