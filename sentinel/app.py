@@ -75,9 +75,14 @@ class Sentinel:
             metrics_text=self.ops.metrics.render,
             engine_log=self.supervisor.log_tail,
             sentinel_log=log_ring.lines if log_ring is not None else list,
+            extra_secrets=lambda: _admin_token_values(cfg),
         )
         self.supervisor.env_extenders.append(self.watchdogs.extend_engine_env)
+        self.supervisor.before_hang_restart = self.watchdogs.capture_for_hang
         self.ops.report.sections["watchdogs"] = self.watchdogs.describe
+        from sentinel.watchdogs import admin as watchdog_admin
+
+        watchdog_admin.register(self.ops.admin, self.watchdogs)
         # --- proxy and degradation chain (issue 5) ---
         self.proxy = None
         if cfg.proxy.enabled:
@@ -157,6 +162,17 @@ class Sentinel:
                 with suppress(asyncio.CancelledError):
                     await task
             self.watchdogs.close()  # issue 17
+
+
+def _admin_token_values(cfg: SentinelConfig) -> list[str]:
+    """issue 17: the admin token, so that no snapshot ever holds it."""
+    from sentinel.ops.admin import AdminTokenError, read_token
+
+    try:
+        token = read_token(cfg.ops.admin.token_file, cfg.ops.admin.token_env)
+    except AdminTokenError:
+        return []
+    return [token] if token else []
 
 
 def run_sentinel(cfg: SentinelConfig) -> int:

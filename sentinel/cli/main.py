@@ -91,6 +91,9 @@ def _register_optional() -> None:
 
     status_cli.register(app)
     gpu_cli.register(app)
+    from sentinel.cli import incidents as incidents_cli  # issue 17: dump, snapshot
+
+    incidents_cli.register(app)
 
 
 def main() -> int:

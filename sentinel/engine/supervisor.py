@@ -23,7 +23,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +128,8 @@ class Supervisor:
         self._foreign_reported: set[tuple[int, float]] = set()
         # called on the engine's environment before each launch (issue 17: the agent)
         self.env_extenders: list[Callable[[dict[str, str]], None]] = []
+        # awaited before a restart for a hang (reason, detail), bounded by evidence_timeout_s
+        self.before_hang_restart: Callable[[str, str], Awaitable[None]] | None = None
 
     # ---- the interface for signal handlers and other components -------------
     def request_stop(self, sig: int = signal.SIGTERM) -> None:
@@ -715,6 +717,8 @@ class Supervisor:
             self._failed = False
             self._guard.reset()
             self._backoff.reset()
+        if reason in HUNG_REASONS and self._current is not None:
+            await self._preserve_evidence(reason, detail)
         self.status.record_restart(reason, detail)
         self.status.set_lifecycle(Lifecycle.restarting)
         cur = self._current
@@ -731,6 +735,22 @@ class Supervisor:
             return
         self._launch_counted = counted
         self._launch_at = time.monotonic()
+
+    async def _preserve_evidence(self, reason: str, detail: str) -> None:
+        """Before a restart for a hang: ``before_hang_restart`` (stack dumps, snapshot),
+        bounded by ``supervisor.evidence_timeout_s``."""
+        hook = self.before_hang_restart
+        if hook is None:
+            return
+        try:
+            await asyncio.wait_for(hook(reason, detail), self.cfg.evidence_timeout_s)
+        except TimeoutError:
+            log.error(
+                "preserving evidence took too long; restarting anyway",
+                limit_s=self.cfg.evidence_timeout_s,
+            )
+        except Exception as exc:  # noqa: BLE001 - evidence never blocks recovery
+            log.error("preserving evidence failed; restarting anyway", error=repr(exc))
 
     # ---- last resort -----------------------------------------------------------------
     def _kill_everything_now(self) -> None:
