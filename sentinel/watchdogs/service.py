@@ -101,6 +101,9 @@ class Watchdogs:
         return {p.pid: p.role for p in self.status.processes}
 
     def _leak_processes(self) -> list[tuple[int, str, float]]:
+        # loading a model is growth by design: trends start once the generation is loaded
+        if not self.status.loaded:
+            return []
         return [(p.pid, p.role, p.create_time) for p in self.status.processes]
 
     def _gpu_memory(self) -> tuple[dict[int, int], int, int]:
