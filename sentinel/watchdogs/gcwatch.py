@@ -112,6 +112,13 @@ class GcWatch:
             self._dir = None
 
     def _readable(self) -> None:
+        t0 = time.thread_time()
+        try:
+            self._read_all()
+        finally:
+            self.metrics.watchdog_cpu.labels("gc").inc(max(0.0, time.thread_time() - t0))
+
+    def _read_all(self) -> None:
         assert self._sock is not None
         for _ in range(1000):
             try:

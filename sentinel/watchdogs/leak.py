@@ -114,13 +114,6 @@ class LeakWatch:
         self.restart_planned_at: float | None = None
         self.restart_why = ""
 
-    async def run(self) -> None:
-        import asyncio
-
-        while True:
-            await asyncio.sleep(self.cfg.interval_s)
-            self.sample()
-
     def sample(self) -> list[Trend]:
         now = self._clock()
         live = {pid: (role, ct) for pid, role, ct in self.processes()}

@@ -163,9 +163,27 @@ class Watchdogs:
     def tasks(self) -> list[tuple[Coroutine[Any, Any, None], str]]:
         out = [(self._gc_loop(), "watchdog-gc"), (self._check_ptrace(), "watchdog-ptrace")]
         if self.cfg.watchdogs.leak.enabled:
-            out.append((self.leak.run(), "watchdog-leak"))
-        out.append((self.stuck.run(), "watchdog-stuck"))
+            out.append((self._leak_loop(), "watchdog-leak"))
+        out.append((self._stuck_loop(), "watchdog-stuck"))
         return out
+
+    def _spent(self, watchdog: str, since: float) -> None:
+        """CPU of Sentinel's loop thread spent in one watchdog (sentinel_watchdog_cpu_seconds)."""
+        self.metrics.watchdog_cpu.labels(watchdog).inc(max(0.0, time.thread_time() - since))
+
+    async def _leak_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.watchdogs.leak.interval_s)
+            t0 = time.thread_time()
+            self.leak.sample()
+            self._spent("leak", t0)
+
+    async def _stuck_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.watchdogs.stuck.interval_s)
+            t0 = time.thread_time()
+            await self.stuck.check()
+            self._spent("stuck", t0)
 
     def close(self) -> None:
         self.gc.close()
@@ -175,7 +193,9 @@ class Watchdogs:
         try:
             while True:
                 await asyncio.sleep(GC_TICK_S)
+                t0 = time.thread_time()
                 self.gc.tick()
+                self._spent("gc", t0)
         finally:
             self.gc.close()
 

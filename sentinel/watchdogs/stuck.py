@@ -69,11 +69,6 @@ class StuckWatch:
         self.last_trigger: dict[str, Any] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.interval_s)
-            await self.check()
-
     def _fire(self, reason: str, detail: str, then: Callable[[], None] | None = None) -> None:
         """Capture in the background (then run ``then``: the policy, after the dump)."""
         self.last_trigger = {"reason": reason, "detail": detail, "at": time.time()}
