@@ -42,6 +42,7 @@ class Sentinel:
             engine_lines=cfg.logging.engine_lines,
             # "loaded" means a first real inference passed: the probes decide it
             detect_load=False,
+            lifecycle=cfg.lifecycle,  # issue 16: state file, guard, unkillable, GPU release
         )
         self._tasks: list[asyncio.Task[object]] = []
         # --- probes, ops server and metrics (issue 3) ---
@@ -95,10 +96,26 @@ class Sentinel:
                 self.registry,
                 engine_base_url=lambda: self.supervisor.engine_base_url,
             )
+        # --- lifecycle: drain, resume, restart, preemption notices (issue 16) ---
+        from sentinel.lifecycle.drain import DrainController
+        from sentinel.lifecycle.endpoints import add_lifecycle_routes
+        from sentinel.lifecycle.preempt import PreemptionWatcher
+
+        self.drain = DrainController(
+            cfg.lifecycle,
+            cfg.proxy if cfg.proxy.enabled else None,
+            self.status,
+            self.supervisor,
+            self.proxy,
+            self.registry,
+            startup_timeout_s=cfg.supervisor.startup_timeout_s,
+        )
+        add_lifecycle_routes(self.ops.admin, self.drain)
+        self.preemption = PreemptionWatcher(cfg.lifecycle.preemption, self.drain.on_preemption)
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.supervisor.request_stop, sig)
+        for sig in (signal.SIGTERM, signal.SIGINT):  # issue 16: drain first, then stop
+            loop.add_signal_handler(sig, self.drain.on_sigterm, sig)
         loop.add_signal_handler(signal.SIGHUP, self.supervisor.request_restart, "sighup")
         # SIGCHLD only hurries reaping along: the supervisor watches the engine through
         # pidfds and reaps every second anyway. uvloop keeps SIGCHLD for itself.
@@ -153,6 +170,10 @@ class Sentinel:
             self._tasks.append(task)
         if self.proxy is not None:  # issue 5
             self._tasks.append(asyncio.create_task(self.proxy.run(), name="proxy"))
+        for coro, name in ((self.drain.run(), "drain"), (self.preemption.run(), "preemption")):
+            task = asyncio.create_task(coro, name=name)  # issue 16
+            task.add_done_callback(report_task_crash)
+            self._tasks.append(task)
         try:
             return await self.supervisor.run()
         finally:

@@ -57,3 +57,12 @@ def dechunk(data: bytes) -> bytes:
             return bytes(out)
         out += data[j + 2 : j + 2 + n]
         i = j + 2 + n + 2
+
+
+def is_guard(proc: object) -> bool:
+    """Sentinel's guard process (sentinel/engine/guard.py): a child of Sentinel that is
+    not part of the engine."""
+    try:
+        return any(a.endswith("guard.py") for a in proc.cmdline()[:4])  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - gone, or not readable: not the guard
+        return False

@@ -31,6 +31,35 @@ def build_argv(cfg: EngineConfig) -> list[str]:
     return argv + list(cfg.args)
 
 
+def wants_shutdown_timeout(cfg: EngineConfig) -> bool:
+    """Add vLLM's --shutdown-timeout: a managed command, not already given, and the vLLM
+    of Sentinel's interpreter has the flag (read from its source: no import)."""
+    if cfg.command or (cfg.python and cfg.python != sys.executable):
+        return False
+    if any(a == "--shutdown-timeout" or a.startswith("--shutdown-timeout=") for a in cfg.args):
+        return False
+    return vllm_has_flag("--shutdown-timeout")
+
+
+def vllm_has_flag(flag: str) -> bool:
+    import importlib.util
+    from pathlib import Path
+
+    try:
+        spec = importlib.util.find_spec("vllm")
+    except (ImportError, ValueError):
+        return False
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    for root in spec.submodule_search_locations:
+        try:
+            if flag in (Path(root) / "engine" / "arg_utils.py").read_text(errors="replace"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def build_env(cfg: EngineConfig, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """Sentinel's environment, minus Sentinel's own settings, plus ``engine.env``."""
     env = dict(os.environ if base is None else base)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,11 +15,36 @@ from sentinel.engine.logcapture import EngineLine, LineSplitter
 READ_CHUNK = 65536
 
 
-def spawn(argv: list[str], env: dict[str, str], cwd: Path | None) -> subprocess.Popen[bytes]:
+PDEATHSIG_WRAPPER = Path(__file__).with_name("pdeathsig.py")
+
+
+def _check_command(argv: list[str], env: dict[str, str], cwd: Path | None) -> None:
+    """The errors exec would give, raised here (the wrapper execs in the child)."""
+    exe = argv[0]
+    if os.sep in exe:
+        path = Path(exe) if Path(exe).is_absolute() or cwd is None else Path(cwd) / exe
+        if not path.exists():
+            raise FileNotFoundError(2, "No such file or directory", exe)
+        if path.is_dir() or not os.access(path, os.X_OK):
+            raise PermissionError(13, "Permission denied", exe)
+    elif shutil.which(exe, path=env.get("PATH", os.defpath)) is None:
+        raise FileNotFoundError(2, "No such file or directory", exe)
+    if cwd is not None and not Path(cwd).is_dir():
+        raise FileNotFoundError(2, "No such file or directory", str(cwd))
+
+
+def spawn(
+    argv: list[str], env: dict[str, str], cwd: Path | None, *, parent_death_kill: bool = True
+) -> subprocess.Popen[bytes]:
     """Start the engine in its own session (and so its own process group).
 
+    ``parent_death_kill``: through ``pdeathsig.py``, the kernel SIGKILLs the engine's
+    API server if Sentinel dies (the pid is the API server's: the wrapper execs it).
     Raises OSError (FileNotFoundError, PermissionError) when it cannot be started.
     The caller reaps it (waitpid); never call wait()/poll() on the Popen object."""
+    if parent_death_kill:
+        _check_command(argv, env, cwd)
+        argv = [sys.executable, "-S", str(PDEATHSIG_WRAPPER), str(os.getpid()), "--", *argv]
     return subprocess.Popen(  # noqa: S603 - the command is the operator's configuration
         argv,
         stdin=subprocess.DEVNULL,

@@ -196,16 +196,31 @@ async def terminate(
     escalate: Callable[[], bool] = lambda: False,
     kill_wait_s: float = 5.0,
     poll_s: float = 0.02,
+    first: Callable[[Member], bool] | None = None,
 ) -> KillReport:
     """TERM every process ``find`` returns (again for newcomers), wait up to grace_s
     for all to go, then KILL the rest and wait up to kill_wait_s.
 
     ``reap`` is called while waiting so exited children do not linger as zombies;
-    ``escalate()`` returning True skips the rest of the grace (a second signal)."""
+    ``escalate()`` returning True skips the rest of the grace (a second signal).
+    ``first``: the members it selects (vLLM's API server) are TERMed alone first, and
+    the others only once those are gone or the grace ends: the API server then shuts
+    its EngineCore and Workers down in order, as vLLM drains best."""
     t0 = time.monotonic()
     report = KillReport()
     termed: set[tuple[int, float]] = set()
     deadline = t0 + grace_s
+    while first is not None:
+        reap()
+        leaders = [m for m in find() if first(m) and _alive(m.proc)]
+        if not leaders or time.monotonic() >= deadline or escalate():
+            break
+        for m in leaders:
+            if (m.pid, m.create_time) not in termed and signal_member(m, signal.SIGTERM):
+                signal_member(m, signal.SIGCONT)
+                termed.add((m.pid, m.create_time))
+                report.termed.append(m.pid)
+        await asyncio.sleep(poll_s)
     while True:
         reap()
         live = [m for m in find() if _alive(m.proc)]
@@ -239,3 +254,23 @@ async def terminate(
     reap()
     report.seconds = time.monotonic() - t0
     return report
+
+
+def describe_stuck(pid: int, proc_root: str = "/proc") -> dict[str, str | int]:
+    """Why a process may not die: its state (``D`` = uninterruptible sleep) and, where
+    readable, the kernel function it waits in (``/proc/PID/wchan``)."""
+    state, wchan = "?", "unknown"
+    try:
+        raw = open(f"{proc_root}/{pid}/stat", "rb").read()  # noqa: SIM115
+        state = raw[raw.rindex(b")") + 2 :].split()[0].decode()
+    except (OSError, ValueError, IndexError):
+        state = "gone"
+    try:
+        with open(f"{proc_root}/{pid}/wchan") as f:
+            wchan = f.read().strip() or "unknown"
+        if wchan == "0":
+            wchan = "running"
+    except OSError:
+        pass
+    names = {"D": "uninterruptible sleep", "Z": "zombie", "T": "stopped", "R": "running"}
+    return {"pid": pid, "state": state, "state_name": names.get(state, state), "wchan": wchan}

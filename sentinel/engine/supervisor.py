@@ -20,18 +20,20 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 
-from sentinel.config.schema import EngineConfig, OnFailed, SupervisorConfig
-from sentinel.engine import command, launcher, proctree
+from sentinel.config.schema import EngineConfig, LifecycleConfig, OnFailed, SupervisorConfig
+from sentinel.engine import command, launcher, proctree, runstate
 from sentinel.engine import diagnose as dx
 from sentinel.engine.backoff import Backoff, CrashLoopGuard
 from sentinel.engine.logcapture import EngineLine, LogTail
@@ -42,6 +44,10 @@ from sentinel.state import EngineStatus, ExitInfo, Lifecycle, ProcessInfo
 log = get_logger("sentinel.engine")
 
 GpuProcesses = Callable[[], list[tuple[int, int, int]]]
+# awaited (bounded by supervisor.evidence_timeout_s) before a restart for a hang
+EvidenceHook = Callable[[str, str], Awaitable[None]]
+GUARD_SCRIPT = Path(__file__).with_name("guard.py")
+GPU_RELEASE_POLL_S = 0.5
 
 SCAN_STARTING_S = 1.0  # while the tree is still growing
 SCAN_LOADED_S = 5.0  # once loaded; deaths are seen at once through pidfds anyway
@@ -89,9 +95,13 @@ class Supervisor:
         *,
         engine_lines: bool = True,
         detect_load: bool = True,
+        lifecycle: LifecycleConfig | None = None,
     ) -> None:
         self.engine_cfg = engine_cfg
         self.cfg = supervisor_cfg
+        self.life = lifecycle if lifecycle is not None else LifecycleConfig()
+        # issue 16: evidence (stack dumps, snapshot) before a restart for a hang
+        self.before_hang_restart: EvidenceHook | None = None
         self.status = status
         self.gpu_processes = gpu_processes
         self._engine_lines = engine_lines
@@ -99,6 +109,9 @@ class Supervisor:
         # supervisor notices /health answering (see _detect_loaded)
         self.detect_load = detect_load
         self._argv = command.build_argv(engine_cfg)
+        if self.life.vllm_shutdown_timeout and command.wants_shutdown_timeout(engine_cfg):
+            # vLLM finishes its own requests on TERM for this long (< the stop grace)
+            self._argv += ["--shutdown-timeout", str(max(1, int(supervisor_cfg.stop_grace_s) - 2))]
         self._ctx = dx.LaunchContext(
             model=engine_cfg.model,
             host=engine_cfg.host,
@@ -128,14 +141,21 @@ class Supervisor:
         self._foreign_reported: set[tuple[int, float]] = set()
         # called on the engine's environment before each launch (issue 17: the agent)
         self.env_extenders: list[Callable[[dict[str, str]], None]] = []
-        # awaited before a restart for a hang (reason, detail), bounded by evidence_timeout_s
-        self.before_hang_restart: Callable[[str, str], Awaitable[None]] | None = None
+        # issue 16: the state file and the guard; earlier generations' GPU holders
+        self._state_file: runstate.StateFile | None = None
+        self._guard_proc: subprocess.Popen[bytes] | None = None
+        self._guard_fd: int | None = None
+        self._ticks: dict[tuple[int, float], tuple[int, list[str]]] = {}
+        self._gpu_suspects: set[int] = set()
+        self._parked = False
 
     # ---- the interface for signal handlers and other components -------------
-    def request_stop(self, sig: int = signal.SIGTERM) -> None:
-        """Stop the engine gracefully and make run() return. A second call cuts the grace."""
+    def request_stop(self, sig: int = signal.SIGTERM, exit_after: bool = True) -> None:
+        """Stop the engine gracefully and make run() return. A second call cuts the grace.
+        ``exit_after=False`` (a preemption notice): stop the engine and launch no other;
+        Sentinel stays up to report it until it is stopped."""
         self._stop_requests += 1
-        self._put(("stop", int(sig)))
+        self._put(("stop", int(sig), exit_after))
 
     def request_restart(self, reason: str, detail: str = "") -> None:
         """Replace the engine generation (reason: sighup, stalled, not_ready, ...)."""
@@ -189,6 +209,7 @@ class Supervisor:
             )
         self._launch_at = time.monotonic()
         try:
+            await self._take_over_runtime_state()
             while self._exit_code is None:
                 try:
                     cmd = await asyncio.wait_for(self._queue.get(), self._next_wakeup())
@@ -201,6 +222,7 @@ class Supervisor:
             return self._exit_code
         finally:
             self._kill_everything_now()
+            self._release_runtime_state()
 
     def _next_wakeup(self) -> float:
         now = time.monotonic()
@@ -215,7 +237,10 @@ class Supervisor:
     async def _handle(self, cmd: tuple[Any, ...]) -> None:
         kind = cmd[0]
         if kind == "stop":
-            await self._stop(cmd[1])
+            if cmd[2]:
+                await self._stop(cmd[1])
+            else:
+                await self._park(cmd[1])
         elif kind == "restart":
             await self._restart(cmd[1], cmd[2])
         # "child" and "wake": the reap and the tick that follow do the work
@@ -269,6 +294,8 @@ class Supervisor:
             and self._launch_at is not None
             and now >= self._launch_at
             and not self._failed
+            and not self._parked
+            and not self.status.unkillable
         ):
             await self._launch()
 
@@ -316,6 +343,9 @@ class Supervisor:
         loaded = cur is not None and cur.loaded
         self._next_scan = now + (SCAN_LOADED_S if loaded else SCAN_STARTING_S)
         self._prune()
+        self._write_state()
+        if self.status.unkillable:
+            self._recheck_unkillable()
 
     def _watch(self, gen: _Generation, member: proctree.Member) -> None:
         """Be told at once when the API server, EngineCore or a Worker exits."""
@@ -377,6 +407,10 @@ class Supervisor:
         counted, self._launch_counted = self._launch_counted, True
         self._launch_at = None
         await self._ensure_no_leftovers()
+        if self.status.unkillable:
+            return  # launched again once those processes are gone (_recheck_unkillable)
+        if not await self._gpu_released():
+            return
         now = time.monotonic()
         if counted:
             self._guard.record_start(now)
@@ -394,7 +428,9 @@ class Supervisor:
         for extend in self.env_extenders:  # e.g. the watchdog agent (issue 17)
             extend(env)
         try:
-            popen = launcher.spawn(self._argv, env, self.engine_cfg.workdir)
+            popen = launcher.spawn(
+                self._argv, env, self.engine_cfg.workdir, parent_death_kill=self._subreaper
+            )
         except OSError as exc:
             what = exc.strerror or str(exc)
             reason = "command_not_found" if isinstance(exc, FileNotFoundError) else "launch_failed"
@@ -417,6 +453,7 @@ class Supervisor:
         self._current = gen
         self._gens.append(gen)
         self._watch(gen, leader)
+        self._write_state()
         self.status.set_processes([ProcessInfo(popen.pid, "api_server", number, ctime)])
         self._next_scan = now + 0.5
         log.info(
@@ -469,16 +506,24 @@ class Supervisor:
         grace_s: float,
         forced: tuple[str, str] | None = None,
         escalate: Callable[[], bool] = lambda: False,
+        api_server_first: bool = False,
     ) -> ExitInfo:
         """Terminate everything of ``gen`` (TERM, grace, KILL), drain its output,
-        explain and record its exit."""
+        explain and record its exit. ``api_server_first``: TERM the API server alone and
+        the rest once it has exited (a graceful stop)."""
         gen.ending = True
         leader_was_alive = not gen.leader_reaped
         if gen.load_task is not None:
             gen.load_task.cancel()
         report = await proctree.terminate(
-            lambda: self._members(gen), grace_s, self._reap, escalate=escalate
+            lambda: self._members(gen),
+            grace_s,
+            self._reap,
+            escalate=escalate,
+            kill_wait_s=self.life.unkillable_after_s,
+            first=(lambda m: m.pid == gen.pid) if api_server_first else None,
         )
+        self._gpu_suspects.update(report.termed + report.killed)
         others = {p for p in report.termed + report.killed if p != gen.pid}
         self.status.orphans_killed += len(others)
         if report.termed or report.killed:
@@ -491,12 +536,7 @@ class Supervisor:
                 api_server_was_alive=leader_was_alive,
             )
         if report.survivors:
-            log.error(
-                "engine processes still exiting after SIGKILL; still tracked, and killed "
-                "again before the next launch",
-                generation=gen.number,
-                pids=report.survivors,
-            )
+            self._mark_unkillable(gen.number, report.survivors, _roles(gen))
         for _ in range(50):  # the API server is dead; its status arrives with the reap
             if gen.leader_reaped:
                 break
@@ -556,6 +596,8 @@ class Supervisor:
         self, gen: _Generation, restart_reason: str, forced: tuple[str, str] | None = None
     ) -> None:
         self.status.set_lifecycle(Lifecycle.restarting)
+        if restart_reason in HUNG_REASONS and forced is not None:
+            await self._preserve_evidence(restart_reason, forced[1])
         info = await self._end_generation(gen, self.cfg.kill_grace_s, forced)
         await self._after_failure(restart_reason, info.cause)
 
@@ -605,8 +647,13 @@ class Supervisor:
                 continue
             if self._members(gen):
                 report = await proctree.terminate(
-                    lambda g=gen: self._members(g), self.cfg.kill_grace_s, self._reap
+                    lambda g=gen: self._members(g),
+                    self.cfg.kill_grace_s,
+                    self._reap,
+                    kill_wait_s=self.life.unkillable_after_s,
                 )
+                if report.survivors:
+                    self._mark_unkillable(gen.number, report.survivors, _roles(gen))
                 self.status.orphans_killed += len(set(report.termed + report.killed))
                 log.warning(
                     "killed leftover processes of an earlier generation",
@@ -690,6 +737,7 @@ class Supervisor:
                 self.cfg.stop_grace_s,
                 forced=("stopped", f"stopped on {name}"),
                 escalate=lambda: self._stop_requests > 1,
+                api_server_first=True,
             )
         await self._ensure_no_leftovers()
         self.status.set_lifecycle(Lifecycle.stopped)
@@ -707,6 +755,11 @@ class Supervisor:
     async def _restart(self, reason: str, detail: str) -> None:
         if self._stop_signal is not None:
             return
+        if self._parked:
+            if reason not in OPERATOR_REASONS:
+                log.info("engine stopped for a preemption notice; not restarting", reason=reason)
+                return
+            self._parked = False
         counted = reason not in OPERATOR_REASONS
         log.info("restart requested", reason=reason, detail=detail)
         now = time.monotonic()
@@ -717,15 +770,18 @@ class Supervisor:
             self._failed = False
             self._guard.reset()
             self._backoff.reset()
-        if reason in HUNG_REASONS and self._current is not None:
-            await self._preserve_evidence(reason, detail)
         self.status.record_restart(reason, detail)
         self.status.set_lifecycle(Lifecycle.restarting)
         cur = self._current
         if cur is not None:
             why = f"restart requested: {reason}" + (f" ({detail})" if detail else "")
-            grace = self.cfg.kill_grace_s if reason in HUNG_REASONS else self.cfg.stop_grace_s
-            await self._end_generation(cur, grace, forced=("restarted", why))
+            hung = reason in HUNG_REASONS
+            if hung:
+                await self._preserve_evidence(reason, detail)
+            grace = self.cfg.kill_grace_s if hung else self.cfg.stop_grace_s
+            await self._end_generation(
+                cur, grace, forced=("restarted", why), api_server_first=not hung
+            )
         if counted and self._guard.tripped(now):
             n = self._guard.starts_in_window(now)
             self._enter_failed(
@@ -736,21 +792,247 @@ class Supervisor:
         self._launch_counted = counted
         self._launch_at = time.monotonic()
 
+    async def _park(self, sig: int) -> None:
+        """A preemption notice: stop the engine gracefully, launch no other, stay up."""
+        if self._stop_signal is not None or self._parked:
+            return
+        self._parked = True
+        self._launch_at = None
+        log.info("stopping the engine for a preemption notice", grace_s=self.cfg.stop_grace_s)
+        self.status.set_lifecycle(Lifecycle.draining)
+        cur = self._current
+        if cur is not None:
+            await self._end_generation(
+                cur,
+                self.cfg.stop_grace_s,
+                forced=("stopped", "stopped for a preemption notice"),
+                escalate=lambda: self._stop_requests > 1,
+                api_server_first=True,
+            )
+        await self._ensure_no_leftovers()
+        self.status.set_lifecycle(Lifecycle.stopped)
+
     async def _preserve_evidence(self, reason: str, detail: str) -> None:
-        """Before a restart for a hang: ``before_hang_restart`` (stack dumps, snapshot),
-        bounded by ``supervisor.evidence_timeout_s``."""
+        """Await the evidence hook (dumps, snapshot) before a restart for a hang, bounded
+        by supervisor.evidence_timeout_s; its failure never blocks the restart."""
         hook = self.before_hang_restart
         if hook is None:
             return
+        t0 = time.monotonic()
         try:
             await asyncio.wait_for(hook(reason, detail), self.cfg.evidence_timeout_s)
         except TimeoutError:
-            log.error(
+            log.warning(
                 "preserving evidence took too long; restarting anyway",
+                reason=reason,
                 limit_s=self.cfg.evidence_timeout_s,
             )
-        except Exception as exc:  # noqa: BLE001 - evidence never blocks recovery
-            log.error("preserving evidence failed; restarting anyway", error=repr(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - evidence is best effort
+            log.error(
+                "preserving evidence failed", reason=reason, error=f"{type(exc).__name__}: {exc}"
+            )
+            return
+        log.info(
+            "evidence preserved before restart",
+            reason=reason,
+            seconds=round(time.monotonic() - t0, 3),
+        )
+
+    # ---- processes that will not die ------------------------------------------------------
+    def _mark_unkillable(self, number: int, pids: list[int], roles: dict[int, str]) -> None:
+        known = {p["pid"] for p in self.status.unkillable}
+        procs = list(self.status.unkillable)
+        for pid in pids:
+            if pid in known:
+                continue
+            info = {
+                **proctree.describe_stuck(pid),
+                "role": roles.get(pid, "other"),
+                "generation": number,
+                "since": time.time(),
+            }
+            procs.append(info)
+            log.error(
+                "engine process survives SIGKILL: state unkillable; no restart until it "
+                "is gone (the node may need replacing)",
+                pid=pid,
+                role=info["role"],
+                generation=number,
+                proc_state=info["state"],
+                state_name=info["state_name"],
+                wchan=info["wchan"],
+            )
+        self.status.set_unkillable(procs)
+
+    def _recheck_unkillable(self) -> None:
+        left = []
+        for info in self.status.unkillable:
+            now = proctree.describe_stuck(int(info["pid"]))
+            if now["state"] not in ("gone", "Z"):
+                left.append({**info, "state": now["state"], "wchan": now["wchan"]})
+        if len(left) != len(self.status.unkillable):
+            gone = {p["pid"] for p in self.status.unkillable} - {p["pid"] for p in left}
+            log.warning("unkillable engine processes are gone", pids=sorted(gone), left=len(left))
+            self.status.set_unkillable(left)
+            if not left and self._launch_at is None and self._current is None:
+                self._launch_at = time.monotonic()
+
+    # ---- the state file, the guard, earlier Sentinels ------------------------------------
+    async def _take_over_runtime_state(self) -> None:
+        """Before the first launch: kill what an earlier Sentinel of this engine port left
+        (its state file), wait for its GPU memory, then start the guard."""
+        root = self.life.runtime_dir or runstate.default_runtime_dir()
+        sf = runstate.StateFile(Path(root) / f"engine-{self.engine_cfg.port}.json")
+        try:
+            sf.prepare()
+        except OSError as exc:
+            log.warning(
+                "runtime directory not usable: no state file and no guard; a SIGKILLed "
+                "Sentinel may leave engine processes behind (lifecycle.runtime_dir)",
+                dir=str(sf.path.parent),
+                error=str(exc),
+            )
+            return
+        old = sf.read()
+        if old is not None and runstate.sentinel_alive(old):
+            why = (
+                f"another Sentinel (pid {old.sentinel_pid}) supervises the engine on port "
+                f"{self.engine_cfg.port} (state file {sf.path}); stop it first, or use another "
+                "engine.port or lifecycle.runtime_dir"
+            )
+            log.error("cannot start", reason=why)
+            self.status.set_lifecycle(Lifecycle.failed, why)
+            self._launch_at = None
+            self._exit_code = 2
+            return
+        if old is not None:
+            await self._kill_earlier(old)
+        self._state_file = sf
+        self._write_state()
+        self._start_guard(sf.path)
+
+    async def _kill_earlier(self, old: runstate.RunState) -> None:
+        procs = runstate.leftovers(old)
+        if not procs:
+            return
+        pids = [p["pid"] for p in procs]
+        members = []
+        for p in procs:
+            try:
+                proc = psutil.Process(p["pid"])
+                members.append(proctree.Member(p["pid"], proc.create_time(), p["role"], proc))
+            except psutil.Error:
+                continue
+        report = await proctree.terminate(
+            lambda: [m for m in members if runstate.start_ticks(m.pid) is not None],
+            0.0,
+            self._reap,
+            kill_wait_s=self.life.unkillable_after_s,
+        )
+        self.status.orphans_killed += len(set(report.killed))
+        self._gpu_suspects.update(pids)
+        log.warning(
+            "killed engine processes an earlier Sentinel left behind",
+            earlier_sentinel_pid=old.sentinel_pid,
+            pids=pids,
+            commands=[" ".join(command.redacted_argv(p["cmdline"]))[:200] for p in procs],
+        )
+        if report.survivors:
+            roles = {p["pid"]: str(p["role"]) for p in procs}
+            self._mark_unkillable(0, report.survivors, roles)
+
+    def _start_guard(self, state_path: Path) -> None:
+        if not self._subreaper:
+            return  # not Linux, or no prctl: no pdeathsig either; the state file remains
+        r, w = os.pipe()
+        try:
+            self._guard_proc = subprocess.Popen(  # noqa: S603
+                [sys.executable, "-S", str(GUARD_SCRIPT), str(state_path)],
+                stdin=r,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            os.close(w)
+            log.warning("cannot start the guard process", error=str(exc))
+            return
+        finally:
+            os.close(r)
+        self._guard_fd = w  # not inheritable: only Sentinel holds it; EOF = Sentinel gone
+        log.info("guard started", pid=self._guard_proc.pid, state_file=str(state_path))
+
+    def _write_state(self) -> None:
+        sf = self._state_file
+        if sf is None:
+            return
+        procs = []
+        for gen in self._gens:
+            for m in list(gen.tree.members.values()):
+                key = (m.pid, m.create_time)
+                cached = self._ticks.get(key)
+                if cached is None:
+                    ticks = runstate.start_ticks(m.pid)
+                    if ticks is None:
+                        continue
+                    try:
+                        cmdline = m.proc.cmdline()
+                    except psutil.Error:
+                        cmdline = []
+                    cached = self._ticks[key] = (ticks, cmdline)
+                procs.append(runstate.Recorded(m.pid, cached[0], m.role, gen.number, cached[1]))
+        live = {(m.pid, m.create_time) for g in self._gens for m in g.tree.members.values()}
+        for key in [k for k in self._ticks if k not in live]:
+            del self._ticks[key]
+        try:
+            sf.write(runstate.RunState(os.getpid(), runstate.start_ticks(os.getpid()), procs))
+        except OSError as exc:
+            log.warning("cannot write the state file", path=str(sf.path), error=str(exc))
+
+    def _release_runtime_state(self) -> None:
+        """A clean exit: nothing of the engine is left, so the state file goes, then the
+        guard is told (EOF) and finds nothing to do."""
+        if self._state_file is not None and not any(g.tree.members for g in self._gens):
+            self._state_file.remove()
+        if self._guard_fd is not None:
+            os.close(self._guard_fd)
+            self._guard_fd = None
+        if self._guard_proc is not None:
+            try:
+                self._guard_proc.wait(2)
+            except subprocess.TimeoutExpired:
+                log.warning("the guard did not exit", pid=self._guard_proc.pid)
+
+    async def _gpu_released(self) -> bool:
+        """Before a launch: GPU memory held by processes of earlier generations (or of an
+        earlier Sentinel) must be released, waiting up to lifecycle.gpu_release_timeout_s.
+        False (and state ``failed`` naming pids and memory) when it is not."""
+        if self.gpu_processes is None or not self._gpu_suspects:
+            return True
+        deadline = time.monotonic() + self.life.gpu_release_timeout_s
+        while True:
+            try:
+                rows = await asyncio.to_thread(self.gpu_processes)
+            except (OSError, RuntimeError, ValueError) as exc:
+                log.warning("listing GPU processes failed", error=str(exc))
+                return True
+            held = [(pid, gpu, used) for pid, gpu, used in rows if pid in self._gpu_suspects]
+            if not held:
+                self._gpu_suspects.clear()
+                return True
+            if time.monotonic() >= deadline:
+                what = ", ".join(
+                    f"pid {pid} holds {used / 2**20:.0f} MiB on GPU {gpu}"
+                    for pid, gpu, used in held
+                )
+                self._enter_failed(
+                    f"GPU memory of an earlier engine generation is not released after "
+                    f"{self.life.gpu_release_timeout_s:g}s ({what}); the engine is not launched "
+                    "(SIGHUP or `sentinel restart` tries again)"
+                )
+                return False
+            await asyncio.sleep(GPU_RELEASE_POLL_S)
 
     # ---- last resort -----------------------------------------------------------------
     def _kill_everything_now(self) -> None:
@@ -773,3 +1055,7 @@ def _signame(sig: int) -> str:
         return signal.Signals(sig).name
     except ValueError:
         return f"signal {sig}"
+
+
+def _roles(gen: _Generation) -> dict[int, str]:
+    return {pid: m.role for pid, m in gen.tree.members.items()}

@@ -20,7 +20,7 @@ import httpx
 import psutil
 import yaml
 
-from tests.helpers import free_port, wait_for
+from tests.helpers import free_port, is_guard, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL = ROOT / "var" / "tiny-model"
@@ -53,6 +53,7 @@ def base_config(tmp: Path) -> dict[str, Any]:
         "proxy": {"host": "127.0.0.1", "port": free_port()},
         "payload_log": {"dir": str(tmp / "payloads")},
         "logging": {"format": "json", "level": "info"},
+        "lifecycle": {"runtime_dir": str(tmp / "run")},
     }
 
 
@@ -197,9 +198,10 @@ class SentinelProcess:
     def engine_tree(self) -> list[psutil.Process]:
         """Every process below Sentinel (the engine generation and any re-parented orphan)."""
         try:
-            return psutil.Process(self.sentinel_pid()).children(recursive=True)
+            procs = psutil.Process(self.sentinel_pid()).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
+        return [p for p in procs if not is_guard(p)]
 
     def engine_processes_anywhere(self) -> list[psutil.Process]:
         """Every live process on the machine started for this Sentinel's engine, wherever

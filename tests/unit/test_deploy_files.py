@@ -41,4 +41,9 @@ def test_probes_point_at_the_layered_endpoints_on_the_ops_port() -> None:
 def test_termination_grace_outlasts_sentinels_stop_grace() -> None:
     cfg = load_config(K8S / "sentinel.yaml", environ={})
     spec = _deployment()["spec"]["template"]["spec"]
-    assert spec["terminationGracePeriodSeconds"] > cfg.supervisor.stop_grace_s
+    pre_stop = spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    # the kubelet's KILL comes after preStop, the drain and the engine's stop grace
+    assert spec["terminationGracePeriodSeconds"] > (
+        float(pre_stop[1]) + cfg.lifecycle.drain_timeout_s + cfg.supervisor.stop_grace_s
+    )

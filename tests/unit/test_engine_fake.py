@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 FAKE_PATH = os.path.abspath(__file__)
 
@@ -36,15 +36,31 @@ def retitle(title: str) -> None:
     setproctitle.setproctitle(title)
 
 
+def on_term(role: str, delay: float) -> None:
+    """SIGTERM: say so (the order of these lines is checked), exit after ``delay``."""
+    say(role, f"got SIGTERM at {time.time():.3f}")
+    if delay:
+        threading.Timer(delay, lambda: os._exit(0)).start()
+    else:
+        os._exit(0)
+
+
 def child_tree() -> None:
     """Fork EngineCore -> Worker; both sleep until TERM/KILL."""
     if os.fork() == 0:
         retitle("VLLM::EngineCore")
-        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+        signal.signal(signal.SIGTERM, lambda *_: on_term("EngineCore", 0.0))
         if os.fork() == 0:
             retitle("VLLM::Worker")
             signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
             say("Worker", "worker up")
+            stuck = os.environ.get("FAKE_STUCK_PATH")
+            if stuck:  # a file on a FUSE mount whose daemon never answers: stuck in the kernel
+                say("Worker", f"stat {stuck}")
+                try:
+                    os.stat(stuck)
+                except OSError as exc:
+                    say("Worker", f"stat failed: {exc}")
             while True:
                 time.sleep(1)
         say("EngineCore", "engine core up")
@@ -70,7 +86,11 @@ class Health(BaseHTTPRequestHandler):
         self.end_headers()
 
     def do_POST(self) -> None:  # noqa: N802
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if b'"x_sleep"' in body:  # {"x_sleep": seconds}: a slow completion
+            import json
+
+            time.sleep(float(json.loads(body)["x_sleep"]))
         if self.path != "/v1/completions":
             self.send_response(404)
             self.end_headers()
@@ -86,7 +106,7 @@ class Health(BaseHTTPRequestHandler):
 
 
 def serve(port: int) -> None:
-    server = HTTPServer(("127.0.0.1", port), Health)
+    server = ThreadingHTTPServer(("127.0.0.1", port), Health)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     say("APIServer", f"serving on port {port}")
     while True:
@@ -101,7 +121,8 @@ def main() -> None:
         print('  File "x.py", line 1, in <module>', file=sys.stderr)
         print("ModuleNotFoundError: No module named 'fakepkg'", file=sys.stderr, flush=True)
         sys.exit(1)
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    term_delay = float(os.environ.get("FAKE_TERM_DELAY", "0"))
+    signal.signal(signal.SIGTERM, lambda *_: on_term("APIServer", term_delay))
     child_tree()
     if mode == "orphan":
         time.sleep(1.5)

@@ -20,7 +20,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.helpers import free_port, wait_for
+from tests.helpers import free_port, is_guard, wait_for
 
 FAKE = Path(__file__).with_name("test_engine_fake.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,6 +50,7 @@ class Run:
             "payload_log": {"enabled": False, "dir": str(tmp / "payloads")},
             "gpu": {"mode": "off"},
             "logging": {"format": "json"},
+            "lifecycle": {"runtime_dir": str(tmp / "run")},
         }
         path = tmp / "sentinel.yaml"
         path.write_text(yaml.safe_dump(cfg))
@@ -147,7 +148,11 @@ def _tag_fakes(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def engine_pids(run: Run) -> list[int]:
     try:
-        return [c.pid for c in psutil.Process(run.proc.pid).children(recursive=True) if _alive(c)]
+        return [
+            c.pid
+            for c in psutil.Process(run.proc.pid).children(recursive=True)
+            if _alive(c) and not is_guard(c)
+        ]
     except psutil.NoSuchProcess:
         return []
 

@@ -240,7 +240,13 @@ def test_a_hung_engine_whose_running_gauge_froze_at_zero_is_stalled_by_the_probe
     inference probe, unanswered, is a running request of Sentinel's own."""
     clock = Clock()
     status, control, runner = make(
-        engine, clock, stall_window_s=10, on_stall="restart", timeout_s=0.2, freshness_s=100
+        engine,
+        clock,
+        stall_window_s=10,
+        on_stall="restart",
+        stall_restart_after_s=0,
+        timeout_s=0.2,
+        freshness_s=100,
     )
     status.new_generation()
 

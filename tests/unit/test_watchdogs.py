@@ -125,7 +125,11 @@ def test_failure_hook_is_inert_without_the_test_control_variable() -> None:
 def test_existing_sitecustomize_still_runs_and_gc_settings_apply(tmp_path: Path) -> None:
     (tmp_path / "sitecustomize.py").write_text("import builtins\nbuiltins.P17_HOST_SITE = 1\n")
     cfg = WatchdogsConfig(agent={"report_interval_s": 0.2, "gc_thresholds": [1234, 11, 12]})
-    code = "import builtins, gc, time\nprint(builtins.P17_HOST_SITE, gc.get_threshold())\ntime.sleep(0.6)"
+    code = (
+        "import builtins, gc, time\n"
+        "print(builtins.P17_HOST_SITE, gc.get_threshold())\n"
+        "time.sleep(0.6)"
+    )
     _, _, done = run_with_agent(code, cfg, {"PYTHONPATH": str(tmp_path)})
     assert done.stdout.strip() == "1 (1234, 11, 12)", done.stderr
 

@@ -1,0 +1,121 @@
+"""Drain benchmark against the real vLLM engine (CPU, tiny model).
+
+Per run: a fresh Sentinel; 16 streamed completions under way through its proxy; SIGTERM.
+Measured from the signal: when the last stream ends (the streams' own remaining time,
+the baseline: what they would take with no drain at all) and when Sentinel has exited
+with no engine process left. The drain's cost is the difference (goal: under 0.5 s):
+the engine's stop (TERM to the API server, its EngineCore and Worker after it) and
+Sentinel's exit. Printed side by side, and as a ratio.
+
+Usage: .venv/bin/python -m bench.drain [--runs 2] [--streams 16] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from tests.helpers import wait_for
+from tests.real.harness import SentinelProcess, engine_available
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def one_run(streams: int, max_tokens: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="bench-drain-") as tmp:
+        s = SentinelProcess(
+            Path(tmp), {"lifecycle": {"drain_timeout_s": 120}, "logging": {"engine_lines": False}}
+        ).start()
+        try:
+            s.wait_serving(base=s.proxy_url)
+            procs = s.engine_tree()
+            ends: list[float] = []
+            ok: list[bool] = []
+            started = [threading.Event() for _ in range(streams)]
+            body = {
+                "model": "tiny",
+                "prompt": "hello",
+                "max_tokens": max_tokens,
+                "ignore_eos": True,
+                "stream": True,
+            }
+
+            def stream(ev: threading.Event) -> None:
+                text = ""
+                with httpx.stream(
+                    "POST", s.proxy_url + "/v1/completions", json=body, timeout=300
+                ) as r:
+                    for part in r.iter_text():
+                        text += part
+                        ev.set()
+                ends.append(time.monotonic())
+                ok.append(r.status_code == 200 and text.rstrip().endswith("data: [DONE]"))
+
+            threads = [threading.Thread(target=stream, args=(e,), daemon=True) for e in started]
+            for t in threads:
+                t.start()
+            wait_for(lambda: all(e.is_set() for e in started), 300, what="streams under way")
+            t_sig = time.monotonic()
+            assert s.proc is not None
+            s.proc.send_signal(signal.SIGTERM)
+            s.proc.wait(300)
+            t_exit = time.monotonic()
+            wait_for(lambda: not any(_alive(p) for p in procs), 30, interval=0.01)
+            t_gone = time.monotonic()
+            for t in threads:
+                t.join(60)
+            last = max(ends)
+            return {
+                "streams_s": last - t_sig,
+                "exit_s": t_exit - t_sig,
+                "gone_s": max(t_gone, t_exit) - t_sig,
+                "added_s": max(t_gone, t_exit) - last,
+                "complete": float(sum(ok)),
+            }
+        finally:
+            s.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--streams", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    args = ap.parse_args()
+    if not engine_available():
+        print("real vLLM or var/tiny-model missing: run `make setup`")
+        return 2
+    rows = []
+    print(f"{args.streams} streams of {args.max_tokens} tokens in flight, then SIGTERM")
+    print(f"  {'run':>3} {'streams end':>12} {'exit+gone':>10} {'added':>8} {'ratio':>6} complete")
+    for i in range(args.runs):
+        r = one_run(args.streams, args.max_tokens)
+        rows.append(r)
+        ratio = r["gone_s"] / r["streams_s"] if r["streams_s"] > 0 else float("nan")
+        print(
+            f"  {i + 1:>3} {r['streams_s']:11.3f}s {r['gone_s']:9.3f}s {r['added_s']:7.3f}s "
+            f"{ratio:6.3f} {int(r['complete'])}/{args.streams}"
+        )
+    added = [r["added_s"] for r in rows]
+    print(
+        f"drain adds (Sentinel exited, no engine process left, after the last stream ended): "
+        f"median {statistics.median(added):.3f}s, max {max(added):.3f}s (goal < 0.5 s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Lifecycle operations: graceful drain, resume, restart, preemption notices (issue 16)."""
