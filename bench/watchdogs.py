@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -134,6 +135,11 @@ def main() -> None:
             },
             "sentinel_watchdog_cpu_s_per_minute": {k: round(v, 4) for k, v in wd.items()},
         }
+        out["rounds_completions_per_s"] = {k: [round(x, 2) for x in v] for k, v in rates.items()}
+        out["rounds_cpu_ms_per_request"] = {
+            k: [round(x * 1000, 1) for x in v] for k, v in cpus.items()
+        }
+        out["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
         a, b = out["engine_cpu_ms_per_request_median"].values()
         out["cpu_per_request_ratio_agent_over_none"] = round(a / b, 4) if b else None
         ra, rb = out["completions_per_s_median"].values()

@@ -111,6 +111,8 @@ class Sentinel:
             startup_timeout_s=cfg.supervisor.startup_timeout_s,
         )
         add_lifecycle_routes(self.ops.admin, self.drain)
+        # issue 17: a leak restart drains first (watchdogs.leak.policy: restart)
+        self.watchdogs.restart_leaks_through(lambda: self.drain.restart(wait=False))
         self.preemption = PreemptionWatcher(cfg.lifecycle.preemption, self.drain.on_preemption)
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -142,6 +142,18 @@ class Watchdogs:
             "generation": st.generation,
         }
 
+    def restart_leaks_through(self, graceful: Callable[[], Awaitable[object]]) -> None:
+        """Replace the engine for a leak with a drain (issue 16's ``sentinel restart``:
+        requests in flight finish, traffic waits or goes to the next tier) instead of a
+        plain supervisor restart."""
+
+        def restart(reason: str, detail: str) -> None:
+            log.warning("restarting the engine through a drain", reason=reason, detail=detail)
+            task = asyncio.get_running_loop().create_task(graceful())
+            task.add_done_callback(_report_graceful)
+
+        self.leak.request_restart = restart
+
     # ---- lifecycle -------------------------------------------------------------------
     def extend_engine_env(self, env: dict[str, str]) -> None:
         """Supervisor hook: give every engine Python process the agent."""
@@ -260,3 +272,11 @@ class Watchdogs:
             "leak": self.leak.describe(),
             "stuck": self.stuck.describe(),
         }
+
+
+def _report_graceful(task: asyncio.Task[object]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("restart through a drain failed", error=f"{type(exc).__name__}: {exc}")

@@ -344,3 +344,28 @@ def test_stall_and_not_ready_capture_once_per_episode() -> None:
     asyncio.run(main())
     assert fired == ["stalled", "not_ready"], fired
     json.dumps(watch.describe(), default=str)
+
+
+def test_leak_restart_goes_through_the_drain_when_wired(tmp_path: Path) -> None:
+    from sentinel.config import SentinelConfig
+    from sentinel.watchdogs.service import Watchdogs
+
+    cfg = SentinelConfig.model_validate({"incidents": {"dir": str(tmp_path)}})
+    plain: list[str] = []
+    drained: list[str] = []
+    dogs = Watchdogs(
+        cfg, EngineStatus(), CollectorRegistry(), request_restart=lambda r, d: plain.append(r)
+    )
+
+    async def graceful() -> None:
+        drained.append("restart")
+
+    dogs.restart_leaks_through(graceful)
+
+    async def main() -> None:
+        assert dogs.leak.request_restart is not None
+        dogs.leak.request_restart("leak", "api_server pid 1: RSS grows")
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    assert drained == ["restart"] and plain == []
