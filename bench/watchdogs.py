@@ -65,6 +65,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--dumps", type=int, default=5)
+    ap.add_argument(
+        "--control",
+        action="store_true",
+        help="A/A control: the 'agent' engine runs without the agent too (measures the noise "
+        "and any bias of the pair itself)",
+    )
     args = ap.parse_args()
     if not engine_available():
         raise SystemExit("real vLLM or var/tiny-model missing")
@@ -79,7 +85,12 @@ def main() -> None:
     }
     sents = {
         "agent": SentinelProcess(
-            tmp / "agent", {**common, "incidents": {"dir": str(tmp / "agent" / "inc")}}
+            tmp / "agent",
+            {
+                **common,
+                "incidents": {"dir": str(tmp / "agent" / "inc")},
+                "watchdogs": {"agent": {"enabled": not args.control}},
+            },
         ),
         "no_agent": SentinelProcess(
             tmp / "no_agent",
