@@ -25,31 +25,38 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.real.harness import SentinelProcess, engine_available
+from tests.real.harness import SentinelProcess, engine_available, role_of
 
 TOKEN = "bench-admin-token-0123456789abcdef"
 ENGINE_ARGS = ["--max-model-len", "256", "--enforce-eager", "--dtype", "float32"]
 
 
-def _engine_cpu(s: SentinelProcess) -> float:
-    total = 0.0
+def _engine_cpu(s: SentinelProcess) -> dict[str, float]:
+    """CPU seconds (user + system) of the engine's processes, by role."""
+    out: dict[str, float] = {}
     for p in s.engine_tree():
         try:
             t = p.cpu_times()
-            total += t.user + t.system
+            role = role_of(p)
         except psutil.Error:
             continue
-    return total
+        out[role] = out.get(role, 0.0) + t.user + t.system
+    return out
 
 
-def _round(s: SentinelProcess, n: int, client: httpx.Client) -> tuple[float, float]:
+def _round(
+    s: SentinelProcess, n: int, client: httpx.Client, by_role: dict[str, list[float]]
+) -> tuple[float, float]:
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 16, "ignore_eos": True}
     cpu0, t0 = _engine_cpu(s), time.perf_counter()
     for _ in range(n):
         r = client.post(s.engine_url + "/v1/completions", json=body)
         r.raise_for_status()
     wall = time.perf_counter() - t0
-    return n / wall, (_engine_cpu(s) - cpu0) / n
+    cpu1 = _engine_cpu(s)
+    for role, v in cpu1.items():
+        by_role.setdefault(role, []).append((v - cpu0.get(role, 0.0)) / n)
+    return n / wall, (sum(cpu1.values()) - sum(cpu0.values())) / n
 
 
 def _metric(s: SentinelProcess, name: str) -> float:
@@ -108,15 +115,16 @@ def main() -> None:
             s.wait_serving()
         rates: dict[str, list[float]] = {k: [] for k in sents}
         cpus: dict[str, list[float]] = {k: [] for k in sents}
+        roles: dict[str, dict[str, list[float]]] = {k: {} for k in sents}
         with httpx.Client(timeout=60) as client:
             for s in sents.values():  # warm-up
-                _round(s, 5, client)
+                _round(s, 5, client, {})
             wd0 = {k: (_metric(s, "sentinel_watchdog_cpu_seconds_total"), time.monotonic())
                    for k, s in sents.items()}  # fmt: skip
             for i in range(args.rounds):
                 order = list(sents) if i % 2 == 0 else list(reversed(sents))
                 for k in order:
-                    rate, cpu = _round(sents[k], args.requests, client)
+                    rate, cpu = _round(sents[k], args.requests, client, roles[k])
                     rates[k].append(rate)
                     cpus[k].append(cpu)
             dumps: dict[str, list[float]] = {}
@@ -149,6 +157,10 @@ def main() -> None:
         out["rounds_completions_per_s"] = {k: [round(x, 2) for x in v] for k, v in rates.items()}
         out["rounds_cpu_ms_per_request"] = {
             k: [round(x * 1000, 1) for x in v] for k, v in cpus.items()
+        }
+        out["engine_cpu_ms_per_request_by_role_median"] = {
+            k: {r: round(statistics.median(v) * 1000, 2) for r, v in sorted(d.items())}
+            for k, d in roles.items()
         }
         out["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
         a, b = out["engine_cpu_ms_per_request_median"].values()
