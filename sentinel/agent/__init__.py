@@ -26,6 +26,7 @@ def inject(env: dict[str, str], cfg: AgentConfig, socket_path: str) -> None:
     env["PYTHONPATH"] = os.pathsep.join(parts)
     env[SOCKET_VAR] = socket_path
     env["SENTINEL_AGENT_INTERVAL"] = f"{cfg.report_interval_s:g}"
+    env["SENTINEL_AGENT_TRACKED_EVERY_S"] = f"{cfg.tracked_objects_interval_s:g}"
     if cfg.gc_thresholds:
         env["SENTINEL_AGENT_GC_THRESHOLDS"] = ",".join(str(n) for n in cfg.gc_thresholds)
     if cfg.gc_freeze_after_s is not None:

@@ -282,6 +282,7 @@ class DumpConfig(_Section):
 class AgentConfig(_Section):
     enabled: bool = True
     report_interval_s: float = Field(1.0, gt=0, le=60)
+    tracked_objects_interval_s: float = Field(600.0, ge=0)
     gc_thresholds: list[int] = Field(default_factory=list, max_length=3)
     gc_freeze_after_s: float | None = Field(None, ge=0)
 

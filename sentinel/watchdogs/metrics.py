@@ -45,7 +45,7 @@ class WatchdogMetrics:
         self.gc_tracked = Gauge(
             "sentinel_gc_tracked_objects",
             "Objects tracked by the garbage collector (largest process of the role; "
-            "measured at most once a minute).",
+            "measured every watchdogs.agent.tracked_objects_interval_s).",
             ["role"],
             registry=r,
         )

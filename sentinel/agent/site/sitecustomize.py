@@ -34,6 +34,7 @@ def _sentinel_agent_main():  # a function: nothing leaks into the sitecustomize 
     import time
 
     interval = float(os.environ.get("SENTINEL_AGENT_INTERVAL", "1.0") or 1.0)
+    tracked_every = float(os.environ.get("SENTINEL_AGENT_TRACKED_EVERY_S", "600") or 0)
     max_pauses = 2000
     state = {
         "pid": os.getpid(),
@@ -45,7 +46,8 @@ def _sentinel_agent_main():  # a function: nothing leaks into the sitecustomize 
         "started": time.monotonic(),
         "frozen": False,
         "tracked": None,
-        "tracked_at": 0.0,
+        "frozen_count": None,
+        "tracked_at": time.monotonic(),
         "thread": None,
         "test_done": set(),
         "test_mtime": None,
@@ -134,9 +136,12 @@ def _sentinel_agent_main():  # a function: nothing leaks into the sitecustomize 
         pauses = take_pauses()
         dropped, state["dropped"] = state["dropped"], 0
         now = time.monotonic()
-        if now - state["tracked_at"] >= 60.0:
+        if tracked_every > 0 and now - state["tracked_at"] >= tracked_every:
+            # both walk every object of the process (tens of ms per million, GIL held):
+            # rare on purpose (SENTINEL_AGENT_TRACKED_EVERY_S)
             state["tracked_at"] = now
             state["tracked"] = len(gc.get_objects())
+            state["frozen_count"] = gc.get_freeze_count()
         state["seq"] += 1
         send(
             {
@@ -147,7 +152,7 @@ def _sentinel_agent_main():  # a function: nothing leaks into the sitecustomize 
                 "dropped": dropped,
                 "count": gc.get_count(),
                 "threshold": gc.get_threshold(),
-                "frozen": gc.get_freeze_count(),
+                "frozen": state["frozen_count"],
                 "tracked": state["tracked"],
                 "hint": role_hint(),
             }
@@ -191,7 +196,7 @@ def _sentinel_agent_main():  # a function: nothing leaks into the sitecustomize 
             state["started"] = time.monotonic()
             state["test_done"] = set(state["test_done"])
             state["hold"] = []
-            state["tracked_at"] = 0.0
+            state["tracked_at"] = time.monotonic()
             if state["disabled"] is None:
                 start_thread()
                 send({"t": "hello", "pid": os.getpid(), "ppid": os.getppid(), "fork": True})
