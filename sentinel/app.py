@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 from contextlib import suppress
 
 from prometheus_client import CollectorRegistry
 
 from sentinel.config import SentinelConfig
+from sentinel.incidents.logring import LogRing
 from sentinel.logs import configure_logging, get_logger
 from sentinel.runtime import tune_gc
 from sentinel.state import EngineStatus
@@ -26,7 +28,7 @@ log = get_logger("sentinel.app")
 class Sentinel:
     """Owns every component for one `sentinel run`."""
 
-    def __init__(self, cfg: SentinelConfig) -> None:
+    def __init__(self, cfg: SentinelConfig, log_ring: LogRing | None = None) -> None:
         from sentinel.engine.command import secret_env_names
         from sentinel.engine.supervisor import Supervisor
 
@@ -64,6 +66,27 @@ class Sentinel:
         self.registry.register(GpuCollector(lambda: self.gpu.snapshot))
         if cfg.gpu.mode != "off":  # a fresh NVML read; the supervisor runs it in a thread
             self.supervisor.gpu_processes = gpu_processes
+        # --- watchdogs, stack dumps, incidents (issue 17) ---
+        from sentinel.watchdogs.service import Watchdogs
+
+        self.watchdogs = Watchdogs(
+            cfg,
+            self.status,
+            self.registry,
+            request_restart=self.supervisor.request_restart,
+            gpu_snapshot=(lambda: self.gpu.snapshot) if cfg.gpu.mode != "off" else None,
+            status_doc=lambda: self.ops.report.build(log_lines=0),
+            metrics_text=self.ops.metrics.render,
+            engine_log=self.supervisor.log_tail,
+            sentinel_log=log_ring.lines if log_ring is not None else list,
+            extra_secrets=lambda: _admin_token_values(cfg),
+        )
+        self.supervisor.env_extenders.append(self.watchdogs.extend_engine_env)
+        self.supervisor.before_hang_restart = self.watchdogs.capture_for_hang
+        self.ops.report.sections["watchdogs"] = self.watchdogs.describe
+        from sentinel.watchdogs import admin as watchdog_admin
+
+        watchdog_admin.register(self.ops.admin, self.watchdogs)
         # --- proxy and degradation chain (issue 5) ---
         self.proxy = None
         if cfg.proxy.enabled:
@@ -91,6 +114,8 @@ class Sentinel:
             startup_timeout_s=cfg.supervisor.startup_timeout_s,
         )
         add_lifecycle_routes(self.ops.admin, self.drain)
+        # issue 17: a leak restart drains first (watchdogs.leak.policy: restart)
+        self.watchdogs.restart_leaks_through(lambda: self.drain.restart(wait=False))
         self.preemption = PreemptionWatcher(cfg.lifecycle.preemption, self.drain.on_preemption)
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -151,6 +176,11 @@ class Sentinel:
             task.add_done_callback(report_task_crash)
             self._tasks.append(task)
         self._tasks.append(asyncio.create_task(self.gpu.run(), name="gpu-poller"))  # issue 4
+        self.watchdogs.open()  # issue 17: the agent's socket exists before the first launch
+        for coro, name in self.watchdogs.tasks():
+            task = asyncio.create_task(coro, name=name)
+            task.add_done_callback(report_task_crash)
+            self._tasks.append(task)
         if self.proxy is not None:  # issue 5
             self._tasks.append(asyncio.create_task(self.proxy.run(), name="proxy"))
             # issue 15: /readyz hears the proxy; a crash of its task is logged, fails readiness
@@ -168,12 +198,25 @@ class Sentinel:
             for task in self._tasks:
                 with suppress(asyncio.CancelledError):
                     await task
+            self.watchdogs.close()  # issue 17
+
+
+def _admin_token_values(cfg: SentinelConfig) -> list[str]:
+    """issue 17: the admin token, so that no snapshot ever holds it."""
+    from sentinel.ops.admin import AdminTokenError, read_token
+
+    try:
+        token = read_token(cfg.ops.admin.token_file, cfg.ops.admin.token_env)
+    except AdminTokenError:
+        return []
+    return [token] if token else []
 
 
 def run_sentinel(cfg: SentinelConfig) -> int:
-    configure_logging(cfg.logging)
+    log_ring = LogRing(sys.stderr, cfg.incidents.log_lines)  # issue 17: for snapshots
+    configure_logging(cfg.logging, stream=log_ring)  # type: ignore[arg-type]
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(Sentinel(cfg).run())
-    return uvloop.run(Sentinel(cfg).run())
+        return asyncio.run(Sentinel(cfg, log_ring).run())
+    return uvloop.run(Sentinel(cfg, log_ring).run())

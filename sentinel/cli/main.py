@@ -95,6 +95,9 @@ def _register_optional() -> None:
     from sentinel.cli import doctor as doctor_cli
 
     doctor_cli.register(app)
+    from sentinel.cli import incidents as incidents_cli  # issue 17: dump, snapshot
+
+    incidents_cli.register(app)
     from sentinel.cli import lifecycle as lifecycle_cli  # issue 16: drain, resume, restart
 
     lifecycle_cli.register(app)

@@ -311,6 +311,84 @@ class RuntimeConfig(_Section):
     gc_young_threshold: int = Field(50_000, ge=100)
 
 
+# --- incidents and watchdogs (issue 17) ---
+class IncidentsConfig(_Section):
+    dir: Path = Path("var/incidents")
+    max_count: int = Field(50, ge=1)
+    max_total_bytes: int = Field(512 * 1024 * 1024, ge=64 * 1024)
+    max_bundle_bytes: int = Field(32 * 1024 * 1024, ge=64 * 1024)
+    log_lines: int = Field(500, ge=10, le=100_000)
+
+    @model_validator(mode="after")
+    def _budget(self) -> IncidentsConfig:
+        if self.max_total_bytes < self.max_bundle_bytes:
+            raise ValueError("max_total_bytes must be >= max_bundle_bytes")
+        return self
+
+
+class WatchdogPolicy(StrEnum):
+    report = "report"
+    restart = "restart"
+
+
+class DumpConfig(_Section):
+    py_spy: str | None = None
+    native: bool = False
+    nonblocking: bool = False
+    timeout_s: float = Field(5.0, gt=0, le=120)
+    min_interval_s: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _native_blocks(self) -> DumpConfig:
+        if self.native and self.nonblocking:
+            raise ValueError("native and nonblocking exclude each other (py-spy refuses both)")
+        return self
+
+
+class AgentConfig(_Section):
+    enabled: bool = True
+    report_interval_s: float = Field(1.0, gt=0, le=60)
+    tracked_objects_interval_s: float = Field(600.0, ge=0)
+    gc_thresholds: list[int] = Field(default_factory=list, max_length=3)
+    gc_freeze_after_s: float | None = Field(None, ge=0)
+
+
+class GcWatchdogConfig(_Section):
+    pause_limit_s: float = Field(1.0, gt=0)
+
+
+class LeakWatchdogConfig(_Section):
+    enabled: bool = True
+    interval_s: float = Field(10.0, gt=0)
+    window_s: float = Field(1800.0, gt=0)
+    min_samples: int = Field(10, ge=3)
+    growth_limit_bytes_per_hour: float = Field(1024**3, gt=0)
+    time_to_limit_limit_s: float = Field(6 * 3600.0, gt=0)
+    policy: WatchdogPolicy = WatchdogPolicy.report
+    quiet_max_running: int = Field(0, ge=0)
+    quiet_max_wait_s: float = Field(600.0, ge=0)
+
+
+class StuckWatchdogConfig(_Section):
+    enabled: bool = True
+    interval_s: float = Field(2.0, gt=0)
+    cpu_busy_ratio: float = Field(0.9, gt=0, le=64)
+    gpu_idle_ratio: float = Field(0.05, ge=0, le=1)
+    for_s: float = Field(30.0, ge=0)
+    cpu_only: bool = False
+    capture_on_stall: bool = True
+    capture_on_not_ready: bool = True
+    policy: WatchdogPolicy = WatchdogPolicy.report
+
+
+class WatchdogsConfig(_Section):
+    dump: DumpConfig = Field(default_factory=DumpConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+    gc: GcWatchdogConfig = Field(default_factory=GcWatchdogConfig)
+    leak: LeakWatchdogConfig = Field(default_factory=LeakWatchdogConfig)
+    stuck: StuckWatchdogConfig = Field(default_factory=StuckWatchdogConfig)
+
+
 class PreemptionConfig(_Section):
     file: Path | None = None
     url: str | None = None
@@ -361,4 +439,6 @@ class SentinelConfig(_Section):
     payload_log: PayloadLogConfig = Field(default_factory=PayloadLogConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    incidents: IncidentsConfig = Field(default_factory=IncidentsConfig)  # issue 17
+    watchdogs: WatchdogsConfig = Field(default_factory=WatchdogsConfig)  # issue 17
     lifecycle: LifecycleConfig = Field(default_factory=LifecycleConfig)

@@ -142,6 +142,8 @@ class Supervisor:
         self._exit_code: int | None = None
         self._next_scan = 0.0
         self._foreign_reported: set[tuple[int, float]] = set()
+        # called on the engine's environment before each launch (issue 17: the agent)
+        self.env_extenders: list[Callable[[dict[str, str]], None]] = []
         # issue 16: the state file and the guard; earlier generations' GPU holders
         self._state_file: runstate.StateFile | None = None
         self._guard_proc: subprocess.Popen[bytes] | None = None
@@ -430,6 +432,8 @@ class Supervisor:
             return
         number = self.status.new_generation()
         env = command.build_env(self.engine_cfg, withhold=self._withhold_env)
+        for extend in self.env_extenders:  # e.g. the watchdog agent (issue 17)
+            extend(env)
         try:
             popen = launcher.spawn(
                 self._argv, env, self.engine_cfg.workdir, parent_death_kill=self._subreaper

@@ -104,6 +104,8 @@ class StatusReport:
         self._extras = extras
         self._clock = clock
         self._started_at = clock()
+        # more top-level sections of /status, by name (e.g. "watchdogs", issue 17)
+        self.sections: dict[str, Callable[[], Any]] = {}
 
     def build(self, log_lines: int = 0) -> dict[str, Any]:
         st = self._status
@@ -125,6 +127,8 @@ class StatusReport:
         }
         base_url = self._base_url() if self._base_url else None
         doc["config"] = config_summary(self._cfg, base_url)
+        for name, section in self.sections.items():
+            doc[name] = section()
         if log_lines > 0 and self._log_tail is not None:
             doc["log_tail"] = [redact_text(line) for line in list(self._log_tail())[-log_lines:]]
         return finite(doc)
