@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (series selectors read best on one line)
 """The promtool unit tests of alerts/sentinel-rules.yml, as a table: for each alert, synthetic
 series, a time at which it must NOT fire and one at which it must fire with these labels.
 
