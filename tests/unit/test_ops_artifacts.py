@@ -126,3 +126,15 @@ def test_every_alert_links_an_existing_dashboard() -> None:
             if "alert" in rule:
                 uid = rule["annotations"]["dashboard_url"].split("/d/")[1].split("/")[0]
                 assert uid in uids, (rule["alert"], uid)
+
+
+def test_event_driven_panels_exist_and_say_why() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dash_build", ROOT / "dashboards" / "build.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    titles = {t for doc in mod.build_all().values() for t, _ in mod.queries(doc)}
+    assert set(mod.EVENT_DRIVEN) <= titles, set(mod.EVENT_DRIVEN) - titles
+    assert all(len(reason) > 10 for reason in mod.EVENT_DRIVEN.values())
