@@ -6,11 +6,9 @@ GPU, proxy and degradation chain, watchdogs); the JSON is committed for direct i
 provisioning (deploy/docker). Datasource, instance and GPU are template variables; no
 datasource uid is written anywhere.
 
-Why plain dicts and not grafana-foundation-sdk (installable from PyPI, in the test extra):
-its builders produce the same JSON model, but this module predates it and the end-to-end
-test reads the panels' queries back from the JSON either way; porting every panel to the
-SDK's builder classes is listed as not done in the issue's report. grafanalib (0.7.1) is
-unmaintained since 2024.
+Built with grafana-foundation-sdk (Grafana's own builders; in the test extra): panels,
+rows, variables and the dashboard are its builder objects, serialised with its JSON
+encoder. grafanalib (0.7.1) was the other candidate; it is unmaintained since 2024.
 
 EVENT_DRIVEN names the panels whose queries return nothing until their event happens (the
 end-to-end test runs every query against a real Prometheus and accepts an empty answer
@@ -21,9 +19,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
-DS = {"type": "prometheus", "uid": "${datasource}"}
-ROWS: list[tuple[str, list[dict]]] = []
+from grafana_foundation_sdk.builders import common as common_b
+from grafana_foundation_sdk.builders import dashboard as dash_b
+from grafana_foundation_sdk.builders import prometheus, timeseries
+from grafana_foundation_sdk.builders import stat as stat_b
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common as common_m
+from grafana_foundation_sdk.models import dashboard as dash_m
+
+DS = dash_m.DataSourceRef(type_val="prometheus", uid="${datasource}")
+ROWS: list[tuple[str, list[Any]]] = []
 # dashboard uid -> (title, the rows it shows)
 DASHBOARDS: dict[str, tuple[str, list[str]]] = {
     "sentinel-overview": ("Sentinel — overview and SLOs", ["SLOs", "At a glance"]),
@@ -69,39 +76,54 @@ EVENT_DRIVEN: dict[str, str] = {
 }
 
 
+def _query(i: int, expr: str, legend: str | None = None, instant: bool = False) -> Any:
+    q = prometheus.Dataquery().ref_id(chr(65 + i)).expr(expr).datasource(DS)
+    if legend is not None:
+        q = q.legend_format(legend)
+    return q.instant() if instant else q
+
+
 def ts(
     title: str, exprs: list[tuple[str, str]], unit: str = "short", w: int = 12, stack: bool = False
-) -> dict:
-    return {
-        "type": "timeseries",
-        "title": title,
-        "datasource": DS,
-        "gridPos": {"w": w, "h": 8},
-        "fieldConfig": {
-            "defaults": {
-                "unit": unit,
-                "custom": {"stacking": {"mode": "normal" if stack else "none"}},
-            },
-            "overrides": [],
-        },
-        "targets": [
-            {"refId": chr(65 + i), "expr": e, "legendFormat": legend, "datasource": DS}
-            for i, (e, legend) in enumerate(exprs)
-        ],
-    }
+) -> Any:
+    mode = common_m.StackingMode.NORMAL if stack else common_m.StackingMode.NONE
+    return (
+        timeseries.Panel()
+        .title(title)
+        .datasource(DS)
+        .span(w)
+        .height(8)
+        .unit(unit)
+        .stacking(common_b.StackingConfig().mode(mode))
+        .targets([_query(i, e, legend) for i, (e, legend) in enumerate(exprs)])
+    )
 
 
 def stat(
     title: str, expr: str, mappings: list[dict] | None = None, unit: str = "short", w: int = 4
-) -> dict:
-    return {
-        "type": "stat",
-        "title": title,
-        "datasource": DS,
-        "gridPos": {"w": w, "h": 4},
-        "fieldConfig": {"defaults": {"unit": unit, "mappings": mappings or []}, "overrides": []},
-        "targets": [{"refId": "A", "expr": expr, "datasource": DS, "instant": True}],
-    }
+) -> Any:
+    panel = (
+        stat_b.Panel()
+        .title(title)
+        .datasource(DS)
+        .span(w)
+        .height(4)
+        .unit(unit)
+        .targets([_query(0, expr, instant=True)])
+    )
+    if mappings:
+        panel = panel.mappings(
+            [
+                dash_m.ValueMap(
+                    options={
+                        k: dash_m.ValueMappingResult(text=v.get("text"), color=v.get("color"))
+                        for k, v in m["options"].items()
+                    }
+                )
+                for m in mappings
+            ]
+        )
+    return panel
 
 
 SEL = 'instance=~"$instance"'
@@ -555,81 +577,48 @@ def concrete(expr: str, rate_interval: str = "1m") -> str:
     )
 
 
-def build(uid: str, title: str, rows: list[tuple[str, list[dict]]]) -> dict:
-    panels: list[dict] = []
-    y, pid = 0, 1
-    for row_title, row in rows:
-        panels.append(
-            {
-                "type": "row",
-                "title": row_title,
-                "id": pid,
-                "collapsed": False,
-                "gridPos": {"x": 0, "y": y, "w": 24, "h": 1},
-            }
+def build(uid: str, title: str, rows: list[tuple[str, list[Any]]]) -> dict:
+    def var(name: str, query: str) -> Any:
+        return (
+            dash_b.QueryVariable(name)
+            .datasource(DS)
+            .query(query)
+            .refresh(dash_m.VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .multi(True)
+            .include_all(True)
         )
-        pid += 1
-        y += 1
-        x, row_h = 0, 0
-        for p in row:
-            w, h = p["gridPos"]["w"], p["gridPos"]["h"]
-            if x + w > 24:
-                x, y = 0, y + row_h
-                row_h = 0
-            p["gridPos"].update({"x": x, "y": y})
-            p["id"] = pid
-            pid += 1
-            x += w
-            row_h = max(row_h, h)
-        y += row_h
-        panels.extend(row)
 
-    def var(name: str, query: str, multi: bool = True) -> dict:
-        return {
-            "name": name,
-            "type": "query",
-            "datasource": DS,
-            "query": query,
-            "refresh": 2,
-            "multi": multi,
-            "includeAll": True,
-            "current": {},
-        }
-
-    return {
-        "title": title,
-        "uid": uid,
-        "schemaVersion": 39,
-        "version": 1,
-        "tags": ["sentinel", "vllm", "gpu"],
-        "time": {"from": "now-6h", "to": "now"},
-        "refresh": "30s",
-        "templating": {
-            "list": [
-                {"name": "datasource", "type": "datasource", "query": "prometheus", "current": {}},
-                var("instance", "label_values(sentinel_engine_state, instance)"),
-                var(
-                    "gpu",
-                    'label_values(sentinel_gpu_temperature_celsius{instance=~"$instance"}, gpu)',
-                ),
-            ]
-        },
-        "annotations": {
-            "list": [
-                {
-                    "name": "Engine restarts",
-                    "datasource": DS,
-                    "enable": True,
-                    "iconColor": "red",
-                    "expr": f"changes(sentinel_engine_generation{{{SEL}}}[1m]) > 0",
-                }
-            ]
-        },
-        "links": [
-            {"title": "Sentinel", "type": "dashboards", "tags": ["sentinel"], "asDropdown": True}
-        ],
-        "panels": panels,
-    }
+    d = (
+        dash_b.Dashboard(title)
+        .uid(uid)
+        .tags(["sentinel", "vllm", "gpu"])
+        .time("now-6h", "now")
+        .refresh("30s")
+        .with_variable(dash_b.DatasourceVariable("datasource").type("prometheus"))
+        .with_variable(var("instance", "label_values(sentinel_engine_state, instance)"))
+        .with_variable(
+            var("gpu", 'label_values(sentinel_gpu_temperature_celsius{instance=~"$instance"}, gpu)')
+        )
+        .annotation(
+            dash_b.AnnotationQuery()
+            .name("Engine restarts")
+            .datasource(DS)
+            .enable(True)
+            .icon_color("red")
+            .expr(f"changes(sentinel_engine_generation{{{SEL}}}[1m]) > 0")
+        )
+        .link(
+            dash_b.DashboardLink("Sentinel")
+            .type(dash_m.DashboardLinkType.DASHBOARDS)
+            .tags(["sentinel"])
+            .as_dropdown(True)
+        )
+    )
+    for row_title, panels in rows:
+        d = d.with_row(dash_b.Row(row_title))
+        for panel in panels:
+            d = d.with_panel(panel)
+    return json.loads(JSONEncoder(sort_keys=True).encode(d.build()))
 
 
 def main() -> None:
