@@ -315,3 +315,13 @@ def test_docker_compose_config_accepts_the_file() -> None:
         timeout=60,
     )
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_install_script_never_stops_a_process_it_did_not_start() -> None:
+    text = (ROOT / "deploy" / "cpu" / "install.sh").read_text()
+    code = "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#"))
+    for word in ("pkill", "killall", "systemctl stop", "service prometheus stop", "kill "):
+        assert word not in code, word
+    assert "prometheus-alertmanager" in code and "policy-rc.d" in code
+    res = subprocess.run(["bash", "-n", str(ROOT / "deploy" / "cpu" / "install.sh")], timeout=30)
+    assert res.returncode == 0
