@@ -53,8 +53,11 @@ SLOS: dict[str, dict[str, Any]] = {
         "objective": 0.995,
         "title": "error rate",
         "runbook": "slo-errors",
+        # `or ... * 0`: an instance that never answered 5xx/429 has no such series; its
+        # bad share is 0, not absent (dashboards show it, the end-to-end test caught it)
         "bad": (
-            'sum by (instance) (rate(sentinel_proxy_requests_total{{status=~"5..|429"}}[{w}])) '
+            '(sum by (instance) (rate(sentinel_proxy_requests_total{{status=~"5..|429"}}[{w}])) '
+            "or 0 * sum by (instance) (rate(sentinel_proxy_requests_total[{w}]))) "
             "/ sum by (instance) (rate(sentinel_proxy_requests_total[{w}]))"
         ),
     },

@@ -45,7 +45,7 @@ def test_generated_rule_files_are_current() -> None:
 
 
 def test_generated_promtool_tests_are_current() -> None:
-    ann = yaml.safe_load((ALERTS / "tests" / "annotations.yml").read_text())
+    ann = yaml.safe_load((ALERTS / "tests" / "annotations.yaml").read_text())
     assert (ALERTS / "tests" / "sentinel-rules-test.yml").read_text() == cases.render(
         ann, cases.alert_tests(), "15s"
     )
