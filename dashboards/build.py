@@ -40,7 +40,6 @@ DASHBOARDS: dict[str, tuple[str, list[str]]] = {
     "sentinel-watchdogs": ("Sentinel — watchdogs", ["Watchdogs"]),
 }
 _GPU_REASON = "no GPU series without an NVIDIA GPU (the end-to-end test runs on the CPU)"
-_EVENT = "a counter or gauge that only has series once its event happens"
 EVENT_DRIVEN: dict[str, str] = {
     # GPU
     **{
@@ -67,12 +66,6 @@ EVENT_DRIVEN: dict[str, str] = {
     "Watchdog agents up": "sentinel_watchdog_agent_up comes with w17",
     "Stuck workers": "sentinel_stuck_worker comes with w17",
     "Drain": "sentinel_drain_active / sentinel_drains_total come with the lifecycle (w16)",
-    # events
-    "Payload log records": "the e2e Sentinel's payload log samples no bodies: " + _EVENT,
-    "Admission queue": "the local tier has no admission queue configured in the test",
-    "Client disconnects": _EVENT,
-    "Zombies reaped": _EVENT,
-    "Orphans killed": _EVENT,
 }
 
 
