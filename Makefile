@@ -12,15 +12,15 @@ demo: setup
 
 # The whole suite: unit tests, then the tests against the real engine.
 test: setup
-	$(PY) -m ruff check sentinel tests bench dashboards alerts
+	$(PY) -m ruff check sentinel tests bench dashboards alerts fuzz
 	SENTINEL_REQUIRE_ENGINE=1 $(PY) -m pytest -q -rs --durations=20 tests
 
 test-fast:
 	$(PY) -m pytest -q -m "not real" tests
 
 lint:
-	$(PY) -m ruff check sentinel tests bench dashboards alerts
-	$(PY) -m ruff format --check sentinel tests bench dashboards alerts
+	$(PY) -m ruff check sentinel tests bench dashboards alerts fuzz
+	$(PY) -m ruff format --check sentinel tests bench dashboards alerts fuzz
 
 # The CPU benchmarks, each against its baseline in the same run (bench.gpu needs a GPU with NVML).
 bench: setup

@@ -26,11 +26,16 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
+# float32: vLLM's bfloat16 CPU kernel uses AMX where the CPU advertises it, and dies with
+# SIGILL on VMs that advertise AMX without enabling it (tests/real/harness.py says the same)
+ENGINE_ARGS = ["--max-model-len", "256", "--enforce-eager", "--dtype", "float32"]
+
+
 def tiny_vllm_command(port: int, model: Path = TINY_MODEL) -> list[str]:
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model), "--served-model-name", "tiny",
-        "--max-model-len", "256", "--enforce-eager",
+        *ENGINE_ARGS,
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
 
@@ -133,7 +138,7 @@ class SentinelRun:
         cfg: dict[str, dict[str, object]] = {
             "engine": {
                 "model": str(TINY_MODEL), "served_model_name": "tiny", "port": self.engine_port,
-                "args": ["--max-model-len", "256", "--enforce-eager"],
+                "args": list(ENGINE_ARGS),
                 "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
             },
             "ops": {"host": "127.0.0.1", "port": ops_port},

@@ -24,9 +24,7 @@ import httpx
 import psutil
 
 from tests.helpers import wait_for
-from tests.real.harness import SentinelProcess, engine_available
-
-DTYPE = ["--dtype", "float32"]
+from tests.real.harness import ENGINE_ARGS, SentinelProcess, engine_available
 
 
 def _alive(p: psutil.Process) -> bool:
@@ -65,7 +63,7 @@ def one_run(streams: int, max_tokens: int) -> dict[str, float]:
                 "lifecycle": {"drain_timeout_s": 120},
                 "logging": {"engine_lines": False},
                 # float32: this machine's AMX attention kernel (bfloat16) dies of SIGILL
-                "engine": {"args": ["--max-model-len", "256", "--enforce-eager"] + DTYPE},
+                "engine": {"args": list(ENGINE_ARGS)},
             },
         ).start()
         try:

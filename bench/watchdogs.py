@@ -25,10 +25,9 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.real.harness import SentinelProcess, engine_available, role_of
+from tests.real.harness import ENGINE_ARGS, SentinelProcess, engine_available, role_of
 
 TOKEN = "bench-admin-token-0123456789abcdef"
-ENGINE_ARGS = ["--max-model-len", "256", "--enforce-eager", "--dtype", "float32"]
 
 
 def _engine_cpu(s: SentinelProcess) -> dict[str, float]:
@@ -84,7 +83,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-watchdogs-"))
     (tmp / "token").write_text(TOKEN)
     common = {
-        "engine": {"args": ENGINE_ARGS},
+        "engine": {"args": list(ENGINE_ARGS)},
         "ops": {"admin": {"token_file": str(tmp / "token")}},
         "proxy": {"enabled": False},
         "payload_log": {"enabled": False},

@@ -38,13 +38,19 @@ def engine_available() -> bool:
     return (TINY_MODEL / "model.safetensors").exists()
 
 
+# float32: vLLM's CPU attention kernel for bfloat16 uses AMX where the CPU advertises it,
+# and dies with SIGILL on VMs that advertise AMX without enabling it (seen on these
+# machines after a VM migration); the vector kernel float32 takes works everywhere
+ENGINE_ARGS = ["--max-model-len", "256", "--enforce-eager", "--dtype", "float32"]
+
+
 def base_config(tmp: Path) -> dict[str, Any]:
     return {
         "engine": {
             "model": str(TINY_MODEL),
             "served_model_name": "tiny",
             "port": free_port(),
-            "args": ["--max-model-len", "256", "--enforce-eager"],
+            "args": list(ENGINE_ARGS),
             "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
         },
         "supervisor": {"backoff_initial_s": 0.5, "backoff_max_s": 5.0, "stop_grace_s": 15.0},

@@ -64,9 +64,6 @@ def _dashboards() -> Any:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SentinelProcess, Any]]:
     backup = FakeOpenAI("backup", model="tiny").start()
     overrides: dict[str, Any] = {
-        # float32: vLLM's AMX bfloat16 kernel dies with SIGILL on CPUs that advertise AMX
-        # to a VM that does not enable it (this machine); the alerts are what is tested
-        "engine": {"args": ["--max-model-len", "256", "--enforce-eager", "--dtype", "float32"]},
         "supervisor": {"crash_loop_max_starts": MAX_STARTS, "crash_loop_window_s": 600},
         # both hang reactions only report: the alerts must fire, not a restart hide it
         "probes": {"on_stall": "report", "on_not_ready": "report"},

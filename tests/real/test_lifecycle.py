@@ -20,7 +20,7 @@ import pytest
 
 from tests.fake_openai import FakeOpenAI
 from tests.helpers import is_guard, wait_for
-from tests.real.harness import ROOT, SentinelProcess, engine_available
+from tests.real.harness import ENGINE_ARGS, ROOT, SentinelProcess, engine_available
 
 pytestmark = [
     pytest.mark.real,
@@ -28,9 +28,7 @@ pytestmark = [
 ]
 
 TOKEN = "real-lifecycle-admin-token-0123456789"
-# This machine's vLLM dies of SIGILL in its AMX attention kernel (bfloat16) since the VM
-# moved (see /work/coord/STATUS-w17): float32 takes the vector kernel.
-ENGINE = {"args": ["--max-model-len", "256", "--enforce-eager", "--dtype", "float32"]}
+ENGINE = {"args": list(ENGINE_ARGS)}
 STREAMS = 16
 
 

@@ -44,9 +44,6 @@ def stack(
     external = FakeOpenAI("external", model="gpt-x").start()
     os.environ["SENTINEL_TEST_EXTERNAL_KEY"] = EXTERNAL_KEY
     overrides: dict[str, Any] = {
-        # float32: vLLM's AMX bfloat16 kernel dies with SIGILL on CPUs that advertise AMX
-        # to a VM that does not enable it (the Worker dies minutes into start-up)
-        "engine": {"args": ["--max-model-len", "256", "--enforce-eager", "--dtype", "float32"]},
         "supervisor": {"crash_loop_max_starts": 50},
         # a hung probe fails after 4 s: the proxy's own first-byte timeouts (1 s) open the
         # breaker first, so the SIGSTOP test sees both mechanisms

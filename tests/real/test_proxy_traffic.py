@@ -34,8 +34,6 @@ BODY = {"model": "tiny", "prompt": "hi", "max_tokens": 4, "temperature": 0}
 @pytest.fixture(scope="module")
 def sp(sentinel_factory: Any) -> SentinelProcess:
     overrides: dict[str, Any] = {
-        # float32: vLLM's AMX attention kernel (bfloat16) dies with SIGILL on this VM
-        "engine": {"args": ["--max-model-len", "256", "--enforce-eager", "--dtype", "float32"]},
         "proxy": {
             "stream_idle_timeout_s": IDLE_S,
             "tiers": [

@@ -23,7 +23,7 @@ import pytest
 
 from tests.helpers import wait_for
 from tests.real.conftest import SHARED_OVERRIDES, SentinelFactory
-from tests.real.harness import ROOT, SentinelProcess, deep_update
+from tests.real.harness import ENGINE_ARGS, ROOT, SentinelProcess, deep_update
 
 pytestmark = pytest.mark.real
 
@@ -33,9 +33,6 @@ HF_TOKEN = "hf_p17realSECRETtokenvalue"
 EXT_KEY = "sk-p17-real-external-key-123456"
 GROW_BYTES_PER_S = 3_000_000
 SPIN_FUNCTION = "p17_worker_spin_marker"
-# vLLM's AMX attention kernel (bfloat16) dies with SIGILL on this machine since 2026-12-04
-# 23:35 UTC, with or without Sentinel; float32 takes the AVX-512 kernel
-ENGINE_ARGS = ["--max-model-len", "256", "--enforce-eager", "--dtype", "float32"]
 
 
 class Watched:
@@ -87,7 +84,7 @@ def watched_overrides(tmp: Path) -> dict[str, Any]:
         {
             "engine": {
                 "env": {"SENTINEL_AGENT_TEST_CONTROL": str(control), "HF_TOKEN": HF_TOKEN},
-                "args": ENGINE_ARGS,
+                "args": list(ENGINE_ARGS),
             },
             "ops": {"admin": {"token_file": str(token_file)}},
             "proxy": {
@@ -356,7 +353,7 @@ def test_failing_agent_never_stops_the_engine(sentinel_factory: SentinelFactory)
                     "SENTINEL_AGENT_TEST_CONTROL": "/nonexistent",
                     "SENTINEL_AGENT_TEST_FAIL": "callback",
                 },
-                "args": ENGINE_ARGS,
+                "args": list(ENGINE_ARGS),
             }
         },
         name="failing-agent",
