@@ -225,10 +225,13 @@ def _pids(sp: SentinelProcess, roles: tuple[str, ...]) -> list[int]:
 
 
 def test_a_frozen_engine_mid_stream_ends_the_stream_with_an_sse_error(sp: SentinelProcess) -> None:
-    """SIGSTOP of EngineCore and Worker after the first tokens: the client gets a parseable
-    SSE error event about IDLE_S later, and the idle timeout is counted."""
-    pids = _pids(sp, ("engine_core", "worker"))
-    assert len(pids) >= 2, sp.engine_processes_by_role()
+    """SIGSTOP of the engine after the first tokens: the client gets a parseable SSE error
+    event about IDLE_S later, and the idle timeout is counted. The API server is stopped
+    with EngineCore and Worker: on this CPU the tiny model generates a whole answer
+    (240 tokens) in about 0.1 s, ahead of the API server's streaming, so with only
+    EngineCore and Worker stopped the API server would still send what they made."""
+    pids = _pids(sp, ("engine_core", "worker", "api_server"))
+    assert len(pids) >= 3, sp.engine_processes_by_role()
     body = {**BODY, "max_tokens": 240, "ignore_eos": True, "stream": True}
     events: list[str] = []
     stopped_at: float | None = None
@@ -248,6 +251,7 @@ def test_a_frozen_engine_mid_stream_ends_the_stream_with_an_sse_error(sp: Sentin
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
     assert stopped_at is not None
+    assert "data: [DONE]" not in events, f"the stream ended before the freeze: {len(events)}"
     last = json.loads(events[-1].removeprefix("data: "))
     assert last["error"]["code"] == "stream_idle_timeout", events[-3:]
     assert IDLE_S - 0.5 <= ended - stopped_at <= IDLE_S + 5, ended - stopped_at
