@@ -155,7 +155,7 @@ async def relay(
                     504,
                 )
         except UpstreamError as exc:
-            upstream_failed = True
+            upstream_failed = exc.upstream_fault  # a bug of ours is not the tier's failure
             tail = (f"upstream {tier.name} failed mid-stream: {exc.detail}", exc.reason, 502)
         if tail is not None:
             ex.error = tail[0]
