@@ -7,7 +7,7 @@ with no engine process left. The drain's cost is the difference (goal: under 0.5
 the engine's stop (TERM to the API server, its EngineCore and Worker after it) and
 Sentinel's exit. Printed side by side, and as a ratio.
 
-Usage: .venv/bin/python -m bench.drain [--runs 2] [--streams 16] [--max-tokens 64]
+Usage: .venv/bin/python -m bench.drain [--runs 2] [--streams 16] [--max-tokens 240]
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import psutil
 from tests.helpers import wait_for
 from tests.real.harness import SentinelProcess, engine_available
 
+DTYPE = ["--dtype", "float32"]
+
 
 def _alive(p: psutil.Process) -> bool:
     try:
@@ -34,13 +36,43 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
+def _events(s: SentinelProcess, t_sig: float) -> None:
+    """Where the time after the signal went, from Sentinel's log (wall clock)."""
+    import datetime
+
+    wanted = (
+        "drain wait over",
+        "stopping",
+        "engine generation terminated",
+        "engine exited",
+        "sentinel exiting",
+    )
+    recs = [r for r in s.log_records() if r.get("event") in wanted or r.get("event") == "draining"]
+    if not recs:
+        return
+    t0 = None
+    for r in recs:
+        ts = datetime.datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00")).timestamp()
+        t0 = ts if t0 is None else t0
+        print(f"    +{ts - t0:6.3f}s  {r['event']}")
+
+
 def one_run(streams: int, max_tokens: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bench-drain-") as tmp:
         s = SentinelProcess(
-            Path(tmp), {"lifecycle": {"drain_timeout_s": 120}, "logging": {"engine_lines": False}}
+            Path(tmp),
+            {
+                "lifecycle": {"drain_timeout_s": 120},
+                # a busy 2-core machine: keep the probes from flapping readiness
+                "probes": {"interval_s": 2.0, "timeout_s": 10.0, "freshness_s": 30.0},
+                "logging": {"engine_lines": False},
+                # float32: this machine's AMX attention kernel (bfloat16) dies of SIGILL
+                "engine": {"args": ["--max-model-len", "256", "--enforce-eager"] + DTYPE},
+            },
         ).start()
         try:
-            s.wait_serving(base=s.proxy_url)
+            s.wait_serving()
+            wait_for(lambda: s.get("/readyz").status_code == 200, 120, what="ready")
             procs = s.engine_tree()
             ends: list[float] = []
             ok: list[bool] = []
@@ -53,16 +85,26 @@ def one_run(streams: int, max_tokens: int) -> dict[str, float]:
                 "stream": True,
             }
 
+            failures: list[str] = []
+
             def stream(ev: threading.Event) -> None:
-                text = ""
-                with httpx.stream(
-                    "POST", s.proxy_url + "/v1/completions", json=body, timeout=300
-                ) as r:
-                    for part in r.iter_text():
-                        text += part
-                        ev.set()
+                text, status = "", 0
+                try:
+                    with httpx.stream(
+                        "POST", s.proxy_url + "/v1/completions", json=body, timeout=300
+                    ) as r:
+                        status = r.status_code
+                        for part in r.iter_text():
+                            text += part
+                            if status == 200 and "data:" in part:
+                                ev.set()
+                except httpx.HTTPError as exc:
+                    text += f" [{type(exc).__name__}: {exc}]"
                 ends.append(time.monotonic())
-                ok.append(r.status_code == 200 and text.rstrip().endswith("data: [DONE]"))
+                good = status == 200 and text.rstrip().endswith("data: [DONE]")
+                ok.append(good)
+                if not good:
+                    failures.append(f"HTTP {status}: ...{text[-200:]!r}")
 
             threads = [threading.Thread(target=stream, args=(e,), daemon=True) for e in started]
             for t in threads:
@@ -78,6 +120,9 @@ def one_run(streams: int, max_tokens: int) -> dict[str, float]:
             for t in threads:
                 t.join(60)
             last = max(ends)
+            for f in failures:
+                print("    incomplete stream:", f)
+            _events(s, t_sig)
             return {
                 "streams_s": last - t_sig,
                 "exit_s": t_exit - t_sig,
@@ -93,7 +138,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--streams", type=int, default=16)
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=240)
     args = ap.parse_args()
     if not engine_available():
         print("real vLLM or var/tiny-model missing: run `make setup`")

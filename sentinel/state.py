@@ -250,14 +250,19 @@ class EngineStatus:
             return EngineState.degraded
         return EngineState.ready
 
+    def display_state(self) -> EngineState:
+        """The state a person sees (/status, sentinel_engine_state): ``draining`` for any
+        drain, where ``state()`` (routing) says so only when new requests go elsewhere."""
+        state = self.state()
+        if self.drain is not None and state not in (EngineState.stopped, EngineState.unkillable):
+            return EngineState.draining
+        return state
+
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready view for /status and the CLI."""
         now = self._clock()
-        state = self.state()
-        if self.drain is not None and state not in (EngineState.stopped, EngineState.unkillable):
-            state = EngineState.draining
         return {
-            "state": state.value,
+            "state": self.display_state().value,
             "lifecycle": self.lifecycle.value,
             "lifecycle_since": self.lifecycle_since,
             "generation": self.generation,

@@ -23,7 +23,7 @@ class EngineStatusCollector:
 
     def collect(self) -> Iterator[Metric]:
         st = self._status
-        current = st.state()
+        current = st.display_state()  # a drain shows as draining (issue 16)
 
         state = GaugeMetricFamily(
             "sentinel_engine_state",

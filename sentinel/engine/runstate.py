@@ -11,7 +11,7 @@ clean exit. Two things read it:
 
 A pid alone is never trusted: a process is killed only when its start time matches the
 recorded one (a reused pid has a later start), or when it is in the session of a
-recorded API server that itself still matches.
+recorded API server whose pid is not now held by a different process.
 """
 
 from __future__ import annotations
@@ -142,16 +142,21 @@ def sentinel_alive(state: RunState, proc_root: str = "/proc") -> bool:
 
 def leftovers(state: RunState, proc_root: str = "/proc") -> list[dict[str, Any]]:
     """Live processes of an earlier Sentinel's engine: each recorded process whose start
-    time still matches, plus the members of a matching API server's session."""
+    time still matches, plus the members of a recorded API server's session (see below)."""
     found: dict[int, dict[str, Any]] = {}
     sessions: set[int] = set()
     me = os.getpid()
     for rec in state.processes:
-        if rec.pid == me or start_ticks(rec.pid, proc_root) != rec.start_ticks:
+        ticks = start_ticks(rec.pid, proc_root)
+        if rec.role == "api_server" and ticks in (None, rec.start_ticks):
+            # the engine's session: its id is the API server's pid, which the kernel does
+            # not give to another process while any member of the session lives; so
+            # unless that pid now belongs to another process, its members are ours, even
+            # those not yet recorded (a Worker started after the last scan)
+            sessions.add(rec.pid)
+        if rec.pid == me or ticks != rec.start_ticks:
             continue
         found[rec.pid] = {"pid": rec.pid, "role": rec.role, "cmdline": rec.cmdline}
-        if rec.role == "api_server":
-            sessions.add(rec.pid)
     if sessions:
         try:
             pids = [int(n) for n in os.listdir(proc_root) if n.isdigit()]

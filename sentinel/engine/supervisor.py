@@ -150,12 +150,15 @@ class Supervisor:
         self._parked = False
 
     # ---- the interface for signal handlers and other components -------------
-    def request_stop(self, sig: int = signal.SIGTERM, exit_after: bool = True) -> None:
+    def request_stop(
+        self, sig: int = signal.SIGTERM, exit_after: bool = True, grace_s: float | None = None
+    ) -> None:
         """Stop the engine gracefully and make run() return. A second call cuts the grace.
         ``exit_after=False`` (a preemption notice): stop the engine and launch no other;
-        Sentinel stays up to report it until it is stopped."""
+        Sentinel stays up to report it until it is stopped. ``grace_s``: the engine's grace
+        instead of supervisor.stop_grace_s (after a drain left nothing in flight)."""
         self._stop_requests += 1
-        self._put(("stop", int(sig), exit_after))
+        self._put(("stop", int(sig), exit_after, grace_s))
 
     def request_restart(self, reason: str, detail: str = "") -> None:
         """Replace the engine generation (reason: sighup, stalled, not_ready, ...)."""
@@ -237,10 +240,11 @@ class Supervisor:
     async def _handle(self, cmd: tuple[Any, ...]) -> None:
         kind = cmd[0]
         if kind == "stop":
+            grace = self.cfg.stop_grace_s if cmd[3] is None else cmd[3]
             if cmd[2]:
-                await self._stop(cmd[1])
+                await self._stop(cmd[1], grace)
             else:
-                await self._park(cmd[1])
+                await self._park(cmd[1], grace)
         elif kind == "restart":
             await self._restart(cmd[1], cmd[2])
         # "child" and "wake": the reap and the tick that follow do the work
@@ -722,19 +726,19 @@ class Supervisor:
                 )
 
     # ---- commands ----------------------------------------------------------------
-    async def _stop(self, sig: int) -> None:
+    async def _stop(self, sig: int, grace_s: float) -> None:
         if self._stop_signal is not None:
             return
         self._stop_signal = sig
         self._launch_at = None
         name = _signame(sig)
-        log.info("stopping", signal=name, grace_s=self.cfg.stop_grace_s)
+        log.info("stopping", signal=name, grace_s=grace_s)
         self.status.set_lifecycle(Lifecycle.draining)
         cur = self._current
         if cur is not None:
             await self._end_generation(
                 cur,
-                self.cfg.stop_grace_s,
+                grace_s,
                 forced=("stopped", f"stopped on {name}"),
                 escalate=lambda: self._stop_requests > 1,
                 api_server_first=True,
@@ -792,19 +796,19 @@ class Supervisor:
         self._launch_counted = counted
         self._launch_at = time.monotonic()
 
-    async def _park(self, sig: int) -> None:
+    async def _park(self, sig: int, grace_s: float) -> None:
         """A preemption notice: stop the engine gracefully, launch no other, stay up."""
         if self._stop_signal is not None or self._parked:
             return
         self._parked = True
         self._launch_at = None
-        log.info("stopping the engine for a preemption notice", grace_s=self.cfg.stop_grace_s)
+        log.info("stopping the engine for a preemption notice", grace_s=grace_s)
         self.status.set_lifecycle(Lifecycle.draining)
         cur = self._current
         if cur is not None:
             await self._end_generation(
                 cur,
-                self.cfg.stop_grace_s,
+                grace_s,
                 forced=("stopped", "stopped for a preemption notice"),
                 escalate=lambda: self._stop_requests > 1,
                 api_server_first=True,

@@ -50,7 +50,9 @@ class Drainable(Protocol):
 class EngineOps(Protocol):
     """What the drain needs of the supervisor."""
 
-    def request_stop(self, sig: int = ..., exit_after: bool = ...) -> None: ...
+    def request_stop(
+        self, sig: int = ..., exit_after: bool = ..., grace_s: float | None = ...
+    ) -> None: ...
     def request_restart(self, reason: str, detail: str = "") -> None: ...
 
 
@@ -206,8 +208,11 @@ class DrainController:
         if self.status.drain is not None:
             self._end(quiet=True)  # a drain by hand becomes the shutdown's drain
         self._begin(reason, by_hand=False, fallback=False)
-        await self._wait_requests(t0)
-        self.engine.request_stop(sig, exit_after)
+        outcome = await self._wait_requests(t0)
+        # nothing left in flight: the engine's own teardown has nothing to save (vLLM's
+        # takes ~10 s on the CPU, its Worker ignoring TERM): a short grace, then KILL
+        grace = self.cfg.engine_grace_after_drain_s if outcome == "completed" else None
+        self.engine.request_stop(sig, exit_after, grace)
 
     async def _restart(self) -> dict[str, Any]:
         t0 = self._clock()

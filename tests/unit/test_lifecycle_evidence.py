@@ -84,3 +84,39 @@ def test_a_failing_hook_does_not_block_the_restart(tmp_path: Path) -> None:
         assert await asyncio.wait_for(task, 30) == 0
 
     asyncio.run(scenario())
+
+
+def test_launch_waits_for_gpu_memory_of_the_old_generation(tmp_path: Path) -> None:
+    """NVML (faked) still lists the old API server's memory after it died: the next
+    generation waits; if the memory stays held past gpu_release_timeout_s, the engine is
+    not launched and `failed` names the pid and the memory."""
+    sup, status = _supervisor(tmp_path, evidence_timeout_s=1)
+    sup.life = sup.life.model_copy(update={"gpu_release_timeout_s": 1.5})
+    held: dict[str, object] = {"pids": []}
+
+    def gpu_processes() -> list[tuple[int, int, int]]:
+        return [(pid, 0, 3 * 2**30) for pid in held["pids"]]  # type: ignore[union-attr]
+
+    sup.gpu_processes = gpu_processes
+
+    async def scenario() -> None:
+        task = asyncio.create_task(sup.run())
+        await _until(lambda: status.loaded)
+        old = status.processes[0].pid
+        held["pids"] = [old]
+        sup.request_restart("sighup")
+        await asyncio.sleep(1.0)
+        assert status.generation == 1, "launched while the old memory was still held"
+        held["pids"] = []  # released
+        await _until(lambda: status.generation == 2 and status.loaded)
+        # now it stays held: not launched, failed names pid and MiB
+        old = status.processes[0].pid
+        held["pids"] = [old]
+        sup.request_restart("sighup")
+        await _until(lambda: status.lifecycle.value == "failed")
+        assert f"pid {old} holds 3072 MiB on GPU 0" in (status.failure_reason or "")
+        assert status.generation == 2
+        sup.request_stop()
+        await asyncio.wait_for(task, 30)
+
+    asyncio.run(scenario())
