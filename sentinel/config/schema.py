@@ -420,7 +420,7 @@ class LifecycleConfig(_Section):
     drain_timeout_s: float = Field(30.0, ge=0)
     drain_retry_after_s: float = Field(5.0, ge=0)
     drain_fallback: bool = True
-    engine_grace_after_drain_s: float = Field(0.3, ge=0)
+    engine_grace_after_drain_s: float = Field(0.1, ge=0)
     vllm_shutdown_timeout: bool = True
     runtime_dir: Path | None = None
     gpu_release_timeout_s: float = Field(30.0, ge=0)
