@@ -95,7 +95,9 @@ def watched_overrides(tmp: Path) -> dict[str, Any]:
                         "base_url": "http://127.0.0.1:9",
                         "api_key_env": "P17_EXTERNAL_KEY",
                     },
-                ]
+                ],
+                # a tier that spends a key of its own needs client keys, or this
+                "auth": {"allow_anonymous": True},
             },
             "incidents": {"dir": str(tmp / "incidents")},
             "watchdogs": {
