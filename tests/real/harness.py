@@ -185,13 +185,18 @@ class SentinelProcess:
             return False
         return r.status_code == 200 and bool(r.json()["choices"][0]["text"] is not None)
 
+    def assert_running(self) -> None:
+        """Fail at once, with the end of its log, when Sentinel has exited (a wait on the
+        engine would otherwise run to its timeout)."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(
+                f"sentinel exited {self.proc.returncode}:\n{self.log_text()[-4000:]}"
+            )
+
     def wait_serving(self, timeout: float = ENGINE_START_TIMEOUT, base: str | None = None) -> None:
         def ok() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"sentinel exited {self.proc.returncode}:\n{self.log_text()[-4000:]}"
-                )
+            self.assert_running()
             return self.serves(base)
 
         wait_for(ok, timeout, interval=1.0, what="the engine to serve completions")

@@ -48,7 +48,9 @@ def sentinel(sentinel_factory: SentinelFactory) -> SentinelProcess:
                     "base_url": f"http://127.0.0.1:{free_port()}",
                     "api_key_env": "EXTERNAL_TEST_API_KEY",
                 },
-            ]
+            ],
+            # tiers that spend keys of their own need client keys, or this
+            "auth": {"allow_anonymous": True},
         },
     }
     added = {**SECRETS, **INHERITED}
@@ -71,6 +73,7 @@ def environ_of(pid: int) -> bytes:
 
 def engine_environments(s: SentinelProcess) -> dict[str, list[bytes]] | None:
     """The environment of every engine process by role, once all three roles run."""
+    s.assert_running()
     out: dict[str, list[bytes]] = {}
     try:
         for role, procs in s.engine_processes_by_role().items():
