@@ -57,15 +57,15 @@ EVENT_DRIVEN: dict[str, str] = {
             "GPUs lost",
         )
     },
-    # watchdogs and lifecycle: series of branches w16/w17 (drain, GC, memory, dumps)
-    "GC pauses p99 by role": "sentinel_gc_pause_seconds comes with the watchdogs (w17)",
-    "GC pauses over the limit": "sentinel_gc_pauses_over_limit_total comes with w17",
-    "Memory growth by role": "sentinel_process_memory_growth_bytes_per_second comes with w17",
-    "Time to memory limit": "sentinel_process_memory_time_to_limit_seconds comes with w17",
-    "Dumps taken": "sentinel_dumps_total comes with w17; a dump is an event",
-    "Watchdog agents up": "sentinel_watchdog_agent_up comes with w17",
-    "Stuck workers": "sentinel_stuck_worker comes with w17",
-    "Drain": "sentinel_drain_active / sentinel_drains_total come with the lifecycle (w16)",
+    # watchdogs and lifecycle: series that appear with their first event or sample
+    "GC pauses p99 by role": "a histogram with no pause yet in the range has no rate",
+    "GC pauses over the limit": "counts pauses over watchdogs.gc.pause_limit_s: an event",
+    "Memory growth by role": "exported once the leak window holds watchdogs.leak.min_samples",
+    "Time to memory limit": "exported once the leak window holds watchdogs.leak.min_samples",
+    "Dumps taken": "a dump is an event",
+    "Watchdog agents up": "the agents report once the engine's processes have started",
+    "Stuck workers": "the rule needs a GPU (or watchdogs.stuck.cpu_only)",
+    "Drain": "a drain is an event",
 }
 
 

@@ -15,22 +15,6 @@ RULES = ROOT / "alerts" / "sentinel-rules.yml"
 DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
 PROMTOOL = shutil.which("promtool")
 SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created")
-# Series that alerts/ and dashboards/ already use and that other branches add (lifecycle
-# w16, watchdogs w17): the integrator removes this list once those are merged.
-EXPECTED_FROM_BRANCHES = {
-    "sentinel_drain_active",
-    "sentinel_drain_seconds",
-    "sentinel_drains",
-    "sentinel_engine_unkillable",
-    "sentinel_admin_auth_failures",
-    "sentinel_gc_pause_seconds",
-    "sentinel_gc_pauses_over_limit",
-    "sentinel_process_memory_growth_bytes_per_second",
-    "sentinel_process_memory_time_to_limit_seconds",
-    "sentinel_dumps",
-    "sentinel_watchdog_agent_up",
-    "sentinel_stuck_worker",
-}
 
 
 def _sentinel_families() -> set[str]:
@@ -71,7 +55,7 @@ def test_every_sentinel_series_referenced_is_exported(source: str) -> None:
     exprs = _rule_exprs() if source == "alerts" else _dashboard_exprs()
     referenced = {m for e in exprs for m in re.findall(r"\bsentinel_[a-z0-9_]+", e)}
     assert referenced
-    known = _sentinel_families() | EXPECTED_FROM_BRANCHES
+    known = _sentinel_families()
     missing = sorted(m for m in referenced if _base(m) not in known)
     assert not missing, f"{source} reference series Sentinel does not export: {missing}"
 
