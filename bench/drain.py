@@ -52,7 +52,8 @@ def _events(s: SentinelProcess, t_sig: float) -> None:
     for r in recs:
         ts = datetime.datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00")).timestamp()
         t0 = ts if t0 is None else t0
-        print(f"    +{ts - t0:6.3f}s  {r['event']}")
+        extra = {k: r[k] for k in ("outcome", "seconds", "termed", "killed") if k in r}
+        print(f"    +{ts - t0:6.3f}s  {r['event']} {extra or ''}")
 
 
 def one_run(streams: int, max_tokens: int) -> dict[str, float]:

@@ -245,7 +245,7 @@ class Supervisor:
         if kind == "stop":
             grace = self.cfg.stop_grace_s if cmd[3] is None else cmd[3]
             if cmd[2]:
-                await self._stop(cmd[1], grace)
+                await self._stop(cmd[1], grace, drained=cmd[3] is not None)
             else:
                 await self._park(cmd[1], grace)
         elif kind == "restart":
@@ -729,7 +729,7 @@ class Supervisor:
                 )
 
     # ---- commands ----------------------------------------------------------------
-    async def _stop(self, sig: int, grace_s: float) -> None:
+    async def _stop(self, sig: int, grace_s: float, drained: bool = False) -> None:
         if self._stop_signal is not None:
             return
         self._stop_signal = sig
@@ -750,6 +750,8 @@ class Supervisor:
         self.status.set_lifecycle(Lifecycle.stopped)
         if cur is not None:
             code = proctree.exit_code_for_shell(cur.exit_code)
+            if drained and cur.exit_code == -signal.SIGKILL and self._stop_requests == 1:
+                code = 0  # KILLed on purpose after a drain left nothing to lose: a clean stop
         else:
             code = 1 if self._failed else 0
         log.info(

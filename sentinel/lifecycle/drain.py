@@ -211,7 +211,9 @@ class DrainController:
         outcome = await self._wait_requests(t0)
         # nothing left in flight: the engine's own teardown has nothing to save (vLLM's
         # takes ~10 s on the CPU, its Worker ignoring TERM): a short grace, then KILL
-        grace = self.cfg.engine_grace_after_drain_s if outcome == "completed" else None
+        # (without the proxy Sentinel cannot see requests: vLLM gets its full grace)
+        short = outcome == "completed" and self.proxy is not None
+        grace = self.cfg.engine_grace_after_drain_s if short else None
         self.engine.request_stop(sig, exit_after, grace)
 
     async def _restart(self) -> dict[str, Any]:

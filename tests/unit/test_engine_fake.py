@@ -25,7 +25,9 @@ FAKE_PATH = os.path.abspath(__file__)
 
 
 def say(role: str, text: str) -> None:
-    print(f"({role} pid={os.getpid()}) INFO 11-21 15:00:00 [fake.py:1] {text}", flush=True)
+    # one write per line: the API server, EngineCore and Worker share the pipe, and print()
+    # unbuffered writes the text and its newline separately (lines would interleave)
+    os.write(1, f"({role} pid={os.getpid()}) INFO 11-21 15:00:00 [fake.py:1] {text}\n".encode())
 
 
 def retitle(title: str) -> None:

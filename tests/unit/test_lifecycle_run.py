@@ -407,3 +407,20 @@ def test_bad_input_to_the_lifecycle_commands_is_a_clear_message(tmp_path: Path) 
         assert r.returncode == code, (args, r.returncode, r.stderr)
         assert text in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_after_a_completed_drain_the_engine_gets_a_short_grace_and_exit_is_clean(
+    tmp_path: Path,
+) -> None:
+    """An API server that ignores TERM (as vLLM's teardown takes ~13 s): after a drain that
+    left nothing in flight it is KILLed after engine_grace_after_drain_s, not stop_grace_s,
+    and Sentinel exits 0 (a clean stop)."""
+    run = LRun(tmp_path, mode="ignore_term", over={"supervisor": {"stop_grace_s": 20.0}})
+    run.wait_ready()
+    t0 = time.monotonic()
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.proc.wait(15) == 0, run.tail()
+    assert time.monotonic() - t0 < 10  # not the 20 s stop grace
+    ended = run.events("engine generation terminated")[0]
+    assert ended["seconds"] < 5 and ended["killed"]
+    assert run.events("stopping")[0]["grace_s"] == 0.1
