@@ -224,8 +224,8 @@ def test_client_disconnect_frees_the_engine_within_1s(stack: Any) -> None:
     sp, _, _ = stack
     wait_for(lambda: _engine_running(sp) == 0, 20, interval=0.2, what="an idle engine")
     # a request first, so that an idle connection to the engine waits in the pool: the
-    # stream is then begun from the read that brings it and relayed from the engine's
-    # reads with no task of its own (the fast path); the disconnect must still reach it
+    # stream then goes out on a reused keep-alive connection, and the disconnect must
+    # still reach the engine through it
     warm = {"model": "tiny", "prompt": "hi", "max_tokens": 1}
     assert httpx.post(sp.proxy_url + "/v1/completions", json=warm, timeout=30).status_code == 200
     tokens0 = _engine_sum(sp, "vllm:generation_tokens_total")
