@@ -28,10 +28,11 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from sentinel.config.schema import AdmissionConfig, BreakerConfig, TierConfig
-from sentinel.proxy.chain import Chain, Exhausted, ProxyRequest, build_tier
+from sentinel.proxy.chain import Chain, Exhausted
 from sentinel.proxy.errors import ProxyError
 from sentinel.proxy.metrics import ProxyMetrics
 from sentinel.proxy.rawhttp import RawTransport
+from sentinel.proxy.tier import ProxyRequest, build_tier
 from sentinel.proxy.upstream import MockResponse, MockTransport, UpstreamError, UpstreamRequest
 from sentinel.state import EngineStatus
 

@@ -19,12 +19,14 @@ from sentinel.config.schema import ProxyConfig
 from sentinel.logs import get_logger
 from sentinel.payloads.exchange import Exchange, exchange_record
 from sentinel.payloads.log import PayloadLog
-from sentinel.proxy.chain import Chain, Exhausted, ProxyRequest, UpstreamFailure
+from sentinel.proxy.attempt import UpstreamFailure
+from sentinel.proxy.chain import Chain, Exhausted
 from sentinel.proxy.errors import ProxyError
 from sentinel.proxy.http1 import Request, Response
 from sentinel.proxy.metrics import ProxyMetrics
 from sentinel.proxy.relay import meta_headers, relay, relayed_headers
 from sentinel.proxy.request import RequestPolicy, request_id
+from sentinel.proxy.tier import ProxyRequest
 
 log = get_logger(__name__)
 

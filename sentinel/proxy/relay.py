@@ -16,11 +16,12 @@ import asyncio
 import time
 
 from sentinel.payloads.exchange import Exchange
-from sentinel.proxy.chain import Chain, Opened, ProxyRequest, Tier
+from sentinel.proxy.attempt import Opened
 from sentinel.proxy.errors import sse_error_event
 from sentinel.proxy.http1 import Response
 from sentinel.proxy.metrics import ProxyMetrics
 from sentinel.proxy.request import DROP_RESPONSE_HEADERS
+from sentinel.proxy.tier import ProxyRequest, Tier
 from sentinel.proxy.upstream import UpstreamError, UpstreamResponse
 
 
@@ -123,7 +124,7 @@ async def relay(
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
-        dog = _Watchdog(loop, task, Chain.total_deadline(tier, req, opened.started), idle_s)
+        dog = _Watchdog(loop, task, tier.total_deadline(req, opened.started), idle_s)
         tail: tuple[str, str, int] | None = None
         try:
             rest = opened.rest

@@ -18,8 +18,8 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from sentinel.config.schema import ProxyConfig
-from sentinel.proxy.chain import ProxyRequest
 from sentinel.proxy.errors import ProxyError
+from sentinel.proxy.tier import ProxyRequest
 
 # paths whose JSON body must name a model
 MODEL_PATHS = frozenset(

@@ -16,13 +16,14 @@ from sentinel.logs import get_logger
 from sentinel.payloads.log import PayloadLog
 from sentinel.proxy.auth import Authenticator
 from sentinel.proxy.breaker import BreakerState
-from sentinel.proxy.chain import Chain, build_tier
+from sentinel.proxy.chain import Chain
 from sentinel.proxy.handler import ProxyHandler
 from sentinel.proxy.http1 import HttpLimits, HttpServer, ProxyBindError
 from sentinel.proxy.metrics import ProxyMetrics
 from sentinel.proxy.rawhttp import RawTransport
 from sentinel.proxy.request import new_request_id
 from sentinel.proxy.secrets import SecretError, load_api_key
+from sentinel.proxy.tier import build_tier
 from sentinel.proxy.upstream import Transport
 from sentinel.state import EngineStatus
 

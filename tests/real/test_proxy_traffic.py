@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import wait_for
+from tests.helpers import dechunk, wait_for
 from tests.real.harness import SentinelProcess, engine_available
 
 pytestmark = [
@@ -217,6 +217,44 @@ def test_files_and_batches_are_not_forwarded(sp: SentinelProcess) -> None:
     for path in ("/v1/files", "/v1/batches"):
         r = httpx.post(sp.proxy_url + path, json={"model": "tiny"}, timeout=10)
         assert r.status_code == 404 and r.json()["error"]["code"] == "endpoint_not_allowed"
+
+
+def test_a_slow_client_gets_every_byte_of_a_stream_in_order(sp: SentinelProcess) -> None:
+    """A client with a small receive buffer that reads a 240-token stream in small sips,
+    slower than the engine writes it, gets the same text as the whole answer, every
+    event in order, ended by ``[DONE]``, and no error event. (Sentinel's own waiting on
+    a slow client, back-pressure, is proven in tests/unit/test_proxy_stream_relay.py:
+    on loopback the kernel's socket buffers hold far more than the tiny model writes.)"""
+    body = {**BODY, "max_tokens": 240, "ignore_eos": True}
+    whole = _post(sp, body, timeout=60)
+    assert whole.status_code == 200, whole.text
+    expected = whole.json()["choices"][0]["text"]
+    raw = json.dumps({**body, "stream": True}).encode()
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(30)
+    s.connect(("127.0.0.1", sp.config["proxy"]["port"]))
+    got = bytearray()
+    with s:
+        s.sendall(
+            _raw_post(raw, "slow-reader").replace(
+                b"host: x\r\n", b"host: x\r\nconnection: close\r\n"
+            )
+        )
+        while part := s.recv(512):
+            got += part
+            time.sleep(0.02)
+    head, _, chunked = bytes(got).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    events = [
+        line.removeprefix(b"data: ")
+        for line in dechunk(chunked).split(b"\n")
+        if line.startswith(b"data: ")
+    ]
+    assert events[-1] == b"[DONE]", events[-3:]
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert not any("error" in c for c in chunks), chunks[-2:]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == expected
 
 
 def _pids(sp: SentinelProcess, roles: tuple[str, ...]) -> list[int]:

@@ -13,8 +13,9 @@ import uvloop
 from prometheus_client import CollectorRegistry
 
 from sentinel.config.schema import AdmissionConfig, BreakerConfig, TierConfig
-from sentinel.proxy.chain import Chain, ProxyRequest, build_tier
+from sentinel.proxy.chain import Chain
 from sentinel.proxy.metrics import ProxyMetrics
+from sentinel.proxy.tier import ProxyRequest, build_tier
 from sentinel.proxy.upstream import Transport
 from sentinel.state import EngineStatus
 

@@ -141,37 +141,19 @@ def test_connection_errors() -> None:
     asyncio.run(main())
 
 
-def test_start_writes_on_an_idle_connection_and_resume_survives_a_dead_one() -> None:
+def test_a_connection_the_upstream_closes_as_the_request_goes_out_is_retried() -> None:
+    """The upstream drops an idle pooled connection just as the next request is written
+    on it (its close not yet seen here): the request goes again, once, on a fresh
+    connection, and gets its own answer."""
+
     async def main() -> None:
         server, port, conns = await serve(keep_alive(lambda raw: raw.split(b"\r\n\r\n", 1)[1]))
         t = RawTransport()
-        assert t.start(req(port)) is None  # nothing idle yet: send() does it
         assert await (await t.send(req(port, body=b"one"))).read() == b"one"
-        # an idle connection: the request is written now, before any await
-        resp = t.start(req(port, body=b"two"))
-        assert resp is not None and not resp.head_fut.done()
-        seen: list[tuple[bytes, bool]] = []
-
-        def early(data: bytes, done: bool) -> bool:
-            seen.append((data, done))
-            if done:
-                assert resp is not None
-                resp.early = None
-            return False  # not taken: queued as usual
-
-        resp.early = early
-        got = await t.resume(resp)
-        assert got is resp and await got.read() == b"two"
-        assert seen == [(b"two", False), (b"", True)]
-        assert resp.decided is not None and resp.decided.done()
         assert len(conns) == 1
-        # the upstream drops the idle connection as the request goes out on it (not yet
-        # seen here): the begun request goes again, on a fresh connection
-        conns[0].close()
-        resp = t.start(req(port, body=b"three"))
-        assert resp is not None
-        got = await t.resume(resp)
-        assert got is not resp and await got.read() == b"three"
+        conns[0].close()  # no await before the next send: the pool still holds it
+        resp = await t.send(req(port, body=b"two"))
+        assert await resp.read() == b"two"
         assert len(conns) == 2
         await t.aclose()
         server.close()
@@ -287,7 +269,7 @@ def test_a_bug_in_our_parser_callbacks_is_not_an_upstream_fault(
     """An exception in our own code while parsing a healthy answer is reported as
     ``internal_error`` with ``upstream_fault`` False (the breaker is not told), never as
     a malformed upstream response."""
-    from sentinel.proxy import rawhttp
+    from sentinel.proxy import upstream_conn
 
     def broken(self: object, name: bytes, value: bytes) -> None:
         raise KeyError("a bug of ours")
@@ -295,7 +277,7 @@ def test_a_bug_in_our_parser_callbacks_is_not_an_upstream_fault(
     async def main() -> None:
         server, port, _ = await serve(keep_alive(lambda raw: b"ok"))
         t = RawTransport()
-        monkeypatch.setattr(rawhttp._Conn, "on_header", broken)
+        monkeypatch.setattr(upstream_conn.UpstreamConnection, "on_header", broken)
         with pytest.raises(UpstreamError) as err:
             await t.send(req(port))
         assert err.value.reason == "internal_error" and not err.value.upstream_fault

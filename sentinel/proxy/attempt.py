@@ -1,0 +1,224 @@
+"""One tier's try at a request (``attempt``): sent, and committed (``Opened``) only once
+its first body bytes are in hand, by the tier's first-byte deadline.
+
+- A 5xx or a 429 is no answer: its body (up to ``ERROR_BODY_LIMIT``) is kept as an
+  ``UpstreamFailure`` to relay if no later tier serves, and the try fails
+  (``TierFailed``), as do connection failures and the first-byte deadline.
+- A non-SSE body of known length up to ``FULL_READ_LIMIT`` is read whole before it is
+  committed; anything else is committed with its first part and relayed part by part.
+- A deadline fails the try only after the event loop has read what the upstream's
+  socket already holds: the exchange runs as its own task, and when the deadline
+  passes the loop gets ``DEADLINE_GRACE_PASSES`` passes before it counts. A head that
+  arrived in time counts, even when Sentinel's own loop was too busy to see it before
+  the timer fired. The first-byte clock starts when the request was written
+  (``UpstreamRequest.sent_at``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sentinel.proxy.errors import ProxyError
+from sentinel.proxy.tier import ProxyRequest, Tier
+from sentinel.proxy.upstream import UpstreamError, UpstreamRequest, UpstreamResponse, drain
+
+ERROR_BODY_LIMIT = 64 * 1024  # an upstream error body kept for pass-through
+FULL_READ_LIMIT = 8 * 1024 * 1024  # non-SSE bodies up to this (with a length) are read whole
+# event-loop passes given to an upstream after a deadline's timer fired, before the
+# deadline fails the request: what the socket already holds is read and handled, so a
+# stall of Sentinel's own loop is never blamed on the upstream
+DEADLINE_GRACE_PASSES = 8
+
+
+def commit_kind(resp: UpstreamResponse) -> Literal["fail", "whole", "stream"]:
+    """How an upstream answer is taken: ``fail`` (5xx, 429: try the next tier), ``whole``
+    (a non-SSE body of known, bounded length: read whole, then answered) or ``stream``
+    (committed with its first body part, relayed part by part)."""
+    status = resp.status
+    if status >= 500 or status == 429:
+        return "fail"
+    cl = resp.content_length
+    if cl is not None and cl <= FULL_READ_LIMIT and "text/event-stream" not in resp.content_type:
+        return "whole"
+    return "stream"
+
+
+@dataclass(slots=True)
+class UpstreamFailure:
+    """An upstream's own error answer (5xx/429), relayed when no later tier serves."""
+
+    tier: str
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+class TierFailed(Exception):
+    """A tier did not answer: ``reason`` names why; ``health_failure`` says whether its
+    breaker hears of it; ``failure`` is its own error answer, if it gave one."""
+
+    def __init__(
+        self, reason: str, health_failure: bool, failure: UpstreamFailure | None = None
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.health_failure = health_failure
+        self.failure = failure
+
+
+class Opened:
+    """A committed upstream response: status and headers, and the first body bytes."""
+
+    __slots__ = ("tier", "resp", "first", "rest", "complete", "started", "counted", "_done")
+
+    def __init__(
+        self,
+        tier: Tier,
+        resp: UpstreamResponse,
+        first: bytes,
+        rest: Any,
+        complete: bool,
+        started: float,
+    ) -> None:
+        self.tier = tier
+        self.resp = resp
+        self.first = first
+        self.rest = rest  # async iterator of the remaining chunks, or None when complete
+        self.complete = complete
+        self.started = started
+        # the breaker was told of a success when this was opened: a whole answer, or
+        # a stream that was a half-open breaker's trial (its first bytes close it)
+        self.counted = False
+        self._done = False
+
+    def finish(self, upstream_failed: bool = False) -> None:
+        """Give the tier's slot back. A stream's outcome goes to the breaker here, once:
+        a failure on ``upstream_failed`` (it broke after it was committed), else a
+        success. (Only a half-open trial's stream, already counted as a success when
+        its first bytes closed the breaker, is counted again when it breaks.)"""
+        if self._done:
+            return
+        self._done = True
+        self.tier.release()
+        if upstream_failed:
+            self.tier.breaker.failure()
+        elif not self.counted:
+            self.tier.breaker.success()
+
+    def abort(self) -> None:
+        """Close the upstream connection now (the upstream cancels the request)."""
+        if not self.complete:
+            self.resp.abort()
+
+
+async def attempt(tier: Tier, req: ProxyRequest) -> Opened:
+    """``tier``'s committed answer by its first-byte deadline. The exchange runs as its
+    own task; when the deadline passes, the loop first gets a few passes to read what
+    the socket holds (see ``DEADLINE_GRACE_PASSES``) and only an exchange that still has
+    nothing is a ``first_byte_timeout``. The caller holds the tier's slot."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    ureq = tier.upstream_request(req)
+    deadline = tier.first_byte_deadline(req, started)
+    exchange = loop.create_task(_exchange(tier, started, ureq))
+    try:
+        while True:
+            if not exchange.done():
+                await _until(exchange, deadline)
+            if not exchange.done():
+                for _ in range(DEADLINE_GRACE_PASSES):
+                    await asyncio.sleep(0)
+                    if exchange.done():
+                        break
+            if exchange.done():
+                break
+            # the first byte is due ``first_byte_s`` after the request was written
+            sent = ureq.sent_at
+            later = deadline if sent is None else tier.first_byte_deadline(req, sent)
+            if later <= deadline or loop.time() >= later:
+                break
+            deadline = later
+    except BaseException:  # the request is cancelled (its client went away)
+        _drop(exchange)
+        raise
+    if exchange.done():
+        return exchange.result()  # an Opened, or the exchange's own TierFailed
+    _drop(exchange)
+    if loop.time() >= req.deadline:
+        raise ProxyError(504, "request timed out (proxy.request_timeout_s)", "request_timeout")
+    raise TierFailed("first_byte_timeout", health_failure=True)
+
+
+async def _exchange(tier: Tier, started: float, ureq: UpstreamRequest) -> Opened:
+    resp: UpstreamResponse | None = None
+    try:
+        resp = await tier.transport.send(ureq)
+        kind = commit_kind(resp)
+        if kind == "fail":
+            status = resp.status
+            body = await drain(resp, ERROR_BODY_LIMIT)
+            raise TierFailed(
+                "status_429" if status == 429 else "status_5xx",
+                health_failure=status != 429,
+                failure=UpstreamFailure(tier.name, status, resp.headers, body),
+            )
+        if kind == "whole":
+            first = await resp.read()
+            resp.release()
+            return Opened(tier, resp, first, None, True, started)
+        rest = resp.chunks()
+        try:
+            first = await anext(rest)
+        except StopAsyncIteration:
+            resp.release()
+            return Opened(tier, resp, b"", None, True, started)
+        return Opened(tier, resp, first, rest, False, started)
+    except UpstreamError as exc:
+        if resp is not None:
+            resp.abort()
+        raise TierFailed(exc.reason, health_failure=exc.upstream_fault) from exc
+    except TierFailed:
+        raise
+    except BaseException:
+        if resp is not None:
+            resp.abort()
+        raise
+
+
+async def _until(task: asyncio.Task[Opened], deadline: float) -> None:
+    """Wait until ``task`` is done or the loop time ``deadline`` has come, whichever is
+    first (``asyncio.wait`` with a timeout, at less cost per request)."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+    wake = functools.partial(_wake, waiter)
+    task.add_done_callback(wake)
+    timer = loop.call_at(deadline, wake)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        task.remove_done_callback(wake)
+
+
+def _wake(waiter: asyncio.Future[None], *_: object) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _retrieve(task: asyncio.Task[Opened]) -> None:
+    if not task.cancelled():
+        task.exception()  # an outcome nobody waits for any more: not an error to log
+
+
+def _drop(exchange: asyncio.Task[Opened]) -> None:
+    """Stop an exchange the request no longer waits for; an answer it already opened is
+    closed (its upstream cancels it). The slot is the caller's to give back."""
+    if not exchange.done():
+        exchange.cancel()
+        exchange.add_done_callback(_retrieve)
+        return
+    if not exchange.cancelled() and exchange.exception() is None:
+        exchange.result().abort()

@@ -1,0 +1,136 @@
+"""An upstream's answer as the raw HTTP client reads it (``RawResponse``): its status and
+headers, and its body handed on part by part as the connection reads it.
+
+- Body bytes are queued as they arrive, one item per network read (never merged);
+  reading the connection pauses when more than ``HIGH_WATER`` bytes wait for a slow
+  consumer and resumes below ``LOW_WATER`` (back-pressure).
+- The head's arrival, or the failure before it, resolves ``head_fut``; a failure after
+  it is raised to whoever reads the body next.
+- ``abort`` closes the connection, which makes the upstream cancel the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING
+
+from sentinel.proxy.upstream import UpstreamError
+
+if TYPE_CHECKING:
+    from sentinel.proxy.upstream_conn import UpstreamConnection
+
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+
+
+class RawResponse:
+    """An ``UpstreamResponse`` fed by its ``UpstreamConnection``."""
+
+    __slots__ = (
+        "conn",
+        "method",
+        "status",
+        "headers",
+        "content_length",
+        "content_type",
+        "head_fut",
+        "got_headers",
+        "chunked",
+        "done",
+        "error",
+        "_chunks",
+        "_buffered",
+        "_waiter",
+    )
+
+    def __init__(
+        self, conn: UpstreamConnection, method: str, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.conn = conn
+        self.method = method
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.content_length: int | None = None
+        self.content_type = ""
+        self.head_fut: asyncio.Future[None] = loop.create_future()
+        self.got_headers = False
+        self.chunked = False
+        self.done = False
+        self.error: UpstreamError | None = None
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def body_started(self) -> bool:
+        """Did any of the answer (its head, or body bytes) arrive?"""
+        return self.got_headers or bool(self._chunks)
+
+    # ---- fed by the connection ------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > HIGH_WATER:
+            self.conn.pause()
+        self._wake()
+
+    def finish(self) -> None:
+        self.done = True
+        self._wake()
+
+    def fail(self, err: UpstreamError) -> None:
+        self.error = err
+        self.done = True
+        if not self.head_fut.done():
+            self.head_fut.set_exception(err)
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    # ---- consumer side (UpstreamResponse) ---------------------------------------------
+    async def _next(self) -> bytes | None:
+        while True:
+            if self._chunks:
+                data = self._chunks.popleft()
+                self._buffered -= len(data)
+                if self._buffered < LOW_WATER:
+                    self.conn.resume()
+                return data
+            if self.error is not None:
+                raise self.error
+            if self.done:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+
+    async def read(self) -> bytes:
+        parts = []
+        while (data := await self._next()) is not None:
+            parts.append(data)
+        return b"".join(parts)
+
+    def chunks(self) -> RawResponse:
+        return self
+
+    def __aiter__(self) -> RawResponse:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data = await self._next()
+        if data is None:
+            raise StopAsyncIteration
+        return data
+
+    def release(self) -> None:
+        pass  # the connection went back to the pool when the message completed
+
+    def abort(self) -> None:
+        if not self.done:
+            self.done = True
+            self.conn.abort()
