@@ -73,6 +73,15 @@ class InferenceProbe:
         self._timed_out = False
 
     @property
+    def timed_out(self) -> bool:
+        """The last probe got no answer within ``timeout_s``."""
+        return self._timed_out
+
+    @property
+    def timeout_s(self) -> float:
+        return self._timeout_s
+
+    @property
     def unanswered(self) -> bool:
         """The engine holds a probe without answering: one is waiting now, or the last
         one timed out (between two probes of a hung engine)."""

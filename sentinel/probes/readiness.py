@@ -52,6 +52,8 @@ def evaluate_readiness(status: EngineStatus, cfg: ProbesConfig, now: float) -> t
             checks["inference_probe"] = _check(
                 False, f"last success {age:.1f}s ago, older than freshness_s={cfg.freshness_s:g}"
             )
+        elif probe.detail:  # passed without an answer: the engine was busy (runner)
+            checks["inference_probe"] = _check(True, f"{probe.detail} ({age:.1f}s ago)")
         else:
             latency = f" in {probe.latency_s * 1000:.0f} ms" if probe.latency_s is not None else ""
             checks["inference_probe"] = _check(True, f"succeeded {age:.1f}s ago{latency}")

@@ -144,11 +144,52 @@ class ProbeRunner:
         if self.status.lifecycle not in _PROBED:
             return None
         gen = self._gen
-        result = await self.probe.run(self.engine.engine_base_url)
+        url = self.engine.engine_base_url
+        # the engine's counters as the probe goes out (read beside it, not before it):
+        # were tokens computed while a probe waited, it waited behind the engine's load
+        counters = None
+        if self.first_inference_at is not None:
+            counters = asyncio.ensure_future(self.scraper.scrape(url, gen))
+        try:
+            result = await self.probe.run(url)
+        except BaseException:
+            if counters is not None:
+                counters.cancel()
+            raise
+        before = _work_done((await counters) or {}) if counters is not None else None
         if self.status.generation != gen or self.status.lifecycle not in _PROBED:
             return None  # the generation probed is gone; its result means nothing now
+        if self.probe.timed_out and before is not None:
+            result = await self._busy_or_failed(result, before, gen)
+            if self.status.generation != gen:
+                return None
         self._record(result)
         return result
+
+    async def _busy_or_failed(self, result: ProbeResult, before: float, gen: int) -> ProbeResult:
+        """A probe that timed out behind the engine's own load is not a hung engine: when
+        a fresh look at the engine's counters shows tokens computed since the probe was
+        sent, the engine is busy and can serve (requests queue), so the probe counts as
+        passed, saying so. A hung engine computes nothing: the timeout stands (and the
+        stall detector sees the unanswered probe as a running request)."""
+        values = await self.scraper.scrape(self.engine.engine_base_url, gen)
+        if values is None or self.status.generation != gen:
+            return result
+        self.status.set_engine_metrics(values)
+        self._observe_progress(values)
+        after = _work_done(values)
+        if after is None or after <= before or self.status.stalled_reason:
+            return result
+        return ProbeResult(
+            name=result.name,
+            ok=True,
+            at=result.at,
+            latency_s=result.latency_s,
+            detail=(
+                f"busy: no answer within {self.probe.timeout_s:g}s behind the engine's own "
+                f"load, but it computed {after - before:.0f} tokens meanwhile"
+            ),
+        )
 
     async def scrape_once(self) -> None:
         self.sync_generation()
@@ -289,10 +330,9 @@ class ProbeRunner:
 
     def _observe_progress(self, values: dict[str, Any]) -> None:
         running = values.get(RUNNING)
-        tokens = values.get(GENERATION_TOKENS)
+        tokens = _work_done(values)
         if running is None or tokens is None:
             return  # an engine without these series: no stall detection
-        tokens += values.get(PROMPT_TOKENS, 0.0)
         # vLLM's running gauge is fed by the engine core and freezes with it, at times
         # before it counted the requests just handed over. The inference probe is a
         # request of Sentinel's own: unanswered by an engine that has answered one
@@ -306,3 +346,12 @@ class ProbeRunner:
             else:
                 log.info("engine progressing again", generation=self.status.generation)
             self.status.set_stalled(reason)
+
+
+def _work_done(values: dict[str, Any]) -> float | None:
+    """Tokens the engine has computed (prompt + generated), from its counters; None when
+    the engine exports no such series."""
+    tokens = values.get(GENERATION_TOKENS)
+    if tokens is None:
+        return None
+    return tokens + values.get(PROMPT_TOKENS, 0.0)

@@ -302,6 +302,32 @@ def test_a_loading_engine_that_times_the_probe_out_is_not_stalled(engine):
     in_loop(runner, go)
 
 
+def test_a_probe_timed_out_behind_the_engines_own_load_is_busy_not_a_failure(engine):
+    """Under a burst the probe's completion waits behind the engine's own requests: when
+    tokens were computed while it waited, the engine is busy and stays ready (the probe
+    passes, saying so); with no tokens computed, the timeout stands."""
+    clock = Clock()
+    status, _, runner = make(engine, clock, timeout_s=0.2, freshness_s=100)
+    status.new_generation()
+
+    async def go():
+        assert (await runner.probe_once()).ok
+        engine.mode["metrics"] = vllm_metrics(running=8, generation=500)
+        engine.mode["delay"] = 5.0  # the probe waits behind 8 long requests
+        later = vllm_metrics(running=8, generation=900)  # while tokens flow
+        asyncio.get_running_loop().call_later(0.1, engine.mode.update, {"metrics": later})
+        busy = await runner.probe_once()
+        assert busy is not None and busy.ok and "busy" in busy.detail, busy
+        ready, checks = runner.evaluate()
+        assert ready and "400 tokens" in checks["inference_probe"]["detail"], checks
+        hung = await runner.probe_once()  # counters frozen at 900 since the last look
+        assert hung is not None and not hung.ok and "timed out" in hung.detail, hung
+        ready, checks = runner.evaluate()
+        assert not ready and "timed out" in checks["inference_probe"]["detail"]
+
+    in_loop(runner, go)
+
+
 def test_stall_report_only_never_restarts(engine):
     clock = Clock()
     status, control, runner = make(engine, clock, stall_window_s=1)  # on_stall: report
