@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from sentinel.config.schema import PayloadLogConfig, ProxyConfig
-from sentinel.proxy.http1 import HttpConnection, HttpLimits
+from sentinel.proxy.http1.connection import HttpConnection
+from sentinel.proxy.http1.limits import HttpLimits
 from sentinel.proxy.service import ProxyService
 from sentinel.proxy.upstream import UpstreamRequest
 from sentinel.state import EngineStatus

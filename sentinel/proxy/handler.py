@@ -22,7 +22,7 @@ from sentinel.payloads.log import PayloadLog
 from sentinel.proxy.attempt import UpstreamFailure
 from sentinel.proxy.chain import Chain, Exhausted
 from sentinel.proxy.errors import ProxyError
-from sentinel.proxy.http1 import Request, Response
+from sentinel.proxy.http1.response import Request, Response
 from sentinel.proxy.metrics import ProxyMetrics
 from sentinel.proxy.relay import meta_headers, relay, relayed_headers
 from sentinel.proxy.request import RequestPolicy, request_id
@@ -33,7 +33,7 @@ log = get_logger(__name__)
 # Client authentication (``sentinel.proxy.auth.Authenticator.check``): given a request's
 # headers (lower-case names), the client key's id, or a ProxyError 401. Called before
 # anything else about the request is looked at; None: no check.
-Authenticator = Callable[[list[tuple[bytes, bytes]]], "str | None"]
+Authenticate = Callable[[list[tuple[bytes, bytes]]], "str | None"]
 
 
 class ProxyHandler:
@@ -43,7 +43,7 @@ class ProxyHandler:
         chain: Chain,
         metrics: ProxyMetrics,
         payloads: PayloadLog | None = None,
-        authenticate: Authenticator | None = None,
+        authenticate: Authenticate | None = None,
     ) -> None:
         self.cfg = cfg
         self.chain = chain

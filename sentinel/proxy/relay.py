@@ -18,7 +18,7 @@ import time
 from sentinel.payloads.exchange import Exchange
 from sentinel.proxy.attempt import Opened
 from sentinel.proxy.errors import sse_error_event
-from sentinel.proxy.http1 import Response
+from sentinel.proxy.http1.response import Response
 from sentinel.proxy.metrics import ProxyMetrics
 from sentinel.proxy.request import DROP_RESPONSE_HEADERS
 from sentinel.proxy.tier import ProxyRequest, Tier

@@ -18,7 +18,8 @@ from sentinel.proxy.auth import Authenticator
 from sentinel.proxy.breaker import BreakerState
 from sentinel.proxy.chain import Chain
 from sentinel.proxy.handler import ProxyHandler
-from sentinel.proxy.http1 import HttpLimits, HttpServer, ProxyBindError
+from sentinel.proxy.http1.limits import HttpLimits
+from sentinel.proxy.http1.server import HttpServer, ProxyBindError
 from sentinel.proxy.metrics import ProxyMetrics
 from sentinel.proxy.rawhttp import RawTransport
 from sentinel.proxy.request import new_request_id

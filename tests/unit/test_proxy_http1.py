@@ -588,7 +588,7 @@ def test_a_client_that_pipelines_without_reading_gets_no_new_answers_made() -> N
     import asyncio
 
     from fuzz.request_path import FakeSocket, _Server
-    from sentinel.proxy.http1 import MAX_PIPELINED, HttpConnection
+    from sentinel.proxy.http1.connection import MAX_PIPELINED, HttpConnection
 
     handled: list[bytes] = []
 

@@ -1,0 +1,18 @@
+"""The traffic port's HTTP/1.1 server: our own, on httptools' public parser API
+(``httptools.HttpRequestParser`` and its callbacks). Parsing stays in llhttp; these
+modules own everything else about a client connection, one job each:
+
+- ``limits``: ``HttpLimits``, what a hostile client meets (request line, header bytes
+  and count, body size, header / body / idle keep-alive timeouts, open connections);
+- ``response``: ``Request`` (one whole request as read) and ``Response`` (framing of
+  the one answer to it: a whole body with its length, or a chunked stream; status lines);
+- ``refusals``: what the connection refuses itself (a limit, a timeout, bad framing)
+  and the message naming the limit's config key;
+- ``connection``: ``HttpConnection``, the asyncio protocol of one client connection and
+  the one class that owns its flow control: parsing, limits, timers, keep-alive,
+  pipelining order and flow control in both directions;
+- ``server``: ``HttpServer`` (bind, the cap on open connections, serve, stop),
+  ``ServerEvents`` (what it counts) and ``ProxyBindError``.
+
+Import names from the module that owns them (``sentinel.proxy.http1.server`` ...).
+"""

@@ -1,0 +1,112 @@
+"""One request as the connection hands it over (``Request``, whole: head and body) and
+the one response to it (``Response``): framing (a whole body with its length, or a
+chunked stream; for HTTP/1.0 a body that runs to the close), status lines, and the
+``connection: close`` a response carries when the connection ends after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sentinel.proxy.http1.connection import HttpConnection
+
+
+class Request:
+    """One whole client request. ``target`` is the raw request target (path and query)
+    as sent; header names are lower-case bytes."""
+
+    __slots__ = ("method", "target", "headers", "body", "keep_alive", "version", "_parts", "_size")
+
+    def __init__(self) -> None:
+        self.method = ""
+        self.target = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = b""
+        self.keep_alive = True
+        self.version = "1.1"
+        self._parts: list[bytes] = []
+        self._size = 0
+
+
+Handler = Callable[[Request, "Response"], Awaitable[None]]
+
+
+def status_line(status: int) -> bytes:
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    return b"HTTP/1.1 %d %s\r\n" % (status, phrase.encode())
+
+
+STATUS_LINES = {s.value: status_line(s.value) for s in HTTPStatus}
+
+
+class Response:
+    """The one response to one request, written onto its connection: ``whole`` (a body
+    of known length, head and body in one write) or ``start`` / ``write`` / ``end``
+    (a stream, chunked for HTTP/1.1 clients; for HTTP/1.0 the body runs to the close).
+    A writer of a stream awaits ``drain`` when ``paused`` (the client is behind)."""
+
+    __slots__ = ("_conn", "_keep_alive", "_chunked", "started", "ended", "gone")
+
+    def __init__(self, conn: HttpConnection, req: Request) -> None:
+        self._conn = conn
+        # a HEAD request's answer is closed after (its body would be read as the next)
+        self._keep_alive = req.keep_alive and req.method != "HEAD"
+        self._chunked = req.version == "1.1"
+        self.started = False
+        self.ended = False
+        self.gone = False  # the client went away before the response ended
+
+    def _head(self, status: int, headers: list[tuple[bytes, bytes]], framing: bytes) -> bytes:
+        line = STATUS_LINES.get(status) or status_line(status)
+        parts = [line]
+        for k, v in headers:
+            parts.append(k + b": " + v + b"\r\n")
+        parts.append(framing)
+        if not self._keep_alive or self._conn.closing:
+            self._keep_alive = False
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        if self.started:
+            raise RuntimeError("response already started")
+        self.started = self.ended = True
+        head = self._head(status, headers, b"content-length: %d\r\n" % len(body))
+        self._conn.write(head + body)
+
+    def start(self, status: int, headers: list[tuple[bytes, bytes]], first: bytes) -> None:
+        if self.started:
+            raise RuntimeError("response already started")
+        self.started = True
+        if self._chunked:
+            head = self._head(status, headers, b"transfer-encoding: chunked\r\n")
+            if first:
+                head += b"%x\r\n%b\r\n" % (len(first), first)
+            self._conn.write(head)
+        else:
+            self._keep_alive = False  # an HTTP/1.0 body without length ends with the close
+            self._conn.write(self._head(status, headers, b"") + first)
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self._conn.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+
+    def end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            if self._chunked:
+                self._conn.write(b"0\r\n\r\n")
+
+    @property
+    def paused(self) -> bool:
+        return self._conn.write_paused
+
+    async def drain(self) -> None:
+        await self._conn.drain()
