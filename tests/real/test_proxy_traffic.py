@@ -267,29 +267,37 @@ def test_a_frozen_engine_mid_stream_ends_the_stream_with_an_sse_error(sp: Sentin
     event about IDLE_S later, and the idle timeout is counted. The API server is stopped
     with EngineCore and Worker: on this CPU the tiny model generates a whole answer
     (240 tokens) in about 0.1 s, ahead of the API server's streaming, so with only
-    EngineCore and Worker stopped the API server would still send what they made."""
+    EngineCore and Worker stopped the API server would still send what they made. Even
+    so, on a busy machine the whole answer can reach the client's socket before the
+    signal lands: such a stream was never frozen (it ends with [DONE]), and a new one is
+    tried, up to 5; what is asserted is asserted once, on the stream that was frozen."""
     pids = _pids(sp, ("engine_core", "worker", "api_server"))
     assert len(pids) >= 3, sp.engine_processes_by_role()
     body = {**BODY, "max_tokens": 240, "ignore_eos": True, "stream": True}
-    events: list[str] = []
-    stopped_at: float | None = None
-    try:
-        with httpx.stream("POST", sp.proxy_url + "/v1/completions", json=body, timeout=60) as r:
-            assert r.status_code == 200
-            for line in r.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                events.append(line)
-                if stopped_at is None:
-                    for pid in pids:
-                        os.kill(pid, signal.SIGSTOP)
-                    stopped_at = time.monotonic()
-        ended = time.monotonic()
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+    tries = 0
+    while True:
+        tries += 1
+        events: list[str] = []
+        stopped_at: float | None = None
+        try:
+            with httpx.stream("POST", sp.proxy_url + "/v1/completions", json=body, timeout=60) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    events.append(line)
+                    if stopped_at is None:
+                        for pid in pids:
+                            os.kill(pid, signal.SIGSTOP)
+                        stopped_at = time.monotonic()
+            ended = time.monotonic()
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        if "data: [DONE]" not in events or tries == 5:
+            break
+    assert "data: [DONE]" not in events, f"5 streams ended before the freeze: {len(events)}"
     assert stopped_at is not None
-    assert "data: [DONE]" not in events, f"the stream ended before the freeze: {len(events)}"
     last = json.loads(events[-1].removeprefix("data: "))
     assert last["error"]["code"] == "stream_idle_timeout", events[-3:]
     assert IDLE_S - 0.5 <= ended - stopped_at <= IDLE_S + 5, ended - stopped_at
