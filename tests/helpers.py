@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psutil
 
@@ -69,6 +70,17 @@ def is_guard(proc: object) -> bool:
         return any(a.endswith("guard.py") for a in proc.cmdline()[:4])  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - gone, or not readable: not the guard
         return False
+
+
+def json_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of a log file, parsed (other lines skipped)."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
 
 
 def live_fakes(tag: str, piddir: Path | None = None) -> list[psutil.Process]:

@@ -9,7 +9,7 @@ import time
 
 from sentinel.engine import diagnose as dx
 from sentinel.engine import proctree
-from sentinel.engine.generation import signame
+from sentinel.engine.generation import Generation, signame
 from sentinel.logs import get_logger
 from sentinel.state import Lifecycle
 
@@ -31,18 +31,7 @@ class CommandsMixin:
         self._launch_at = None
         name = signame(sig)
         log.info("stopping", signal=name, grace_s=grace_s)
-        self.status.set_lifecycle(Lifecycle.draining)
-        cur = self._current
-        if cur is not None:
-            await self._end_generation(
-                cur,
-                grace_s,
-                forced=("stopped", f"stopped on {name}"),
-                escalate=lambda: self._stop_requests > 1,
-                api_server_first=True,
-            )
-        await self._ensure_no_leftovers()
-        self.status.set_lifecycle(Lifecycle.stopped)
+        cur = await self._stop_engine(grace_s, f"stopped on {name}")
         if cur is not None:
             code = proctree.exit_code_for_shell(cur.exit_code)
             if drained and cur.exit_code == -signal.SIGKILL and self._stop_requests == 1:
@@ -103,18 +92,25 @@ class CommandsMixin:
         self._parked = True
         self._launch_at = None
         log.info("stopping the engine for a preemption notice", grace_s=grace_s)
+        await self._stop_engine(grace_s, "stopped for a preemption notice")
+
+    async def _stop_engine(self, grace_s: float, why: str) -> Generation | None:
+        """Draining -> end the current generation (TERM to the API server first, within
+        grace_s; a second stop request cuts the grace) -> kill leftovers -> stopped.
+        Returns the generation that was current."""
         self.status.set_lifecycle(Lifecycle.draining)
         cur = self._current
         if cur is not None:
             await self._end_generation(
                 cur,
                 grace_s,
-                forced=("stopped", "stopped for a preemption notice"),
+                forced=("stopped", why),
                 escalate=lambda: self._stop_requests > 1,
                 api_server_first=True,
             )
         await self._ensure_no_leftovers()
         self.status.set_lifecycle(Lifecycle.stopped)
+        return cur
 
     async def _preserve_evidence(self, reason: str, detail: str) -> None:
         """Await the evidence hook (dumps, snapshot) before a restart for a hang, bounded

@@ -6,7 +6,6 @@ cases (exit statuses, crash loop, zombies, PID 1, tini) in seconds."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -21,7 +20,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.helpers import free_port, is_guard, live_fakes, wait_for
+from tests.helpers import free_port, is_guard, json_records, live_fakes, wait_for
 
 FAKE = Path(__file__).with_name("test_engine_fake.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,13 +77,7 @@ class Run:
         _RUNS.append(self)
 
     def records(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
+        return json_records(self.log_path)
 
     def events(self, name: str) -> list[dict[str, Any]]:
         return [r for r in self.records() if r.get("event") == name]
