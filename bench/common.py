@@ -3,12 +3,14 @@ GPU copy loop as background load, and the CPU time a hypervisor steals."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, TypeVar
 
 import psutil
 
@@ -16,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ROOT / "var" / "tiny-model"
 COPY_LOOP = ROOT / "tests" / "gpu" / "copy_loop.py"
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+T = TypeVar("T")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -119,6 +122,20 @@ def engine_available() -> bool:
     return (TINY_MODEL / "model.safetensors").exists()
 
 
+def wait_for(
+    predicate: Callable[[], T], timeout: float, interval: float = 0.1, what: str = "condition"
+) -> T:
+    """Poll until predicate() is truthy; return its value or raise RuntimeError."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise RuntimeError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
 def free_port() -> int:
     import socket
 
@@ -134,17 +151,19 @@ class SentinelRun:
     def __init__(self, tmp: Path, overrides: dict[str, dict[str, object]] | None = None):
         import yaml
 
-        self.engine_port, ops_port, proxy_port = free_port(), free_port(), free_port()
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.engine_port, self.ops_port, self.proxy_port = free_port(), free_port(), free_port()
         cfg: dict[str, dict[str, object]] = {
             "engine": {
                 "model": str(TINY_MODEL), "served_model_name": "tiny", "port": self.engine_port,
                 "args": list(ENGINE_ARGS),
                 "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
             },
-            "ops": {"host": "127.0.0.1", "port": ops_port},
-            "proxy": {"host": "127.0.0.1", "port": proxy_port},
+            "ops": {"host": "127.0.0.1", "port": self.ops_port},
+            "proxy": {"host": "127.0.0.1", "port": self.proxy_port},
             "payload_log": {"dir": str(tmp / "payloads")},
             "logging": {"format": "json"},
+            "lifecycle": {"runtime_dir": str(tmp / "run")},
         }  # fmt: skip
         for section, values in (overrides or {}).items():
             cfg.setdefault(section, {}).update(values)
@@ -170,6 +189,30 @@ class SentinelRun:
                 self.proc.kill()
                 self.proc.wait(10)
         return self.proc.returncode
+
+    @property
+    def ops_url(self) -> str:
+        return f"http://127.0.0.1:{self.ops_port}"
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.proxy_port}"
+
+    def get(self, path: str, timeout: float = 5) -> Any:
+        """GET on the ops port (an httpx.Response)."""
+        import httpx
+
+        return httpx.get(self.ops_url + path, timeout=timeout)
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """Sentinel's JSON log lines, parsed (other lines skipped)."""
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
 
     def sentinel_pid(self) -> int:
         assert self.proc is not None

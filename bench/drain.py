@@ -23,8 +23,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.helpers import wait_for
-from tests.real.harness import ENGINE_ARGS, SentinelProcess, engine_available
+from bench.common import ENGINE_ARGS, SentinelRun, engine_available, wait_for
 
 
 def _alive(p: psutil.Process) -> bool:
@@ -34,7 +33,7 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
-def _events(s: SentinelProcess, t_sig: float) -> None:
+def _events(s: SentinelRun, t_sig: float) -> None:
     """Where the time after the signal went, from Sentinel's log (wall clock)."""
     import datetime
 
@@ -58,10 +57,11 @@ def _events(s: SentinelProcess, t_sig: float) -> None:
 
 def one_run(streams: int, max_tokens: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bench-drain-") as tmp:
-        s = SentinelProcess(
+        s = SentinelRun(
             Path(tmp),
             {
                 "lifecycle": {"drain_timeout_s": 120},
+                "supervisor": {"stop_grace_s": 15.0},
                 # a busy 2-core machine: keep the probes from flapping readiness
                 "probes": {"interval_s": 2.0, "timeout_s": 10.0, "freshness_s": 30.0},
                 "logging": {"engine_lines": False},

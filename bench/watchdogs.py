@@ -25,12 +25,12 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.real.harness import ENGINE_ARGS, SentinelProcess, engine_available, role_of
+from bench.common import ENGINE_ARGS, SentinelRun, engine_available, role_of
 
 TOKEN = "bench-admin-token-0123456789abcdef"
 
 
-def _engine_cpu(s: SentinelProcess) -> dict[str, float]:
+def _engine_cpu(s: SentinelRun) -> dict[str, float]:
     """CPU seconds (user + system) of the engine's processes, by role."""
     out: dict[str, float] = {}
     for p in s.engine_tree():
@@ -44,7 +44,7 @@ def _engine_cpu(s: SentinelProcess) -> dict[str, float]:
 
 
 def _round(
-    s: SentinelProcess, n: int, client: httpx.Client, by_role: dict[str, list[float]]
+    s: SentinelRun, n: int, client: httpx.Client, by_role: dict[str, list[float]]
 ) -> tuple[float, float]:
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 16, "ignore_eos": True}
     cpu0, t0 = _engine_cpu(s), time.perf_counter()
@@ -58,7 +58,7 @@ def _round(
     return n / wall, (sum(cpu1.values()) - sum(cpu0.values())) / n
 
 
-def _metric(s: SentinelProcess, name: str) -> float:
+def _metric(s: SentinelRun, name: str) -> float:
     total = 0.0
     for line in s.get("/metrics").text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
@@ -84,13 +84,15 @@ def main() -> None:
     (tmp / "token").write_text(TOKEN)
     common = {
         "engine": {"args": list(ENGINE_ARGS)},
+        "supervisor": {"stop_grace_s": 15.0},
+        "probes": {"interval_s": 1.0, "timeout_s": 2.0, "freshness_s": 4.0},
         "ops": {"admin": {"token_file": str(tmp / "token")}},
         "proxy": {"enabled": False},
         "payload_log": {"enabled": False},
         "logging": {"engine_lines": False},
     }
     sents = {
-        "agent": SentinelProcess(
+        "agent": SentinelRun(
             tmp / "agent",
             {
                 **common,
@@ -98,7 +100,7 @@ def main() -> None:
                 "watchdogs": {"agent": {"enabled": not args.control}},
             },
         ),
-        "no_agent": SentinelProcess(
+        "no_agent": SentinelRun(
             tmp / "no_agent",
             {
                 **common,

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
 
 T = TypeVar("T")
 
@@ -66,3 +70,49 @@ def is_guard(proc: object) -> bool:
         return any(a.endswith("guard.py") for a in proc.cmdline()[:4])  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - gone, or not readable: not the guard
         return False
+
+
+def json_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of a log file, parsed (other lines skipped)."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def live_fakes(tag: str, piddir: Path | None = None) -> list[psutil.Process]:
+    """Live processes of a fake engine (tests/unit/test_engine_fake.py), orphans too: those
+    whose environment holds FAKE_TAG=tag (the API server) and those registered in piddir
+    (FAKE_PIDDIR; the retitled EngineCore and Worker, whose environ setproctitle clobbers).
+    A pidfile counts only while its pid still has the recorded start time (no reused pid)."""
+    from sentinel.engine.runstate import start_ticks
+
+    found: dict[int, psutil.Process] = {}
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("FAKE_TAG") == tag:
+                found[p.pid] = p
+        except psutil.Error:
+            continue
+    if piddir is not None and piddir.is_dir():
+        for f in piddir.iterdir():
+            try:
+                pid, ticks = int(f.name), int(f.read_bytes())
+            except (OSError, ValueError):
+                continue
+            if start_ticks(pid) == ticks and pid not in found:
+                try:
+                    found[pid] = psutil.Process(pid)
+                except psutil.Error:
+                    continue
+    out = []
+    for p in found.values():
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out

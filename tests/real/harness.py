@@ -7,7 +7,6 @@ offers the calls the tests need (ops endpoints, completions, the process tree).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,7 +19,7 @@ import httpx
 import psutil
 import yaml
 
-from tests.helpers import free_port, is_guard, wait_for
+from tests.helpers import free_port, is_guard, json_records, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL = ROOT / "var" / "tiny-model"
@@ -146,13 +145,7 @@ class SentinelProcess:
         return self.log_path.read_text(errors="replace")
 
     def log_records(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
+        return json_records(self.log_path)
 
     def get(self, path: str, base: str | None = None, timeout: float = 5) -> httpx.Response:
         return httpx.get((base or self.ops_url) + path, timeout=timeout)

@@ -10,6 +10,12 @@ Modes:
   orphan       start the children, then exit 3 leaving them behind
   zombies      start 5 short-lived double-forked grandchildren, then serve
   hang         start the children but never answer HTTP (never loads)
+
+With FAKE_PIDDIR set, every fake process (API server, EngineCore, Worker) writes
+``FAKE_PIDDIR/<pid>`` holding its start time in clock ticks before it retitles itself
+(setproctitle overwrites /proc/PID/environ, so a tag in the environment cannot find the
+EngineCore and Worker): the tests find leftovers, orphans included, with
+``tests.helpers.live_fakes``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,17 @@ def say(role: str, text: str) -> None:
     # one write per line: the API server, EngineCore and Worker share the pipe, and print()
     # unbuffered writes the text and its newline separately (lines would interleave)
     os.write(1, f"({role} pid={os.getpid()}) INFO 11-21 15:00:00 [fake.py:1] {text}\n".encode())
+
+
+def register() -> None:
+    """Leave FAKE_PIDDIR/<pid> = start ticks (/proc/self/stat field 22), if asked to."""
+    piddir = os.environ.get("FAKE_PIDDIR")
+    if not piddir:
+        return
+    with open("/proc/self/stat", "rb") as f:
+        ticks = f.read().rsplit(b")", 1)[1].split()[19]
+    with open(os.path.join(piddir, str(os.getpid())), "wb") as f:
+        f.write(ticks)
 
 
 def retitle(title: str) -> None:
@@ -50,9 +67,11 @@ def on_term(role: str, delay: float) -> None:
 def child_tree() -> None:
     """Fork EngineCore -> Worker; both sleep until TERM/KILL."""
     if os.fork() == 0:
+        register()
         retitle("VLLM::EngineCore")
         signal.signal(signal.SIGTERM, lambda *_: on_term("EngineCore", 0.0))
         if os.fork() == 0:
+            register()
             retitle("VLLM::Worker")
             signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
             say("Worker", "worker up")
@@ -117,6 +136,7 @@ def serve(port: int) -> None:
 
 def main() -> None:
     mode, port = sys.argv[1], int(sys.argv[2])
+    register()
     say("APIServer", f"fake engine mode={mode}")
     if mode == "crash":
         print("Traceback (most recent call last):", file=sys.stderr)

@@ -5,7 +5,7 @@ cases (exit statuses, crash loop, zombies, PID 1, tini) in seconds."""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import shutil
 import signal
@@ -20,7 +20,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.helpers import free_port, is_guard, wait_for
+from tests.helpers import free_port, is_guard, json_records, live_fakes, wait_for
 
 FAKE = Path(__file__).with_name("test_engine_fake.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,8 +36,11 @@ class Run:
         wrapper: list[str] | None = None,
     ) -> None:
         self.port = free_port()
+        self.piddir = tmp / "fakes"  # each fake process registers itself here
+        self.piddir.mkdir()
+        env = {"FAKE_TAG": str(self.port), "FAKE_PIDDIR": str(self.piddir)}
         cfg = {
-            "engine": {"port": self.port, "env": {"FAKE_TAG": str(self.port)}},
+            "engine": {"port": self.port, "env": env},
             "supervisor": {
                 "backoff_initial_s": 0.2,
                 "backoff_max_s": 1.0,
@@ -74,27 +77,14 @@ class Run:
         _RUNS.append(self)
 
     def records(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
+        return json_records(self.log_path)
 
     def events(self, name: str) -> list[dict[str, Any]]:
         return [r for r in self.records() if r.get("event") == name]
 
     def fakes(self) -> list[psutil.Process]:
         """Every live fake-engine process of this run anywhere on the machine (orphans too)."""
-        out = []
-        for p in psutil.process_iter():
-            try:
-                if p.environ().get("FAKE_TAG") == str(self.port) and _alive(p):
-                    out.append(p)
-            except psutil.Error:
-                continue
-        return out
+        return live_fakes(str(self.port), self.piddir)
 
     def wait_started(self, generation: int = 1, timeout: float = 60) -> dict[str, Any]:
         return wait_for(
@@ -122,16 +112,24 @@ _RUNS: list[Run] = []
 
 @pytest.fixture(autouse=True)
 def _no_leftovers() -> Iterator[None]:
-    """A failed test must not leave its Sentinel or fake engine running."""
+    """No Sentinel or fake engine survives a test; a fake that outlived a Sentinel which
+    exited on its own (run.stop()) fails the test, as in tests/real."""
     yield
+    leaks = []
     while _RUNS:
         run = _RUNS.pop()
-        if run.proc.poll() is None:
+        exited = run.proc.poll() is not None
+        if not exited:  # the test failed before stopping it: clean up, blame nothing more
             run.proc.kill()
             run.proc.wait(10)
         for p in run.fakes():
-            p.kill()
+            if exited:
+                with contextlib.suppress(psutil.Error):
+                    leaks.append((p.pid, p.name()))
+            with contextlib.suppress(psutil.Error):
+                p.kill()
         run._log.close()
+    assert not leaks, f"fake engine processes outlived their Sentinel: {leaks}"
 
 
 def _alive(p: psutil.Process) -> bool:

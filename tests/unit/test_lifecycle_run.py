@@ -21,7 +21,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.helpers import free_port, is_guard, wait_for
+from tests.helpers import free_port, is_guard, json_records, live_fakes, wait_for
 
 FAKE = Path(__file__).with_name("test_engine_fake.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,8 +43,11 @@ class LRun:
         self.port = engine_port or free_port()
         self.ops_port, self.proxy_port = free_port(), free_port()
         (tmp / "token").write_text(TOKEN)
+        self.piddir = tmp / "fakes"  # each fake process registers itself here
+        self.piddir.mkdir(exist_ok=True)
+        fake_env = {"FAKE_TAG": str(self.port), "FAKE_PIDDIR": str(self.piddir), **(env or {})}
         self.cfg: dict[str, Any] = {
-            "engine": {"port": self.port, "env": {"FAKE_TAG": str(self.port), **(env or {})}},
+            "engine": {"port": self.port, "env": fake_env},
             "supervisor": {"backoff_initial_s": 0.2, "stop_grace_s": 5.0, "kill_grace_s": 0.5},
             "probes": {"interval_s": 0.2, "timeout_s": 2.0, "freshness_s": 2.0},
             "ops": {
@@ -78,13 +81,7 @@ class LRun:
         return f"http://127.0.0.1:{self.proxy_port}"
 
     def records(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
+        return json_records(self.log_path)
 
     def events(self, name: str) -> list[dict[str, Any]]:
         return [r for r in self.records() if r.get("event") == name]
@@ -104,9 +101,9 @@ class LRun:
         wait_for(ready, timeout, interval=0.1, what=f"ready\n{self.tail()}")
 
     def fakes(self) -> list[psutil.Process]:
-        """Live fake-engine processes found by their environment (the API server; the
-        retitled EngineCore and Worker overwrite theirs) plus Sentinel's engine tree."""
-        procs = {p.pid: p for p in fakes_tagged(str(self.port))}
+        """Live fake-engine processes anywhere (tests.helpers.live_fakes: by environment
+        and by pidfile, orphans too) plus Sentinel's engine tree."""
+        procs = {p.pid: p for p in live_fakes(str(self.port), self.piddir)}
         try:
             for p in psutil.Process(self.proc.pid).children(recursive=True):
                 if not is_guard(p) and alive(p):
@@ -137,17 +134,6 @@ class LRun:
 
     def admin(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self.cli(*args, "--config", str(self.config_path))
-
-
-def fakes_tagged(tag: str) -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("FAKE_TAG") == tag and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.Error:
-            continue
-    return out
 
 
 def alive(p: psutil.Process) -> bool:
