@@ -345,31 +345,3 @@ def test_sigstopped_engine_is_dumped_before_it_is_replaced(watched: Watched) -> 
     for t in streams:
         t.join(30)
     s.wait_serving()
-
-
-def test_failing_agent_never_stops_the_engine(sentinel_factory: SentinelFactory) -> None:
-    s = sentinel_factory(
-        {
-            "engine": {
-                "env": {
-                    "SENTINEL_AGENT_TEST_CONTROL": "/nonexistent",
-                    "SENTINEL_AGENT_TEST_FAIL": "callback",
-                },
-                "args": list(ENGINE_ARGS),
-            }
-        },
-        name="failing-agent",
-    )
-    s.wait_serving()
-    assert s.serves()
-
-    def disabled() -> list[dict[str, Any]]:
-        return [p for p in s.status()["watchdogs"]["gc"]["processes"] if p["disabled"]]
-
-    dis = wait_for(disabled, 30, interval=0.5, what="the agents' disabled reports")
-    assert "on purpose" in dis[0]["disabled"]
-    warned = [
-        r for r in s.log_records() if r.get("event", "").startswith("watchdog agent disabled")
-    ]
-    assert len({r["pid"] for r in warned}) == len(warned)  # once per process
-    assert s.serves()
