@@ -259,10 +259,12 @@ def test_client_disconnect_frees_the_engine_promptly(stack: Any) -> None:
         what="vllm:num_requests_running back to 0",
     )
     print(f"engine freed {time.monotonic() - t0:.3f}s after the client left")
-    # cancelled, not finished: far fewer tokens generated than the 64 x 240 asked for
+    # cancelled, not finished: fewer tokens generated than the 64 x 240 asked for (with
+    # ignore_eos an uncancelled request makes all of them; the tiny model makes them in
+    # about 1.5 s on both cores, so how many came before the cancel is a matter of time)
     time.sleep(1.0)
     generated = _engine_sum(sp, "vllm:generation_tokens_total") - tokens0
-    assert generated < 64 * 240 * 0.5, generated
+    assert generated < 64 * 240, generated
 
 
 # ---- admission ----------------------------------------------------------------------------
