@@ -29,6 +29,7 @@ class Sentinel:
     """Owns every component for one `sentinel run`."""
 
     def __init__(self, cfg: SentinelConfig, log_ring: LogRing | None = None) -> None:
+        from sentinel.engine.attach import AttachedEngine
         from sentinel.engine.command import secret_env_names
         from sentinel.engine.supervisor import Supervisor
 
@@ -36,17 +37,21 @@ class Sentinel:
         self.status = EngineStatus()
         self.registry = CollectorRegistry(auto_describe=True)
         # the GPU helper (issue 4) may set self.supervisor.gpu_processes to its lister
-        self.supervisor = Supervisor(
-            cfg.engine,
-            cfg.supervisor,
-            self.status,
-            engine_lines=cfg.logging.engine_lines,
-            # "loaded" means a first real inference passed: the probes decide it
-            detect_load=False,
-            # the engine never sees a variable the config reads a secret from
-            withhold_env=secret_env_names(cfg),
-            lifecycle=cfg.lifecycle,  # issue 16: state file, guard, unkillable, GPU release
-        )
+        self.supervisor: Supervisor | AttachedEngine
+        if cfg.engine.mode == "attach":  # issue 18: an engine Sentinel did not launch
+            self.supervisor = AttachedEngine(cfg.engine, cfg.supervisor, self.status)
+        else:
+            self.supervisor = Supervisor(
+                cfg.engine,
+                cfg.supervisor,
+                self.status,
+                engine_lines=cfg.logging.engine_lines,
+                # "loaded" means a first real inference passed: the probes decide it
+                detect_load=False,
+                # the engine never sees a variable the config reads a secret from
+                withhold_env=secret_env_names(cfg),
+                lifecycle=cfg.lifecycle,  # issue 16: state file, guard, unkillable, GPU release
+            )
         self._tasks: list[asyncio.Task[object]] = []
         # --- probes, ops server and metrics (issue 3) ---
         from sentinel.ops.stack import build_ops_stack
@@ -84,6 +89,8 @@ class Sentinel:
         self.supervisor.env_extenders.append(self.watchdogs.extend_engine_env)
         self.supervisor.before_hang_restart = self.watchdogs.capture_for_hang
         self.ops.report.sections["watchdogs"] = self.watchdogs.describe
+        if isinstance(self.supervisor, AttachedEngine):  # issue 18: mode, discovered pids
+            self.ops.report.sections["attach"] = self.supervisor.describe
         from sentinel.watchdogs import admin as watchdog_admin
 
         watchdog_admin.register(self.ops.admin, self.watchdogs)

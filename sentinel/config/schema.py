@@ -10,71 +10,28 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from sentinel.config.base import _Section
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-
-class OnFailed(StrEnum):
-    stay = "stay"
-    exit = "exit"
-
-
-# What the engine inherits from Sentinel's environment (names; a trailing * is a prefix).
-# default.yaml lists the same names (a test checks that they agree).
-# fmt: off
-DEFAULT_INHERIT_ENV = (
-    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_*", "TZ", "TERM",
-    "TMPDIR", "HOSTNAME", "LD_LIBRARY_PATH", "LD_PRELOAD", "PYTHON*", "VIRTUAL_ENV",
-    "CUDA_*", "NVIDIA_*", "NCCL_*", "CUBLAS_*", "CUDNN_*", "NVTE_*", "TRITON_*",
-    "VLLM_*", "HF_*", "HUGGING_FACE_*", "TRANSFORMERS_*", "TOKENIZERS_*", "TORCH*",
-    "PYTORCH_*", "OMP_*", "MKL_*", "KMP_*", "XDG_*", "SSL_CERT_*", "REQUESTS_CA_BUNDLE",
-    "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
-    "no_proxy", "RAY_*", "GLOO_*", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "RANK",
-    "WORLD_SIZE", "ROCM_*", "HIP_*", "HSA_*",
+# the engine's sections live in their own module (issue 18: attach mode); re-exported
+from sentinel.config.engine import (
+    DEFAULT_INHERIT_ENV,
+    AttachConfig,
+    EngineConfig,
+    EngineMode,
+    OnFailed,
+    SupervisorConfig,
 )
-# fmt: on
 
-
-class EngineConfig(_Section):
-    model: str = "var/tiny-model"
-    served_model_name: str | None = None
-    host: str = "127.0.0.1"
-    port: int = Field(8001, ge=1, le=65535)
-    python: str | None = None
-    args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
-    inherit_env: list[str] = Field(default_factory=lambda: list(DEFAULT_INHERIT_ENV))
-    command: list[str] = Field(default_factory=list)
-    workdir: Path | None = None
-    gpu_indices: list[int] = Field(default_factory=list)
-
-
-class SupervisorConfig(_Section):
-    backoff_initial_s: float = Field(1.0, gt=0)
-    backoff_max_s: float = Field(60.0, gt=0)
-    backoff_multiplier: float = Field(2.0, ge=1.0)
-    backoff_jitter: float = Field(0.2, ge=0.0, le=1.0)
-    crash_loop_max_starts: int = Field(5, ge=1)
-    crash_loop_window_s: float = Field(300.0, gt=0)
-    stop_grace_s: float = Field(20.0, ge=0)
-    kill_grace_s: float = Field(0.5, ge=0)
-    startup_timeout_s: float = Field(900.0, gt=0)
-    on_failed: OnFailed = OnFailed.stay
-    log_tail_lines: int = Field(200, ge=10, le=100_000)
-    kill_foreign_gpu_processes: bool = False
-    evidence_timeout_s: float = Field(5.0, ge=0)
-
-    @model_validator(mode="after")
-    def _backoff_order(self) -> SupervisorConfig:
-        if self.backoff_max_s < self.backoff_initial_s:
-            raise ValueError(
-                "backoff_max_s must be >= backoff_initial_s "
-                f"(got {self.backoff_max_s} < {self.backoff_initial_s})"
-            )
-        return self
+__all__ = [
+    "DEFAULT_INHERIT_ENV",
+    "AttachConfig",
+    "EngineConfig",
+    "EngineMode",
+    "OnFailed",
+    "SupervisorConfig",
+]
 
 
 class ProbeAction(StrEnum):
