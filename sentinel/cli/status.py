@@ -71,6 +71,19 @@ def _ok(ok: bool) -> str:
     return "[green]ok[/]" if ok else "[red]FAIL[/]"
 
 
+def _attach_line(attach: dict[str, Any]) -> str:
+    pids = ", ".join(f"{role} {' '.join(map(str, p))}" for role, p in attach["pids"].items())
+    line = f"attach to {attach.get('base_url')}; pids: {pids or 'none found'}; "
+    line += f"recovery {'on' if attach.get('recovery') else 'off'}"
+    if attach.get("recoveries"):
+        line += f", done {attach['recoveries']}"
+    if attach.get("last_refusal"):
+        line += f", last not done: {attach['last_refusal']}"
+    if attach.get("problem"):
+        line += f"\n[red]{attach['problem']}[/]"
+    return line
+
+
 def render(doc: dict[str, Any], console: Console) -> None:
     now = float(doc.get("now") or time.time())
     state = str(doc.get("state", "?"))
@@ -98,6 +111,9 @@ def render(doc: dict[str, Any], console: Console) -> None:
             "engine",
             ", ".join(f"{k.split(':', 1)[-1]}={v:g}" for k, v in metrics.items() if v is not None),
         )
+    attach = doc.get("attach")  # issue 18: an engine Sentinel did not launch
+    if attach:
+        summary.add_row("mode", _attach_line(attach))
     sentinel = doc.get("sentinel") or {}
     if sentinel:
         summary.add_row(

@@ -69,6 +69,8 @@ class AttachConfig(_Section):
         parts = urlsplit(v)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"must be an http(s) URL such as http://127.0.0.1:8001, got {v!r}")
+        if parts.username or parts.password:
+            raise ValueError("must not hold credentials (user:password@): they would reach logs")
         try:
             parts.port  # noqa: B018 - raises on a bad port
         except ValueError as exc:

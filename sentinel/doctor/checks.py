@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sentinel.config.schema import SentinelConfig
-from sentinel.doctor import engine, host
+from sentinel.doctor import attach, engine, host
 from sentinel.doctor.base import Host, Result, Status
 
 Check = Callable[[SentinelConfig, Host], Result]
@@ -26,6 +26,7 @@ CHECKS: tuple[tuple[str, Check], ...] = (
     ("disk", host.check_disk),
     ("ports", host.check_ports),
     ("pid1", host.check_pid1),
+    ("attach", attach.check_attach),  # issue 18
 )
 
 
@@ -38,6 +39,9 @@ def run_checks(
     out = []
     for name, check in CHECKS:
         if only is not None and name not in only:
+            continue
+        if cfg.engine.mode == "attach" and name in attach.LAUNCH_ONLY:  # issue 18
+            out.append(attach.skipped_for_attach(name))
             continue
         try:
             out.append(check(cfg, facts))

@@ -228,7 +228,7 @@ def check_pid1(cfg: SentinelConfig, host: Host) -> Result:
 def check_ports(cfg: SentinelConfig, host: Host) -> Result:
     name = "ports"
     wanted = []
-    if not cfg.engine.command:
+    if not cfg.engine.command and cfg.engine.mode == "launch":  # attach: the engine holds it
         wanted.append(("engine.port", cfg.engine.host, cfg.engine.port))
     wanted.append(("ops.port", cfg.ops.host, cfg.ops.port))
     if cfg.proxy.enabled:

@@ -56,6 +56,7 @@ def config_summary(cfg: SentinelConfig, engine_base_url: str | None) -> dict[str
     eng = cfg.engine
     return {
         "engine": {
+            "mode": eng.mode.value,  # issue 18: launch | attach
             "model": redact_text(eng.model),
             "served_model_name": eng.served_model_name,
             "base_url": engine_base_url,

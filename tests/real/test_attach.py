@@ -1,0 +1,200 @@
+"""Attach mode (issue 18) against the real vLLM engine: one engine per module.
+
+The test plays the engine container and the kubelet: it starts vLLM itself, as a process
+tree of its own; Sentinel (`engine.mode: attach`) finds it by its command line and titles,
+probes it, scrapes it, fronts it with the proxy; when the engine hangs (EngineCore and
+Worker SIGSTOPped), Sentinel dumps the discovered pids and ends the engine's processes;
+the test then starts a new engine on the same port, and Sentinel follows its new pids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from sentinel.config.schema import EngineConfig
+from sentinel.engine.command import build_argv
+from tests.helpers import wait_for
+from tests.real.harness import (
+    ENGINE_ARGS,
+    ENGINE_START_TIMEOUT,
+    ROOT,
+    TINY_MODEL,
+    SentinelProcess,
+)
+
+pytestmark = pytest.mark.real
+
+
+class EngineContainer:
+    """vLLM started the way an engine container would: not Sentinel's child."""
+
+    def __init__(self, tmp: Path, port: int) -> None:
+        self.tmp, self.port = tmp, port
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.sessions: list[int] = []  # the engines' session ids (own session each)
+
+    def start(self) -> int:
+        cfg = EngineConfig(model=str(TINY_MODEL), served_model_name="tiny", port=self.port,
+                           args=list(ENGINE_ARGS))  # fmt: skip
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+        self.starts += 1
+        log = open(self.tmp / f"engine-{self.starts}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            build_argv(cfg), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            start_new_session=True,
+        )  # fmt: skip
+        self.sessions.append(self.proc.pid)
+        log.close()
+        return self.proc.pid
+
+    def processes(self) -> list[psutil.Process]:
+        """Every live process of the engine's session (vLLM's titles overwrite the memory
+        /proc/PID/environ reads, so the tag cannot find EngineCore and Workers)."""
+        out = []
+        for sid in self.sessions:
+            for p in psutil.process_iter():
+                try:
+                    if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                        out.append(p)
+                except (OSError, psutil.Error):
+                    continue
+        return out
+
+    def kill_all(self) -> None:
+        for p in self.processes():
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def attached(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[SentinelProcess, EngineContainer]]:
+    tmp = tmp_path_factory.mktemp("attach")
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    s = SentinelProcess(
+        tmp,
+        {
+            "engine": {"mode": "attach",
+                       "attach": {"term_grace_s": 3.0, "recovery_holdoff_s": 30.0,
+                                  "discover_interval_s": 1.0}},
+            "probes": {"on_not_ready": "restart", "not_ready_restart_after_s": 5.0,
+                       "on_stall": "report"},
+            "incidents": {"dir": str(tmp / "incidents")},
+            "watchdogs": {"dump": {"py_spy": py_spy if Path(py_spy).exists() else None}},
+        },
+    )  # fmt: skip
+    engine = EngineContainer(tmp, s.config["engine"]["port"])
+    engine.start()
+    s.start()
+    try:
+        yield s, engine
+    finally:
+        code = s.stop()
+        survived = engine.proc is not None and engine.proc.poll() is None
+        engine.kill_all()
+        assert code == 0, s.log_text()[-3000:]
+        assert survived, "stopping Sentinel in attach mode must leave the engine running"
+
+
+def readyz(s: SentinelProcess) -> int:
+    try:
+        return s.get("/readyz").status_code
+    except httpx.HTTPError:
+        return 0
+
+
+def attach_doc(s: SentinelProcess) -> dict[str, Any]:
+    return s.status()["attach"]
+
+
+def wait_ready_with(s: SentinelProcess, api_pid: int) -> dict[str, Any]:
+    def ready() -> bool:
+        s.assert_running()
+        return readyz(s) == 200 and attach_doc(s)["pids"].get("api_server") == [api_pid]
+
+    wait_for(ready, ENGINE_START_TIMEOUT, interval=1.0, what=f"ready on API server {api_pid}")
+    return attach_doc(s)
+
+
+def test_attached_engine_is_probed_scraped_fronted_and_its_pids_found(attached: Any) -> None:
+    s, engine = attached
+    doc = wait_ready_with(s, engine.proc.pid)
+    assert doc["mode"] == "attach" and doc["problem"] is None
+    assert doc["base_url"] == s.engine_url
+    assert doc["pids"].get("engine_core") and doc["pids"].get("worker"), doc
+    # the discovered pids are the engine's, found by their titles
+    by_pid = {p.pid: p.cmdline()[0] for p in engine.processes()}
+    assert by_pid[doc["pids"]["engine_core"][0]].startswith("VLLM::EngineCore")
+    assert by_pid[doc["pids"]["worker"][0]].startswith("VLLM::Worker")
+
+    # the engine's own series, scraped from its URL (the first scrape follows readiness)
+    def scraped() -> str | None:
+        text = s.get("/metrics").text
+        return text if "vllm_num_requests_running" in text else None
+
+    metrics = wait_for(scraped, 30, interval=0.5, what="the engine's series in /metrics")
+    api = engine.proc.pid
+    assert f'sentinel_process_resident_memory_bytes{{pid="{api}",role="api_server"}}' in metrics
+    assert 'sentinel_engine_restarts_total{reason="not_ready"} 0.0' in metrics
+    r = httpx.post(s.proxy_url + "/v1/completions", timeout=60,
+                   json={"model": "tiny", "prompt": "hi", "max_tokens": 4})  # fmt: skip
+    assert r.status_code == 200, r.text
+    status = subprocess.run(
+        [sys.executable, "-m", "sentinel", "status", "--url", s.ops_url],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert status.returncode == 0, status.stderr
+    assert "attach" in status.stdout and str(api) in status.stdout, status.stdout
+
+
+def test_hung_engine_is_dumped_ended_and_its_replacement_followed(attached: Any) -> None:
+    s, engine = attached
+    old_api = engine.proc.pid
+    doc = wait_ready_with(s, old_api)
+    gen = s.status()["generation"]
+    hung = {"engine_core": doc["pids"]["engine_core"][0], "worker": doc["pids"]["worker"][0]}
+    for pid in hung.values():
+        os.kill(pid, signal.SIGSTOP)
+    wait_for(lambda: readyz(s) != 200, 60, interval=0.5, what="readiness to fail")
+    # Sentinel ends the engine's processes; the "kubelet" sees its container's main exit
+    engine.proc.wait(120)
+    wait_for(lambda: not engine.processes(), 60, interval=0.5, what="engine processes gone")
+    metrics = s.get("/metrics").text
+    assert 'sentinel_engine_restarts_total{reason="not_ready"} 1.0' in metrics
+    assert attach_doc(s)["recoveries"] == {"not_ready": 1}
+    # the dumps came first, of the discovered pids (a dump, or exactly why not)
+    inc = Path(s.config["incidents"]["dir"])
+    dumps = sorted(inc.glob("*-dump-hang_*"))
+    assert dumps, sorted(p.name for p in inc.iterdir()) if inc.exists() else "no incidents dir"
+    record = json.loads((dumps[-1] / "record.json").read_text())
+    by_role = {p["role"]: p for p in record["processes"]}
+    for role, pid in hung.items():
+        assert by_role[role]["pid"] == pid, record
+        assert by_role[role]["ok"] or by_role[role]["error"], record
+    # the kubelet restarts the container: a new engine on the same port, new pids
+    new_api = engine.start()
+    doc = wait_ready_with(s, new_api)
+    assert new_api != old_api and doc["pids"]["engine_core"][0] != hung["engine_core"]
+    assert s.status()["generation"] > gen
+    assert s.serves(base=s.proxy_url)
