@@ -330,3 +330,91 @@ def test_install_script_never_stops_a_process_it_did_not_start() -> None:
     assert "prometheus-alertmanager" in code and "policy-rc.d" in code
     res = subprocess.run(["bash", "-n", str(ROOT / "deploy" / "cpu" / "install.sh")], timeout=30)
     assert res.returncode == 0
+
+
+# ---- issue 18: the sidecar variant (engine.mode: attach) ---------------------------------
+
+SIDECAR = K8S / "sidecar"
+
+
+def _sidecar_pod() -> dict:
+    docs = list(yaml.safe_load_all((SIDECAR / "deployment.yaml").read_text()))
+    return next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+
+
+def test_sidecar_config_attaches_to_the_engine_containers_port() -> None:
+    cfg = load_config(SIDECAR / "sentinel.yaml", environ={})
+    assert cfg.engine.mode == "attach" and cfg.engine.attach.recovery
+    pod = _sidecar_pod()
+    engine = next(c for c in pod["containers"] if c["name"] == "engine")
+    args = engine["args"]
+    host, port = args[args.index("--host") + 1], int(args[args.index("--port") + 1])
+    assert host == "127.0.0.1"  # traffic reaches the engine only through the proxy
+    assert cfg.engine.attach_url() == f"http://{host}:{port}"
+    assert "livenessProbe" not in engine  # a hung engine is Sentinel's to end, with dumps
+    kust = yaml.safe_load((SIDECAR / "kustomization.yaml").read_text())
+    assert kust["resources"] == ["deployment.yaml"]
+    gen = kust["configMapGenerator"][0]
+    assert gen["files"] == ["sentinel.yaml"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == gen["name"]
+
+
+def test_sidecar_shares_pids_may_dump_and_end_the_engine_and_is_probed_through_sentinel() -> None:
+    cfg = load_config(SIDECAR / "sentinel.yaml", environ={})
+    pod = _sidecar_pod()
+    assert pod["shareProcessNamespace"] is True
+    s = next(c for c in pod["containers"] if c["name"] == "sentinel")
+    assert set(s["securityContext"]["capabilities"]["add"]) >= {"SYS_PTRACE", "KILL"}
+    assert s["securityContext"]["allowPrivilegeEscalation"] is False
+    ports = {p["name"]: p["containerPort"] for p in s["ports"]}
+    assert ports == {"http": cfg.proxy.port, "ops": cfg.ops.port}
+    assert s["startupProbe"]["httpGet"] == {"path": "/startupz", "port": "ops"}
+    assert s["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "ops"}
+    assert s["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "ops"}
+    startup = s["startupProbe"]
+    grace = cfg.engine.attach.startup_grace_s or cfg.supervisor.startup_timeout_s
+    assert startup["periodSeconds"] * startup["failureThreshold"] > grace
+    # the engine keeps serving (preStop) while Sentinel drains, all within the pod's grace
+    engine = next(c for c in pod["containers"] if c["name"] == "engine")
+    hold = int(engine["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert hold > cfg.lifecycle.drain_timeout_s
+    assert pod["terminationGracePeriodSeconds"] > hold + 30
+    # dumps and payloads land on a writable volume (read-only root file system)
+    mounts = [m["mountPath"] for m in s["volumeMounts"]]
+    for path in (cfg.incidents.dir, cfg.payload_log.dir):
+        assert any(str(path).startswith(m + "/") for m in mounts), path
+
+
+# ---- issue 18: docker-compose against the pinned compose-spec schema, offline ------------
+
+COMPOSE_SCHEMA = ROOT / "tests" / "schemas" / "compose-spec.json"
+
+
+def _compose_errors(doc: dict) -> list[str]:
+    import json
+
+    import jsonschema
+
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    return [e.message for e in jsonschema.Draft7Validator(schema).iter_errors(doc)]
+
+
+def test_compose_schema_is_the_pinned_one() -> None:
+    import hashlib
+
+    digest = hashlib.sha256(COMPOSE_SCHEMA.read_bytes()).hexdigest()
+    assert digest in (COMPOSE_SCHEMA.parent / "README.md").read_text()
+
+
+def test_compose_file_validates_against_the_compose_spec_schema() -> None:
+    assert _compose_errors(_compose()) == []
+
+
+def test_compose_schema_check_catches_a_broken_file() -> None:
+    doc = _compose()
+    doc["services"]["sentinel"]["restart_policy"] = "always"  # not a service key
+    doc["services"]["prometheus"]["ports"] = {"9090": 9090}  # a mapping, not a list
+    errors = _compose_errors(doc)
+    assert any("restart_policy" in e for e in errors), errors
+    assert len(errors) >= 2, errors
