@@ -73,6 +73,9 @@ class AttachedEngine:
         self._seen_at: float | None = None  # when the current engine was first found
         self._last_recovery: float | None = None
         self._recovering = False
+        # a recovery held back (holdoff, start-up grace): done once allowed, if still needed
+        # (the probes ask once per generation)
+        self._pending: tuple[str, str] | None = None
         self.recoveries: dict[str, int] = {}
         self.refused: dict[str, int] = {}  # recoveries not done, by why
         self.last_refusal: str | None = None
@@ -115,6 +118,7 @@ class AttachedEngine:
             "refused": dict(self.refused),
             "last_refusal": self.last_refusal,
             "holdoff_left_s": round(self._holdoff_left(), 1),
+            "pending": self._pending[0] if self._pending else None,
         }
 
     def _put(self, item: tuple[Any, ...]) -> None:
@@ -137,7 +141,10 @@ class AttachedEngine:
         )
         self.status.new_generation()  # probed from now on, processes found or not
         while self._exit_code is None:
-            await self.discover_now()
+            try:
+                await self.discover_now()
+            except Exception as exc:  # noqa: BLE001 - a failed look never stops the guard
+                log.error("looking for the engine's processes failed", error=repr(exc))
             try:
                 cmd = await asyncio.wait_for(self._queue.get(), self.cfg.discover_interval_s)
             except TimeoutError:
@@ -146,6 +153,8 @@ class AttachedEngine:
                 await self.handle(cmd)
             if self._exit_code is None:
                 await self._check_startup()
+            if self._exit_code is None:
+                await self.retry_pending()
         self.status.set_lifecycle(Lifecycle.stopped)
         return self._exit_code
 
@@ -186,6 +195,7 @@ class AttachedEngine:
                     self.status.new_generation()
                 self._known = True
                 self._seen_at = self._clock()
+                self._pending = None  # a new engine: the probes judge it afresh
                 log.info(
                     "attached engine found",
                     generation=self.status.generation,
@@ -235,6 +245,8 @@ class AttachedEngine:
         processes. Returns whether it ended them."""
         refusal = self._refusal(reason)
         if refusal is not None:
+            if refusal in ("holdoff", "starting"):
+                self._pending = (reason, detail)
             self.refused[refusal] = self.refused.get(refusal, 0) + 1
             self.last_refusal = f"{reason}: {refusal}"
             log.warning(
@@ -252,8 +264,23 @@ class AttachedEngine:
         finally:
             self._recovering = False
 
+    async def retry_pending(self) -> None:
+        """A recovery held back: do it once allowed, unless the engine is fine again."""
+        if self._pending is None:
+            return
+        reason, detail = self._pending
+        if self.status.ready and not self.status.stalled_reason:
+            self._pending = None
+            log.info("held-back recovery dropped: the engine is ready again", reason=reason)
+            return
+        if self._refusal(reason) in ("holdoff", "starting"):
+            return
+        self._pending = None
+        await self.recover(reason, f"{detail} (held back until now)".strip())
+
     async def _end_engine(self, reason: str, detail: str) -> bool:
         self._last_recovery = self._clock()
+        self._pending = None
         self.status.set_lifecycle(Lifecycle.restarting)
         log.warning("recovering the attached engine", reason=reason, detail=detail)
         if reason in HUNG_REASONS or reason in OPERATOR_REASONS:

@@ -246,3 +246,34 @@ def test_stop_exits_and_leaves_the_engine_running(engine: Engine) -> None:
     assert asyncio.run(main()) == 0
     assert engine.alive() and status.lifecycle == Lifecycle.stopped
     assert eng.describe()["pids"]["api_server"] == [engine.procs[0].pid]
+
+
+def test_a_held_back_recovery_is_done_once_allowed_unless_the_engine_is_fine(
+    engine: Engine,
+) -> None:
+    clock = Clock()
+    eng, status = attached(engine, clock)
+    status.mark_loaded()
+    assert asyncio.run(eng.recover("not_ready", "")) is True
+    engine.start()
+    eng.apply(engine.discovery())
+    status.mark_loaded()
+    clock.now += 10
+    # hung again within the holdoff: the probes ask once; it is held back, not forgotten
+    assert asyncio.run(eng.recover("stalled", "no tokens")) is False
+    assert eng.describe()["pending"] == "stalled"
+    asyncio.run(eng.retry_pending())
+    assert engine.alive()
+    clock.now += 51
+    asyncio.run(eng.retry_pending())
+    assert not engine.alive() and status.restart_counts == {"not_ready": 1, "stalled": 1}
+    assert eng.describe()["pending"] is None
+    # fine again by the time the holdoff ends: dropped
+    engine.start()
+    eng.apply(engine.discovery())
+    status.mark_loaded()
+    assert asyncio.run(eng.recover("stalled", "")) is False
+    status.set_readiness(True, {})
+    clock.now += 61
+    asyncio.run(eng.retry_pending())
+    assert engine.alive() and eng.describe()["pending"] is None
