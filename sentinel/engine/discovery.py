@@ -75,11 +75,16 @@ def read_pid_file(path: Path) -> tuple[int | None, str | None]:
     return int(text), None
 
 
-def _names_port(cmdline: tuple[str, ...], port: int) -> bool:
+def port_named(cmdline: tuple[str, ...]) -> int | None:
+    """The port a command line gives with --port N / --port=N (the last one), or None."""
+    found = None
     for i, arg in enumerate(cmdline):
-        if arg == f"--port={port}" or (arg == "--port" and cmdline[i + 1 : i + 2] == (str(port),)):
-            return True
-    return False
+        value = arg[len("--port=") :] if arg.startswith("--port=") else None
+        if arg == "--port" and i + 1 < len(cmdline):
+            value = cmdline[i + 1]
+        if value is not None and value.isdigit():
+            found = int(value)
+    return found
 
 
 def role_of(cmdline: tuple[str, ...], cfg: AttachConfig) -> str:
@@ -119,7 +124,7 @@ def select(
         lead_pids = {p.pid for p in chosen}
         chosen = [p for p in chosen if not _has_ancestor(p, lead_pids, table)]
         if len(chosen) > 1 and port is not None:
-            on_port = [p for p in chosen if _names_port(p.cmdline, port)]
+            on_port = [p for p in chosen if port_named(p.cmdline) == port]
             if on_port:
                 chosen = on_port
     candidates = sorted(p.pid for p in chosen)
@@ -133,6 +138,13 @@ def select(
         )
         return Discovery(problem=why, candidates=candidates)
     lead = chosen[0]
+    named = port_named(lead.cmdline)
+    if pid_from_file is None and port is not None and named is not None and named != port:
+        why = (
+            f"the only process matching engine.attach.api_server_match (pid {lead.pid}) "
+            f"serves port {named}, not the engine URL's {port}: not taken for the engine"
+        )
+        return Discovery(problem=why, candidates=candidates)
     members = [Found(lead.pid, "api_server", lead.create_time)]
     for p in _descendants(lead.pid, table):
         members.append(Found(p.pid, role_of(p.cmdline, cfg), p.create_time))

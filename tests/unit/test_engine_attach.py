@@ -60,6 +60,10 @@ def test_duplicates_are_told_apart_by_port_or_refused() -> None:
     d = select(procs(other), CFG, 7777)
     assert d.members == [] and d.candidates == [10, 30]
     assert d.problem is not None and "10, 30" in d.problem and "pid_file" in d.problem
+    # a lone match on another port is someone else's engine, not taken
+    d = select(procs(), CFG, 9000)
+    assert d.members == [] and "8001" in (d.problem or "") and "9000" in (d.problem or "")
+    assert select(procs(), CFG, 8001).api_server is not None
 
 
 def test_a_match_inside_an_engine_tree_and_sentinel_itself_are_not_candidates() -> None:
