@@ -52,7 +52,7 @@ class ProxyHarness:
         if self._factory is not None:
             kwargs["transport_factory"] = self._factory
 
-        async def serve() -> None:
+        async def main() -> None:
             self.service = ProxyService(
                 self.cfg,
                 self.payload_cfg,
@@ -70,7 +70,7 @@ class ProxyHarness:
                 serving.result()  # what stopped the proxy
                 raise RuntimeError("the proxy stopped before it listened")
 
-        self._thread.start(serve, timeout=15)
+        self._thread.start(main, timeout=15)
         return self
 
     @property
