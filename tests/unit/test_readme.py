@@ -1,6 +1,7 @@
 """README.md is an operator's guide: every `sentinel ...` command it shows exists and parses
 (`--help`), every option it names is one that command takes, every `section.key` config key
-it names exists in the schema, and every file it points to is in the tree."""
+it names exists in the schema, every `sentinel_*` series it names is defined in the code,
+and every file it points to is in the tree."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ FENCE = re.compile(r"^```[a-z]*\n(.*?)^```", re.S | re.M)
 COMMAND = re.compile(r"^(?:\S*/)?sentinel((?: [^`#|>\n]*)?)$")
 KEY = re.compile(r"(?<![\w/.$-])([a-z_]+(?:\.[a-z_0-9]+)+)(?![\w/-])")
 OPTION = re.compile(r"(?<![\w-])(--[a-z][a-z-]*)")
+SERIES = re.compile(r"(sentinel_[a-z_]+)(?:\{[^}]*\})?(?: \d)?")
 FILE = re.compile(
     r"(?<![\w/.-])((?:alerts|bench|dashboards|deploy|docs|runbooks|sentinel)/[\w./-]+)"
 )
@@ -150,3 +152,15 @@ def test_every_file_shown_exists() -> None:
         {f.rstrip(".") for f in FILE.findall(README) if not (ROOT / f.rstrip(".")).exists()}
     )
     assert not missing, f"README.md points to files that do not exist: {missing}"
+
+
+def test_every_series_shown_is_defined() -> None:
+    """A series is defined where its name (counters without ``_total``) is a string in
+    sentinel/ (prometheus_client adds ``_total``)."""
+    source = "\n".join(p.read_text() for p in (ROOT / "sentinel").rglob("*.py"))
+    names = {m.group(1) for span in _code_lines() if (m := SERIES.fullmatch(span))}
+    assert len(names) > 40
+    missing = sorted(
+        n for n in names if f'"{n}"' not in source and f'"{n.removesuffix("_total")}"' not in source
+    )
+    assert not missing, f"README.md names series no code defines: {missing}"
