@@ -252,6 +252,7 @@ class GpuDevice(CounterReads):
                 out["sm_utilization_source"] = "nvml"
         return out
 
+    # ---- processes ---------------------------------------------------------
     def _read_graphics(self) -> None:
         procs = self.read(
             "graphics_processes", self.lib.nvmlDeviceGetGraphicsRunningProcesses, self.handle
