@@ -34,7 +34,14 @@ def _code_lines() -> list[str]:
     """Inline code spans and each line of the code blocks (blocks removed before spans)."""
     blocks = FENCE.findall(README)
     rest = FENCE.sub("", README)
-    lines = [line.split(" #")[0].strip() for b in blocks for line in b.splitlines()]
+    lines: list[str] = []
+    for block in blocks:
+        for raw in block.splitlines():
+            line = raw.split(" #")[0].strip()
+            if line.startswith("[") and lines:  # a usage line continued
+                lines[-1] += " " + line
+            else:
+                lines.append(line)
     return lines + SPAN.findall(rest)
 
 
