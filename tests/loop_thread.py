@@ -19,16 +19,21 @@ class LoopThread:
     the loop then runs until ``stop(cleanup)``, which stops it, runs ``cleanup()`` on it,
     closes it and joins the thread."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+    ) -> None:
         self.name = name
-        self.loop = asyncio.new_event_loop()
+        self._loop_factory = loop_factory
+        self.loop = loop_factory()
         self._thread: threading.Thread | None = None
         self._cleanup: Callable[[], Awaitable[Any]] | None = None
 
     def start(self, setup: Callable[[], Awaitable[T]], timeout: float = 15.0) -> T:
         ready: concurrent.futures.Future[T] = concurrent.futures.Future()
         if self.loop.is_closed():  # started again after a stop
-            self.loop = asyncio.new_event_loop()
+            self.loop = self._loop_factory()
 
         def main() -> None:
             loop = self.loop

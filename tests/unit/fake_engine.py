@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 import uvicorn
+import uvloop
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -79,7 +80,8 @@ class FakeEngine:
         self.requests: list[dict[str, Any]] = []
         self._server: uvicorn.Server | None = None
         self._serving: asyncio.Task[None] | None = None
-        self._thread = LoopThread("fake-engine")
+        # uvloop, as uvicorn's own Server.run would pick (loop="auto")
+        self._thread = LoopThread("fake-engine", loop_factory=uvloop.new_event_loop)
 
     @property
     def url(self) -> str:
