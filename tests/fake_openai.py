@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from typing import Any
 
 from aiohttp import web
 
 from tests.helpers import free_port
+from tests.loop_thread import LoopThread
 
 
 class FakeOpenAI:
@@ -29,10 +29,8 @@ class FakeOpenAI:
         self.mode: dict[str, Any] = {"status": None, "delay": 0.0}
         self.requests: list[dict[str, Any]] = []
         self.active = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
-        self._ready = threading.Event()
+        self._thread = LoopThread(f"fake-{name}")
 
     @property
     def url(self) -> str:
@@ -40,38 +38,24 @@ class FakeOpenAI:
 
     # ---- lifecycle -----------------------------------------------------------------
     def start(self) -> FakeOpenAI:
-        self._thread = threading.Thread(target=self._serve, name=f"fake-{self.name}", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError(f"fake upstream {self.name} did not start")
+        async def serve() -> None:
+            app = web.Application(client_max_size=64 * 1024 * 1024)
+            app.router.add_route("*", "/{tail:.*}", self._handle)
+            self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+            await self._runner.setup()
+            await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+        self._thread.start(serve, timeout=10)
         return self
 
     def stop(self) -> None:
-        if self._loop is not None and self._runner is not None:
-            fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
-            fut.result(10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
+        self._thread.stop(self._runner.cleanup if self._runner is not None else None)
 
     def __enter__(self) -> FakeOpenAI:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    def _serve(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        loop.run_until_complete(site.start())
-        self._ready.set()
-        loop.run_forever()
-        loop.close()
 
     # ---- behaviour -----------------------------------------------------------------
     async def _handle(self, request: web.Request) -> web.StreamResponse:

@@ -46,6 +46,28 @@ def accept_sse(srv: socket.socket) -> socket.socket:
     return conn
 
 
+def flood_header(s: socket.socket, timeout: float) -> tuple[bytes, int, float]:
+    """Send one endless header on ``s`` in 4 KiB writes (its request line and the header's
+    name already sent) until a response head comes back, 64 MiB went out, or ``timeout``
+    passed: (what came back, bytes sent, seconds it took)."""
+    s.setblocking(False)
+    t0 = time.monotonic()
+    got = b""
+    sent = 0
+    while b"\r\n\r\n" not in got and sent < 64 * 1024 * 1024 and time.monotonic() - t0 < timeout:
+        try:
+            sent += s.send(b"a" * 4096)
+        except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+            time.sleep(0.001)
+        try:
+            got += s.recv(65536)
+        except BlockingIOError:
+            pass
+        except ConnectionResetError:
+            break
+    return got, sent, time.monotonic() - t0
+
+
 def sse_chunk(event: bytes) -> bytes:
     """One event in HTTP/1.1 chunked framing."""
     return b"%x\r\n%s\r\n" % (len(event), event)

@@ -60,13 +60,14 @@ class VllmFacts:
 
 
 def read_gpu_facts() -> GpuFacts:
-    """Every GPU through NVML (pynvml); ``available=False`` with the reason otherwise."""
-    try:
-        import pynvml as nv
+    """Every GPU through NVML; ``available=False`` with the reason otherwise."""
+    from sentinel.collectors.gpu.nvml import NvmlUnavailable, load_nvml
 
-        nv.nvmlInit()
-    except Exception as exc:  # noqa: BLE001 (ImportError, NVMLError: no library or driver)
-        return GpuFacts(False, f"NVML could not be initialised: {exc}")
+    try:
+        session = load_nvml()  # the one importer of pynvml
+    except NvmlUnavailable as exc:  # no nvidia-ml-py, no library or no driver
+        return GpuFacts(False, str(exc))
+    nv = session.lib
     try:
         driver = str(nv.nvmlSystemGetDriverVersion())
         cuda = None
@@ -93,10 +94,7 @@ def read_gpu_facts() -> GpuFacts:
     except Exception as exc:  # noqa: BLE001
         return GpuFacts(False, f"NVML failed: {exc}")
     finally:
-        try:
-            nv.nvmlShutdown()
-        except Exception:  # noqa: BLE001
-            pass
+        session.close()
 
 
 def read_vllm(python: str, timeout_s: float = 180.0) -> VllmFacts:

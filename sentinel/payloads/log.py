@@ -5,8 +5,8 @@ A metadata-only record becomes its JSON line in ``submit`` (on the event loop: a
 few microseconds, and the writer thread then never takes the GIL from the loop for
 long); a sampled record is redacted and capped on the writer thread
 (``record.build_line``). The writer appends the lines to the current
-``payloads-*.jsonl`` file, rotates at ``max_file_bytes`` and
-deletes the oldest files to stay under ``max_total_bytes``. A write error (a full
+``payloads-*.jsonl`` file, rotated at ``max_file_bytes``, the oldest files deleted to
+stay under ``max_total_bytes`` (``files.PayloadFiles``). A write error (a full
 disk, a vanished directory) drops that batch and counts it; requests never notice.
 
 Bodies are admitted in ``submit``, whoever calls it: a failed request's bodies only at
@@ -34,12 +34,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from sentinel.config.schema import PayloadLogConfig
 from sentinel.logs import get_logger
+from sentinel.payloads.files import PayloadFiles, open_append
 from sentinel.payloads.record import Redactor, build_line, clip
 
 log = get_logger(__name__)
 
-PREFIX = "payloads-"
-SUFFIX = ".jsonl"
 _STOP = object()
 HANDOFF_S = 0.05
 # records with bodies queued or pending, at most (each is at most ~2 x (cap + margin))
@@ -91,17 +90,13 @@ class RateCap:
         return False
 
 
-def _open_append(path: Path) -> BinaryIO:
-    return open(path, "ab")  # noqa: SIM115 (owned by the writer, closed on rotate/stop)
-
-
 class PayloadLog:
     def __init__(
         self,
         cfg: PayloadLogConfig,
         registry: CollectorRegistry,
         rng: Callable[[], float] = random.random,
-        opener: Callable[[Path], BinaryIO] = _open_append,
+        opener: Callable[[Path], BinaryIO] = open_append,
         queue_size: int = 10_000,
         batch: int = 256,
         clock: Callable[[], float] = time.monotonic,
@@ -109,7 +104,6 @@ class PayloadLog:
         self.cfg = cfg
         self.dir = Path(cfg.dir)
         self._rng = rng
-        self._opener = opener
         self._q: queue.Queue[Any] = queue.Queue()
         self._limit = queue_size  # records queued or pending, at most
         self._queued = 0
@@ -121,11 +115,6 @@ class PayloadLog:
         self._batch = batch
         self._redactor = Redactor(cfg.redact_patterns)
         self._thread: threading.Thread | None = None
-        self._file: BinaryIO | None = None
-        self._file_path: Path | None = None
-        self._file_size = 0
-        self._seq = 0
-        self._files: list[tuple[Path, int]] = []  # closed files, oldest first, with sizes
         self._failing = False
         self.written = Counter(
             "sentinel_payload_records",
@@ -159,6 +148,9 @@ class PayloadLog:
             "sentinel_payload_files_deleted",
             "Payload files deleted to stay under max_total_bytes.",
             registry=registry,
+        )
+        self.files = PayloadFiles(
+            self.dir, cfg.max_file_bytes, cfg.max_total_bytes, self.deleted, opener
         )
         Gauge(
             "sentinel_payload_disk_bytes",
@@ -267,7 +259,7 @@ class PayloadLog:
     def start(self) -> None:
         if self._thread is not None:
             return
-        self._scan_existing()
+        self.files.scan_existing()
         self._thread = threading.Thread(target=self._run, name="payload-writer", daemon=True)
         self._thread.start()
 
@@ -291,18 +283,9 @@ class PayloadLog:
         return self._queued
 
     def disk_bytes(self) -> int:
-        return sum(s for _, s in self._files) + self._file_size
+        return self.files.disk_bytes()
 
     # ---- writer thread -------------------------------------------------------------
-    def _scan_existing(self) -> None:
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            files = sorted(self.dir.glob(f"{PREFIX}*{SUFFIX}"))
-            self._files = [(p, p.stat().st_size) for p in files]
-        except OSError as exc:
-            log.warning("payload_dir_unusable", dir=str(self.dir), error=exc.strerror)
-            self._files = []
-
     def _run(self) -> None:
         q = self._q
         while True:
@@ -323,7 +306,7 @@ class PayloadLog:
                 for _ in items:
                     q.task_done()
             if stop:
-                self._close()
+                self.files.close()
                 return
 
     def _write(self, records: list[PayloadRecord | bytes]) -> None:
@@ -336,13 +319,13 @@ class PayloadLog:
                 sampled += rec.with_bodies
                 lines.append(self._line(rec))
         try:
+            files = self.files
             for data in lines:
-                self._append(data)
-            if self._file is not None:
-                self._file.flush()
+                files.append(data)
+            files.flush()
         except OSError as exc:
             self._dropped_write.inc(len(records))
-            self._discard_file()
+            self.files.discard_current()
             if not self._failing:
                 self._failing = True
                 log.warning(
@@ -357,64 +340,3 @@ class PayloadLog:
             log.info("payload_write_recovered", dir=str(self.dir))
         self._written_meta.inc(len(records) - sampled)
         self._written_sampled.inc(sampled)
-
-    def _append(self, data: bytes) -> None:
-        n = len(data)
-        if self._file is not None and self._file_size + n > self.cfg.max_file_bytes:
-            self._rotate()
-        self._make_room(n)
-        if self._file is None:
-            self._open_new()
-        assert self._file is not None
-        self._file.write(data)
-        self._file_size += n
-
-    def _open_new(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._seq += 1
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        self._file_path = self.dir / f"{PREFIX}{stamp}-{self._seq:06d}{SUFFIX}"
-        self._file = self._opener(self._file_path)
-        self._file_size = 0
-
-    def _rotate(self) -> None:
-        assert self._file is not None and self._file_path is not None
-        self._file.close()
-        self._files.append((self._file_path, self._file_size))
-        self._file, self._file_path, self._file_size = None, None, 0
-
-    def _make_room(self, n: int) -> None:
-        budget = self.cfg.max_total_bytes
-        while self._files and self.disk_bytes() + n > budget:
-            path, _ = self._files.pop(0)
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
-            self.deleted.inc()
-
-    def _retire_file(self, failed: bool) -> None:
-        """Close the current file and count it against the budget. After a failed write
-        its tail may be partial, so its size is read back from the disk."""
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError:
-                pass
-            assert self._file_path is not None
-            size = self._file_size
-            if failed:
-                try:
-                    size = self._file_path.stat().st_size
-                except OSError:
-                    pass
-            if size or not failed:
-                self._files.append((self._file_path, size))
-        self._file, self._file_path, self._file_size = None, None, 0
-
-    def _discard_file(self) -> None:
-        """After a failed write: close the file and start anew."""
-        self._retire_file(failed=True)
-
-    def _close(self) -> None:
-        self._retire_file(failed=False)

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import dechunk, wait_for
+from tests.helpers import dechunk, flood_header, wait_for
 from tests.real.harness import SentinelProcess, engine_available
 
 pytestmark = [
@@ -109,22 +109,7 @@ def test_an_endless_header_gets_431_within_1s_while_livez_answers(sp: SentinelPr
     t.start()
     s = _connect(sp)
     s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\nx-junk: ")
-    s.setblocking(False)
-    t0 = time.monotonic()
-    got = b""
-    sent = 0
-    while b"\r\n\r\n" not in got and sent < 64 * 1024 * 1024 and time.monotonic() - t0 < 10:
-        try:
-            sent += s.send(b"a" * 4096)
-        except (BlockingIOError, BrokenPipeError, ConnectionResetError):
-            time.sleep(0.001)
-        try:
-            got += s.recv(65536)
-        except BlockingIOError:
-            pass
-        except ConnectionResetError:
-            break
-    took = time.monotonic() - t0
+    got, _, took = flood_header(s, timeout=10)
     s.close()
     time.sleep(0.3)
     stop.set()

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from typing import Any
 
 import uvicorn
+import uvloop
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from tests.helpers import free_port, wait_for
+from tests.helpers import free_port
+from tests.loop_thread import LoopThread
 
 VLLM_METRICS = """\
 # HELP python_gc_objects_collected_total Objects collected during gc
@@ -78,7 +79,9 @@ class FakeEngine:
         }
         self.requests: list[dict[str, Any]] = []
         self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._serving: asyncio.Task[None] | None = None
+        # uvloop, as uvicorn's own Server.run would pick (loop="auto")
+        self._thread = LoopThread("fake-engine", loop_factory=uvloop.new_event_loop)
 
     @property
     def url(self) -> str:
@@ -106,22 +109,28 @@ class FakeEngine:
             lifespan="off",
             timeout_graceful_shutdown=0.5,
         )
-        self._server = uvicorn.Server(cfg)
-        self._thread = threading.Thread(target=self._server.run, name="fake-engine", daemon=True)
-        self._thread.start()
-        wait_for(
-            lambda: self._server is not None and self._server.started,
-            10,
-            interval=0.02,
-            what="fake engine to listen",
-        )
+        self._server = server = uvicorn.Server(cfg)
+
+        async def serve() -> None:
+            self._serving = serving = asyncio.create_task(server.serve())
+            while not server.started:
+                if serving.done():
+                    serving.result()
+                    raise RuntimeError("the fake engine stopped before it listened")
+                await asyncio.sleep(0.01)
+
+        self._thread.start(serve, timeout=10)
         return self
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(10)
+
+        async def finish() -> None:
+            if self._serving is not None:
+                await self._serving
+
+        self._thread.stop(finish)
 
     def __enter__(self) -> FakeEngine:
         return self.start()

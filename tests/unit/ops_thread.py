@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any
 
 import httpx
@@ -13,6 +12,7 @@ from sentinel.config import SentinelConfig
 from sentinel.ops.stack import OpsStack, build_ops_stack
 from sentinel.state import EngineStatus
 from tests.helpers import wait_for
+from tests.loop_thread import LoopThread
 
 
 class Control:
@@ -43,9 +43,12 @@ class OpsThread:
             self.cfg, self.status, self.registry, self.control, log_tail=self.control.log_tail
         )
         self.run_probes = run_probes
-        self.loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[Any]] = []
-        self._thread: threading.Thread | None = None
+        self._thread = LoopThread("ops-stack")
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._thread.loop
 
     @property
     def url(self) -> str:
@@ -56,51 +59,37 @@ class OpsThread:
 
     def call(self, fn: Any) -> Any:
         """Run fn() on the stack's loop (state changes the way Sentinel makes them)."""
-        assert self.loop is not None
-        fut = asyncio.run_coroutine_threadsafe(_call(fn), self.loop)
-        return fut.result(5)
+        return self._thread.call(fn)
 
     def start(self) -> OpsThread:
         self.stack.server.bind()
-        started = threading.Event()
 
-        def main() -> None:
-            loop = asyncio.new_event_loop()
-            self.loop = loop
+        async def start_tasks() -> None:
+            loop = asyncio.get_running_loop()
             for coro, name in self.stack.tasks():
                 if name == "probes" and not self.run_probes:
                     coro.close()
                     continue
                 self._tasks.append(loop.create_task(coro, name=name))
-            started.set()
-            loop.run_forever()
-            for t in self._tasks:
-                t.cancel()
-            loop.run_until_complete(asyncio.gather(*self._tasks, return_exceptions=True))
-            loop.run_until_complete(self.stack.probes.aclose())
-            loop.close()
 
-        self._thread = threading.Thread(target=main, name="ops-stack", daemon=True)
-        self._thread.start()
-        started.wait(5)
+        self._thread.start(start_tasks, timeout=5)
         wait_for(lambda: _answers(self.url), 10, interval=0.02, what="ops server")
         return self
 
     def stop(self) -> None:
-        if self.loop is not None:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
+        async def end_tasks() -> None:
+            for t in self._tasks:
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.stack.probes.aclose()
+
+        self._thread.stop(end_tasks)
 
     def __enter__(self) -> OpsThread:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-async def _call(fn: Any) -> Any:
-    return fn()
 
 
 def _answers(url: str) -> bool:

@@ -4,7 +4,6 @@ fake OpenAI upstreams (tests.fake_openai) as tiers and an EngineStatus the test 
 from __future__ import annotations
 
 import asyncio
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from sentinel.config.schema import PayloadLogConfig, ProxyConfig
 from sentinel.proxy.service import ProxyService, TransportFactory
 from sentinel.state import EngineStatus
+from tests.loop_thread import LoopThread
 
 
 def ready_status() -> EngineStatus:
@@ -39,23 +39,15 @@ class ProxyHarness:
         self.registry = CollectorRegistry()
         self.engine_url = engine_url
         self._factory = transport_factory
-        self.loop = asyncio.new_event_loop()
-        self._thread: threading.Thread | None = None
+        self._thread = LoopThread("proxy-under-test")
         self.service: ProxyService | None = None
-        self._started = threading.Event()
-        self._error: BaseException | None = None
+        self._serving: asyncio.Task[None] | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._thread.loop
 
     def start(self) -> ProxyHarness:
-        self._thread = threading.Thread(target=self._run, daemon=True, name="proxy-under-test")
-        self._thread.start()
-        if not self._started.wait(15):
-            raise RuntimeError(f"proxy did not start: {self._error!r}")
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
         kwargs: dict[str, Any] = {}
         if self._factory is not None:
             kwargs["transport_factory"] = self._factory
@@ -70,16 +62,16 @@ class ProxyHarness:
                 **kwargs,
             )
             self.service.prepare()
-            task = asyncio.create_task(self.service.run())
-            await self.service.server.wait_started()
-            self._started.set()
-            await task
+            self._serving = serving = asyncio.create_task(self.service.run())
+            started = asyncio.ensure_future(self.service.server.wait_started())
+            await asyncio.wait({started, serving}, return_when=asyncio.FIRST_COMPLETED)
+            if not started.done():
+                started.cancel()
+                serving.result()  # what stopped the proxy
+                raise RuntimeError("the proxy stopped before it listened")
 
-        try:
-            self.loop.run_until_complete(main())
-        except BaseException as exc:  # noqa: BLE001 (reported to the test thread)
-            self._error = exc
-            self._started.set()
+        self._thread.start(main, timeout=15)
+        return self
 
     @property
     def url(self) -> str:
@@ -88,16 +80,7 @@ class ProxyHarness:
 
     def call(self, fn: Any, *args: Any) -> Any:
         """Run fn(*args) on the proxy's loop (state changes the proxy reads)."""
-        done = threading.Event()
-        out: list[Any] = []
-
-        def run() -> None:
-            out.append(fn(*args))
-            done.set()
-
-        self.loop.call_soon_threadsafe(run)
-        done.wait(5)
-        return out[0] if out else None
+        return self._thread.call(fn, *args)
 
     def metrics_text(self) -> str:
         return generate_latest(self.registry).decode()
@@ -109,8 +92,12 @@ class ProxyHarness:
     def stop(self) -> None:
         if self.service is not None:
             self.loop.call_soon_threadsafe(self.service.server.request_stop)
-        if self._thread is not None:
-            self._thread.join(15)
+
+        async def finish() -> None:
+            if self._serving is not None:
+                await asyncio.gather(self._serving, return_exceptions=True)
+
+        self._thread.stop(finish, timeout=15)
 
     def __enter__(self) -> ProxyHarness:
         return self.start()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from sentinel.collectors.gpu import nvml as nvml_mod
+from sentinel.collectors.gpu import counters
 from sentinel.collectors.gpu.fake import FakeGpu, FakeNvml
 from sentinel.collectors.gpu.nvml import GpuDevice, NvmlUnavailable, load_nvml
 
@@ -341,9 +341,9 @@ def test_one_field_failing_inside_the_batch_leaves_the_others() -> None:
 def test_slow_reads_happen_between_polls_one_at_a_time_each_every_slow_every(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(nvml_mod, "FAST_READ_S", -1.0)  # every counter group is "slow"
+    monkeypatch.setattr(counters, "FAST_READ_S", -1.0)  # every counter group is "slow"
     gpu = FakeGpu(pcie_replay=1, graphics_processes=[(900, 1 << 20)])
-    every = 2 * (len(nvml_mod.COUNTER_GROUPS) + 1)  # each slow read every 2 calls
+    every = 2 * (len(counters.COUNTER_GROUPS) + 1)  # each slow read every 2 calls
     _, device = open_one(gpu, slow_every=every)
     s = device.sample()
     assert s.pcie_replays == 1  # read at open: present from the first poll
@@ -359,7 +359,7 @@ def test_slow_reads_happen_between_polls_one_at_a_time_each_every_slow_every(
     assert s.pcie_replays == 1 and s.slow_read_durations_s == {}
     # between polls: at most one read a call, each slow read every `every` calls
     names = [r[0] for r in device.slow_reads()]
-    assert names == [g.name for g in nvml_mod.COUNTER_GROUPS] + ["graphics_processes"]
+    assert names == [g.name for g in counters.COUNTER_GROUPS] + ["graphics_processes"]
     done = [device.refresh_slow() for _ in range(every * 2)]
     reads = [r[0] for r in done if r is not None]
     assert all(r is None or r[1] >= 0 for r in done)
