@@ -66,6 +66,7 @@ def _watch(tmp_path: Path, proc: subprocess.Popen[str], seconds: float) -> tuple
     status.new_generation()
     status.mark_loaded()
     status.set_lifecycle(Lifecycle.running)
+    status.set_readiness(True, {})  # a ready engine: only the GPU rule may fire
     status.set_processes(
         [ProcessInfo(proc.pid, "worker", 1, psutil.Process(proc.pid).create_time())]
     )
