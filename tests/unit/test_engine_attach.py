@@ -82,9 +82,11 @@ def test_pid_file_wins_and_a_stale_or_bad_one_is_named(tmp_path: Path) -> None:
     assert read_pid_file(f)[0] is None and "cannot read" in (read_pid_file(f)[1] or "")
     f.write_text("garbage")
     assert "not a pid" in (read_pid_file(f)[1] or "")
-    f.write_text(f"{psutil.Process().pid}\n")
-    found = discover(AttachConfig(pid_file=f), None)
-    assert found.api_server is not None and found.api_server.pid == psutil.Process().pid
+    # a pid file naming Sentinel itself (or its parent, or a child of it) is never taken
+    for pid in (psutil.Process().pid, psutil.Process().ppid()):
+        f.write_text(f"{pid}\n")
+        found = discover(AttachConfig(pid_file=f), None)
+        assert found.members == [] and "Sentinel's own" in (found.problem or "")
 
 
 def test_attach_config_is_checked() -> None:
@@ -122,7 +124,8 @@ class Engine:
             members=[
                 Found(p.pid, r, psutil.Process(p.pid).create_time())
                 for p, r in zip(self.procs, roles, strict=True)
-            ]
+            ],
+            verified=True,
         )
 
     def alive(self) -> bool:
@@ -281,3 +284,110 @@ def test_a_held_back_recovery_is_done_once_allowed_unless_the_engine_is_fine(
     clock.now += 61
     asyncio.run(eng.retry_pending())
     assert engine.alive() and eng.describe()["pending"] is None
+
+
+# ---- review of issue 18: never signal a process that is not the engine ---------------
+GREP = ("pgrep", "-f", "vllm serve --port 8001")  # an operator's kubectl exec session
+
+
+def test_sentinels_own_children_are_never_candidates_nor_members() -> None:
+    # py-spy (or any helper) Sentinel (pid 50) runs, whose command line names vLLM
+    sentinel = Proc(50, 1, 10.0, ("python", "-m", "sentinel", "run"))
+    helper = Proc(51, 50, 11.0, ("/bin/sh", "-c", "py-spy dump -- vllm serve --port 8001"))
+    d = select(procs(sentinel, helper), CFG, 8001, exclude={50, 1}, exclude_tree=50)
+    assert d.api_server is not None and d.api_server.pid == 10 and d.problem is None
+    # alone (the engine is down), Sentinel's child is still not taken
+    lone = [Proc(1, 0, 1.0, ("/sbin/init",)), sentinel, helper]
+    assert select(lone, CFG, 8001, exclude={50, 1}, exclude_tree=50).members == []
+    # and a pid file naming one is refused
+    d = select(lone, CFG, 8001, pid_from_file=51, exclude={50, 1}, exclude_tree=50)
+    assert d.members == [] and "Sentinel's own" in (d.problem or "")
+
+
+def test_only_the_tree_listening_on_the_port_is_taken_and_verified() -> None:
+    grep = Proc(60, 1, 12.0, GREP)
+    listening = {12}  # vLLM's API server or one of its children holds the socket
+
+    def listens(pid: int) -> bool:
+        return pid in listening
+
+    # a match naming the port but not listening loses to the engine that listens
+    d = select(procs(grep), CFG, 8001, listens=listens)
+    assert d.api_server is not None and d.api_server.pid == 10 and d.verified
+    assert d.problem is None
+    # the engine is down: the lone match is a shell, not taken (it does not listen)
+    down = [p for p in procs(grep) if p.pid not in (10, 11, 12, 13)]
+    listening.clear()
+    d = select(down, CFG, 8001, listens=listens)
+    assert d.members == [] and not d.verified
+    assert "60" in (d.problem or "") and "does not listen" in (d.problem or "")
+    # without listens (no port check possible) the old rules hold, never verified
+    assert not select(procs(), CFG, 8001).verified
+    # sockets that cannot be read: taken for telemetry, not verified, and said so
+    d = select(procs(), CFG, 8001, listens=lambda pid: None)
+    assert d.api_server is not None and not d.verified and "no recovery" in (d.problem or "")
+
+
+def test_a_pid_file_naming_a_process_off_the_port_is_not_verified() -> None:
+    d = select(procs(), CFG, 8001, pid_from_file=20, listens=lambda pid: False)
+    assert d.api_server is not None and d.api_server.pid == 20 and not d.verified
+    assert "does not listen on port 8001" in (d.problem or "")
+    d = select(procs(), CFG, 8001, pid_from_file=10, listens=lambda pid: pid == 11)
+    assert d.verified and d.problem is None
+
+
+def test_an_unverified_engine_is_never_signalled(engine: Engine) -> None:
+    eng, status = attached(engine, Clock())
+    status.mark_loaded()
+    eng._discover = lambda: Discovery(members=engine.discovery().members, verified=False)
+    eng.apply(eng._discover())
+    for reason in ("stalled", "operator"):
+        assert asyncio.run(eng.recover(reason, "")) is False
+    assert engine.alive() and eng.refused == {"unverified": 2}
+    assert status.restart_counts == {} and eng.describe()["verified"] is False
+
+
+def test_an_engine_replaced_since_the_verdict_is_judged_afresh(engine: Engine) -> None:
+    eng, status = attached(engine, Clock())
+    status.mark_loaded()
+    judged = list(engine.procs)
+    # the kubelet restarted the container between the probes' verdict and the recovery
+    for p in judged:
+        p.kill()
+        p.wait()
+    engine.start()
+    assert asyncio.run(eng.recover("stalled", "no tokens")) is False
+    assert engine.alive() and eng.refused == {"engine_changed": 1}
+    assert status.restart_counts == {"crashed": 1}  # the old one went away: counted once
+    assert eng.describe()["pending"] is None
+
+
+def test_a_recycled_pid_is_not_signalled(engine: Engine) -> None:
+    eng, status = attached(engine, Clock())
+    status.mark_loaded()
+    real = engine.discovery()
+    # the discovery saw pid P born at another time: P now is another process
+    stale = [Found(m.pid, m.role, m.create_time - 5.0) for m in real.members]
+    eng._discover = lambda: Discovery(members=stale, verified=True)
+    eng.apply(eng._discover())
+    assert asyncio.run(eng.recover("operator", "")) is True
+    assert engine.alive()
+
+
+def test_an_engine_that_cannot_be_told_apart_for_a_while_is_not_a_crash(
+    engine: Engine,
+) -> None:
+    eng, status = attached(engine, Clock())
+    status.mark_loaded()
+    status.set_lifecycle(Lifecycle.running)
+    gen, pids = status.generation, [p.pid for p in status.processes]
+    ambiguous = Discovery(problem="2 processes match", candidates=[engine.procs[0].pid, 99])
+    eng.apply(ambiguous)
+    assert status.restart_counts == {} and status.generation == gen
+    assert status.lifecycle == Lifecycle.running and [p.pid for p in status.processes] == pids
+    assert eng.describe()["problem"] == "2 processes match"
+    assert asyncio.run(eng.recover("operator", "")) is False  # nothing identified now
+    eng._discover = lambda: ambiguous
+    assert engine.alive()
+    eng.apply(engine.discovery())  # told apart again: the same engine, the same generation
+    assert status.generation == gen and status.restart_counts == {}
