@@ -194,8 +194,11 @@ class AttachedEngine:
         if ident is None and self._identity is not None and found.problem:
             if _alive(self._identity):
                 # the engine runs on, it just cannot be told apart now (a second candidate,
-                # a pid file being rewritten): not a crash, not a new generation; nothing
-                # is signalled meanwhile (self.last has no members)
+                # a pid file being rewritten): not a crash, not a new generation; its
+                # processes stay published, and nothing is signalled meanwhile (unverified)
+                self.last = Discovery(
+                    members=prev.members, problem=found.problem, candidates=found.candidates
+                )
                 return
         if ident != self._identity:
             if self._identity is not None and not self._recovering:

@@ -386,8 +386,52 @@ def test_an_engine_that_cannot_be_told_apart_for_a_while_is_not_a_crash(
     assert status.restart_counts == {} and status.generation == gen
     assert status.lifecycle == Lifecycle.running and [p.pid for p in status.processes] == pids
     assert eng.describe()["problem"] == "2 processes match"
-    assert asyncio.run(eng.recover("operator", "")) is False  # nothing identified now
+    assert eng.owned_pids() == set(pids)  # telemetry and GPU memory keep their pids
     eng._discover = lambda: ambiguous
+    assert asyncio.run(eng.recover("operator", "")) is False  # not one to signal now
+    assert eng.refused == {"unverified": 1}
     assert engine.alive()
     eng.apply(engine.discovery())  # told apart again: the same engine, the same generation
     assert status.generation == gen and status.restart_counts == {}
+
+
+def test_attach_mode_pids_reach_the_gpu_poller_by_role(engine: Engine) -> None:
+    from sentinel.collectors.gpu.fake import FakeGpu, FakeNvml
+    from sentinel.collectors.gpu.nvml import load_nvml
+    from sentinel.collectors.gpu.poller import GpuPoller
+    from sentinel.config.schema import GpuConfig
+
+    eng, status = attached(engine, Clock())
+    api, core = (p.pid for p in engine.procs)
+    gpu = FakeGpu(compute_processes=[(api, 1 << 30), (core, 6 << 30), (4242, 2 << 30)])
+    lib = FakeNvml([gpu])
+    poller = GpuPoller(GpuConfig(), status, eng.owned_pids, load=lambda: load_nvml(lib))
+    assert poller.open()
+    try:
+        [sample] = poller.poll_once().devices
+    finally:
+        poller.close()
+    roles = {p.pid: p.role for p in sample.processes}
+    assert roles == {api: "api_server", core: "engine_core", 4242: None}  # 4242: foreign
+
+
+def test_attach_series_say_why_recoveries_were_refused(engine: Engine) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from sentinel.collectors.attach_metrics import AttachCollector
+
+    eng, status = attached(engine, Clock(), recovery=False)
+    registry = CollectorRegistry()
+    registry.register(AttachCollector(eng.describe))
+    text = generate_latest(registry).decode()
+    assert 'sentinel_attach_recoveries_refused_total{why="recovery_disabled"} 0.0' in text
+    assert 'sentinel_attach_recoveries_refused_total{why="engine_changed"} 0.0' in text
+    assert "sentinel_attach_engine_identified 1.0" in text
+    assert "sentinel_attach_engine_verified 1.0" in text
+    assert asyncio.run(eng.recover("stalled", "")) is False
+    eng.apply(Discovery(problem="2 processes match"))  # the engine still runs: kept
+    text = generate_latest(registry).decode()
+    assert 'sentinel_attach_recoveries_refused_total{why="recovery_disabled"} 1.0' in text
+    assert "sentinel_attach_discovery_problem 1.0" in text
+    assert "sentinel_attach_engine_identified 1.0" in text  # still the same engine,
+    assert "sentinel_attach_engine_verified 0.0" in text  # but not one to signal now
