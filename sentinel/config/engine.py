@@ -71,6 +71,11 @@ class AttachConfig(_Section):
             raise ValueError(f"must be an http(s) URL such as http://127.0.0.1:8001, got {v!r}")
         if parts.username or parts.password:
             raise ValueError("must not hold credentials (user:password@): they would reach logs")
+        if parts.query or parts.fragment:
+            raise ValueError(
+                "must not have a query or fragment (?...#...): a token there would reach "
+                "logs and /status; give the engine's base URL only"
+            )
         try:
             parts.port  # noqa: B018 - raises on a bad port
         except ValueError as exc:

@@ -94,6 +94,9 @@ def test_attach_config_is_checked() -> None:
         SentinelConfig.model_validate({"engine": {"attach": {"base_url": "127.0.0.1:8001"}}})
     with pytest.raises(ValidationError, match="non-empty"):
         SentinelConfig.model_validate({"engine": {"attach": {"api_server_match": [""]}}})
+    for leaky in ("http://u:secret@127.0.0.1:8001", "http://127.0.0.1:8001/?token=secret"):
+        with pytest.raises(ValidationError, match="credentials|query"):
+            SentinelConfig.model_validate({"engine": {"attach": {"base_url": leaky}}})
     with pytest.raises(ValidationError, match="mode"):
         SentinelConfig.model_validate({"engine": {"mode": "adopt"}})
     cfg = SentinelConfig.model_validate(
