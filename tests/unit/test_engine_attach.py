@@ -421,14 +421,14 @@ def test_attach_mode_pids_reach_the_gpu_poller_by_role(engine: Engine) -> None:
 def test_attach_series_say_why_recoveries_were_refused(engine: Engine) -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from sentinel.collectors.attach_metrics import AttachCollector
+    from sentinel.collectors.attach_metrics import REFUSALS, AttachCollector
 
     eng, status = attached(engine, Clock(), recovery=False)
     registry = CollectorRegistry()
     registry.register(AttachCollector(eng.describe))
     text = generate_latest(registry).decode()
-    assert 'sentinel_attach_recoveries_refused_total{why="recovery_disabled"} 0.0' in text
-    assert 'sentinel_attach_recoveries_refused_total{why="engine_changed"} 0.0' in text
+    for why in REFUSALS:  # from 0, so increase() sees the first
+        assert f'sentinel_attach_recoveries_refused_total{{why="{why}"}} 0.0' in text
     assert "sentinel_attach_engine_identified 1.0" in text
     assert "sentinel_attach_engine_verified 1.0" in text
     assert asyncio.run(eng.recover("stalled", "")) is False
@@ -438,3 +438,13 @@ def test_attach_series_say_why_recoveries_were_refused(engine: Engine) -> None:
     assert "sentinel_attach_discovery_problem 1.0" in text
     assert "sentinel_attach_engine_identified 1.0" in text  # still the same engine,
     assert "sentinel_attach_engine_verified 0.0" in text  # but not one to signal now
+
+
+def test_sentinel_status_says_when_the_engine_is_not_one_to_signal(engine: Engine) -> None:
+    from sentinel.cli.status import _attach_line
+
+    eng, _ = attached(engine, Clock())
+    assert "not verified" not in _attach_line(eng.describe())
+    eng.apply(Discovery(members=engine.discovery().members, problem="sockets unreadable"))
+    line = _attach_line(eng.describe())
+    assert "not verified" in line and "sockets unreadable" in line
