@@ -129,8 +129,13 @@ def select(
     def serves(p: Proc) -> bool | None:
         if listens is None or port is None:
             return None
-        seen: list[bool | None] = [listens(x.pid) for x in (p, *_descendants(p.pid, table))]
-        return True if True in seen else (None if None in seen else False)
+        unknown = False
+        for x in (p, *_descendants(p.pid, table)):  # the API server first: it holds the port
+            got = listens(x.pid)
+            if got:
+                return True
+            unknown = unknown or got is None
+        return None if unknown else False
 
     if pid_from_file is not None:
         lead = table.get(pid_from_file)
