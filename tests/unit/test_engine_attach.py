@@ -448,3 +448,13 @@ def test_sentinel_status_says_when_the_engine_is_not_one_to_signal(engine: Engin
     eng.apply(Discovery(members=engine.discovery().members, problem="sockets unreadable"))
     line = _attach_line(eng.describe())
     assert "not verified" in line and "sockets unreadable" in line
+
+
+def test_the_engines_command_line_never_reaches_status(engine: Engine) -> None:
+    # vLLM takes its key as --api-key: discovery reads command lines, publishes pids only
+    keyed = Proc(30, 1, 7.0, ("vllm", "serve", "m", "--api-key", "s3cret-key-0123", "--port=1"))
+    for d in (select(procs(keyed), CFG, 7777), select([keyed], CFG, 9)):
+        assert d.problem is not None and "s3cret" not in d.problem
+    eng, _ = attached(engine, Clock())
+    eng.apply(select(procs(keyed), CFG, 7777))
+    assert "s3cret" not in repr(eng.describe())
