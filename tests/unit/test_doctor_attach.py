@@ -28,7 +28,8 @@ def _doctor_elsewhere(cfg: SentinelConfig, only: set[str]) -> dict[str, dict[str
         "import json, sys; from sentinel.config.schema import SentinelConfig; "
         "from sentinel.doctor.checks import run_checks; "
         "cfg = SentinelConfig.model_validate_json(sys.stdin.read()); "
-        f"print(json.dumps({{r.name: {{'status': r.status.value, 'summary': r.summary}} "
+        "print(json.dumps({r.name: {'status': r.status.value, 'summary': r.summary, "
+        f"'fix': r.fix}} "
         f"for r in run_checks(cfg, only={sorted(only)!r})}}))"
     )
     out = subprocess.run(
@@ -69,6 +70,7 @@ def test_attach_mode_reports_the_found_pids_and_skips_what_it_does_not_launch(
     assert "engine.port" not in results["ports"]["summary"]  # the engine holds it, not Sentinel
     assert not_serving["status"] == "fail", not_serving
     assert f"{deaf.pid}" in not_serving["summary"] and "no recovery" in not_serving["summary"]
+    assert "--port" in not_serving["fix"] and "SYS_PTRACE" in not_serving["fix"]
 
 
 def test_attach_mode_fails_on_a_stale_pid_file_and_launch_mode_skips_the_check(
