@@ -111,6 +111,10 @@ class EngineConfig(_Section):
 
         return self.attach.base_url or local_url(self.host, self.port)
 
+    def attach_host(self) -> str | None:
+        """The attached engine's host name or address (to tell a remote engine)."""
+        return urlsplit(self.attach_url()).hostname
+
     def attach_port(self) -> int | None:
         """The attached engine's port (to tell its API server from other engines')."""
         if self.attach.base_url is None:

@@ -31,7 +31,7 @@ def check_attach(cfg: SentinelConfig, host: Host) -> Result:
     eng = cfg.engine
     if eng.mode != "attach":
         return Result(name, Status.skip, "engine.mode: launch (Sentinel starts the engine)")
-    found = discover(eng.attach, eng.attach_port())
+    found = discover(eng.attach, eng.attach_port(), eng.attach_host())
     health = _health(eng.attach_url())
     if found.problem and found.members:  # taken, but not seen serving the URL's port
         return Result(name, Status.fail, f"mode attach; {found.problem}; {health}",

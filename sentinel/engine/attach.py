@@ -66,7 +66,8 @@ class AttachedEngine:
         self.status = status
         self._url = engine_cfg.attach_url()
         port = engine_cfg.attach_port()
-        self._discover = discover_fn or (lambda: discover(self.cfg, port))
+        host = engine_cfg.attach_host()
+        self._discover = discover_fn or (lambda: discover(self.cfg, port, host))
         self._clock = clock
         self.startup_grace_s = self.cfg.startup_grace_s or supervisor_cfg.startup_timeout_s
         # the same hooks the app sets on the launch-mode supervisor

@@ -9,8 +9,10 @@ its descendants get their role from vLLM's process titles (``VLLM::EngineCore``,
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,8 +271,36 @@ def listens_on(port: int) -> Listens:
     return check
 
 
-def discover(cfg: AttachConfig, port: int | None) -> Discovery:
-    """One look at the machine (blocking: run it in a thread)."""
+def is_local_host(host: str | None) -> bool:
+    """Whether ``host`` (a URL's) is this machine: loopback, a name for it, or an address
+    of one of its interfaces (in a pod: the pod's own IP)."""
+    if host is None:
+        return True
+    host = host.strip("[]").lower()
+    if host in ("localhost", "0.0.0.0", "::") or host == socket.gethostname().lower():
+        return True
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return True
+    except ValueError:
+        return False  # another name: another machine (a Service, a remote host)
+    try:
+        addrs = {a.address.split("%")[0] for nic in psutil.net_if_addrs().values() for a in nic}
+    except OSError:
+        return False
+    return host in addrs
+
+
+def discover(cfg: AttachConfig, port: int | None, host: str | None = None) -> Discovery:
+    """One look at the machine (blocking: run it in a thread). ``host``: the engine URL's;
+    an engine on another machine has no processes here (a local process serving the same
+    port number is not it)."""
+    if not is_local_host(host):
+        why = (
+            f"engine.attach.base_url's host {host} is not this machine: no engine process "
+            "can be found or recovered here (probes, scrape and proxy still work)"
+        )
+        return Discovery(problem=why)
     pid_from_file = None
     if cfg.pid_file is not None:
         pid_from_file, why = read_pid_file(cfg.pid_file)

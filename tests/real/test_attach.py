@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -234,3 +235,47 @@ def _hung_engine_is_ended_and_followed(
     assert s.status()["generation"] > gen
     assert s.serves(base=s.proxy_url)
     assert other.poll() is None, "a process that only looked like the engine was signalled"
+
+
+def _stream(url: str, out: list[tuple[int, str]], started: threading.Event) -> None:
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "ignore_eos": True,
+            "stream": True, "temperature": 0}  # fmt: skip
+    try:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+            chunks = []
+            for text in r.iter_text():
+                chunks.append(text)
+                started.set()
+            out.append((r.status_code, "".join(chunks)))
+    except Exception as exc:  # noqa: BLE001 - asserted by the test
+        out.append((0, f"{type(exc).__name__}: {exc}"))
+
+
+def test_sigterm_drains_in_flight_then_exits_0_and_leaves_the_engine(attached: Any) -> None:
+    """Last in the module: Sentinel is stopped here, as the kubelet stops a pod."""
+    s, engine = attached
+    wait_ready_with(s, engine.proc.pid)
+    results: list[tuple[int, str]] = []
+    events = [threading.Event() for _ in range(8)]
+    threads = [threading.Thread(target=_stream, args=(s.proxy_url, results, ev), daemon=True)
+               for ev in events]  # fmt: skip
+    for t in threads:
+        t.start()
+    wait_for(lambda: all(e.is_set() for e in events), 120, what="8 streams under way")
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.get("/readyz", timeout=5).status_code == 503
+    late = httpx.post(s.proxy_url + "/v1/completions", timeout=10,
+                      json={"model": "tiny", "prompt": "x", "max_tokens": 2})  # fmt: skip
+    assert late.status_code == 503 and late.json()["error"]["code"] == "draining", late.text
+    for t in threads:
+        t.join(120)
+    assert sorted(code for code, _ in results) == [200] * 8, results
+    assert all(body.rstrip().endswith("data: [DONE]") for _, body in results)
+    assert s.proc.wait(60) == 0, s.log_text()[-3000:]
+    [began] = [r for r in s.log_records() if r.get("event") == "draining"]
+    [over] = [r for r in s.log_records() if r.get("event") == "drain wait over"]
+    assert began["in_flight"] >= 1 and over["outcome"] == "completed", (began, over)
+    assert over["left_in_flight"] == 0
+    # the engine was not Sentinel's to stop: it still serves on its own port
+    assert engine.proc.poll() is None
+    assert httpx.get(s.engine_url + "/health", timeout=10).status_code == 200

@@ -458,3 +458,19 @@ def test_the_engines_command_line_never_reaches_status(engine: Engine) -> None:
     eng, _ = attached(engine, Clock())
     eng.apply(select(procs(keyed), CFG, 7777))
     assert "s3cret" not in repr(eng.describe())
+
+
+def test_an_engine_url_on_another_machine_finds_no_local_process() -> None:
+    from sentinel.engine.discovery import is_local_host
+
+    for local in ("127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2", None):
+        assert is_local_host(local), local
+    for remote in ("10.255.255.254", "vllm.default.svc", "192.0.2.7"):
+        assert not is_local_host(remote), remote
+    # even when a local process would match and serve that port number
+    d = discover(AttachConfig(api_server_match=["pytest"]), 8001, "192.0.2.7")
+    assert d.members == [] and "192.0.2.7" in (d.problem or "")
+    cfg = SentinelConfig.model_validate(
+        {"engine": {"mode": "attach", "attach": {"base_url": "http://[::1]:8123"}}}
+    )
+    assert cfg.engine.attach_host() == "::1"
