@@ -237,36 +237,46 @@ def _hung_engine_is_ended_and_followed(
     assert other.poll() is None, "a process that only looked like the engine was signalled"
 
 
-def _stream(url: str, out: list[tuple[int, str]], started: threading.Event) -> None:
-    body = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "ignore_eos": True,
+def _stream(url: str, out: list[tuple[int, str]]) -> None:
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 48, "ignore_eos": True,
             "stream": True, "temperature": 0}  # fmt: skip
     try:
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
-            chunks = []
-            for text in r.iter_text():
-                chunks.append(text)
-                started.set()
-            out.append((r.status_code, "".join(chunks)))
+            out.append((r.status_code, "".join(r.iter_text())))
     except Exception as exc:  # noqa: BLE001 - asserted by the test
         out.append((0, f"{type(exc).__name__}: {exc}"))
 
 
+def _in_flight(s: SentinelProcess) -> float:
+    lines = s.get("/metrics").text.splitlines()
+    return sum(float(x.rsplit(" ", 1)[1]) for x in lines
+               if x.startswith("sentinel_proxy_in_flight_requests{"))  # fmt: skip
+
+
 def test_sigterm_drains_in_flight_then_exits_0_and_leaves_the_engine(attached: Any) -> None:
-    """Last in the module: Sentinel is stopped here, as the kubelet stops a pod."""
+    """Last in the module: Sentinel is stopped here, as the kubelet stops a pod. The
+    engine's EngineCore and Worker are held (SIGSTOP) for the moment of the signal, so that
+    the requests are in flight whatever the machine's speed, then let go."""
     s, engine = attached
-    wait_ready_with(s, engine.proc.pid)
+    doc = wait_ready_with(s, engine.proc.pid)
+    held = [doc["pids"]["engine_core"][0], doc["pids"]["worker"][0]]
     results: list[tuple[int, str]] = []
-    events = [threading.Event() for _ in range(8)]
-    threads = [threading.Thread(target=_stream, args=(s.proxy_url, results, ev), daemon=True)
-               for ev in events]  # fmt: skip
-    for t in threads:
-        t.start()
-    wait_for(lambda: all(e.is_set() for e in events), 120, what="8 streams under way")
-    s.proc.send_signal(signal.SIGTERM)
-    assert s.get("/readyz", timeout=5).status_code == 503
-    late = httpx.post(s.proxy_url + "/v1/completions", timeout=10,
-                      json={"model": "tiny", "prompt": "x", "max_tokens": 2})  # fmt: skip
-    assert late.status_code == 503 and late.json()["error"]["code"] == "draining", late.text
+    threads = [threading.Thread(target=_stream, args=(s.proxy_url, results), daemon=True)
+               for _ in range(8)]  # fmt: skip
+    for pid in held:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: _in_flight(s) == 8, 30, interval=0.1, what="8 requests in flight")
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.get("/readyz", timeout=5).status_code == 503
+        late = httpx.post(s.proxy_url + "/v1/completions", timeout=10,
+                          json={"model": "tiny", "prompt": "x", "max_tokens": 2})  # fmt: skip
+        assert late.status_code == 503 and late.json()["error"]["code"] == "draining", late.text
+    finally:
+        for pid in held:
+            os.kill(pid, signal.SIGCONT)
     for t in threads:
         t.join(120)
     assert sorted(code for code, _ in results) == [200] * 8, results
@@ -274,7 +284,7 @@ def test_sigterm_drains_in_flight_then_exits_0_and_leaves_the_engine(attached: A
     assert s.proc.wait(60) == 0, s.log_text()[-3000:]
     [began] = [r for r in s.log_records() if r.get("event") == "draining"]
     [over] = [r for r in s.log_records() if r.get("event") == "drain wait over"]
-    assert began["in_flight"] >= 1 and over["outcome"] == "completed", (began, over)
+    assert began["in_flight"] == 8 and over["outcome"] == "completed", (began, over)
     assert over["left_in_flight"] == 0
     # the engine was not Sentinel's to stop: it still serves on its own port
     assert engine.proc.poll() is None
