@@ -474,3 +474,24 @@ def test_an_engine_url_on_another_machine_finds_no_local_process() -> None:
         {"engine": {"mode": "attach", "attach": {"base_url": "http://[::1]:8123"}}}
     )
     assert cfg.engine.attach_host() == "::1"
+
+
+def test_attach_mode_reaps_no_child_of_anyone(engine: Engine) -> None:
+    """waitpid(-1) would take exit statuses that belong to others (py-spy's caller, the
+    harness): attach mode reaps nothing, during a recovery or on SIGCHLD."""
+    import os
+    import time
+
+    other = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 10
+    while psutil.Process(other.pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    eng, status = attached(engine, Clock())
+    status.mark_loaded()
+    eng.notify_child_exit()
+    assert asyncio.run(eng.recover("operator", "")) is True and not engine.alive()
+    # still a zombie waiting for its own parent's wait(): nobody else took its status
+    got = os.waitid(os.P_PID, other.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    assert got is not None and got.si_pid == other.pid
+    assert other.wait() == 0
