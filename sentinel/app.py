@@ -91,6 +91,9 @@ class Sentinel:
         self.ops.report.sections["watchdogs"] = self.watchdogs.describe
         if isinstance(self.supervisor, AttachedEngine):  # issue 18: mode, discovered pids
             self.ops.report.sections["attach"] = self.supervisor.describe
+            from sentinel.collectors.attach_metrics import AttachCollector
+
+            self.registry.register(AttachCollector(self.supervisor.describe))
         from sentinel.watchdogs import admin as watchdog_admin
 
         watchdog_admin.register(self.ops.admin, self.watchdogs)

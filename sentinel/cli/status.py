@@ -75,6 +75,8 @@ def _attach_line(attach: dict[str, Any]) -> str:
     pids = ", ".join(f"{role} {' '.join(map(str, p))}" for role, p in attach["pids"].items())
     line = f"attach to {attach.get('base_url')}; pids: {pids or 'none found'}; "
     line += f"recovery {'on' if attach.get('recovery') else 'off'}"
+    if attach["pids"] and not attach.get("verified", True):
+        line += " [yellow](engine not verified on its port: never signalled)[/]"
     if attach.get("recoveries"):
         line += f", done {attach['recoveries']}"
     if attach.get("last_refusal"):

@@ -71,6 +71,11 @@ class AttachConfig(_Section):
             raise ValueError(f"must be an http(s) URL such as http://127.0.0.1:8001, got {v!r}")
         if parts.username or parts.password:
             raise ValueError("must not hold credentials (user:password@): they would reach logs")
+        if parts.query or parts.fragment:
+            raise ValueError(
+                "must not have a query or fragment (?...#...): a token there would reach "
+                "logs and /status; give the engine's base URL only"
+            )
         try:
             parts.port  # noqa: B018 - raises on a bad port
         except ValueError as exc:
@@ -105,6 +110,10 @@ class EngineConfig(_Section):
         from sentinel.net import local_url
 
         return self.attach.base_url or local_url(self.host, self.port)
+
+    def attach_host(self) -> str | None:
+        """The attached engine's host name or address (to tell a remote engine)."""
+        return urlsplit(self.attach_url()).hostname
 
     def attach_port(self) -> int | None:
         """The attached engine's port (to tell its API server from other engines')."""

@@ -31,8 +31,13 @@ def check_attach(cfg: SentinelConfig, host: Host) -> Result:
     eng = cfg.engine
     if eng.mode != "attach":
         return Result(name, Status.skip, "engine.mode: launch (Sentinel starts the engine)")
-    found = discover(eng.attach, eng.attach_port())
+    found = discover(eng.attach, eng.attach_port(), eng.attach_host())
     health = _health(eng.attach_url())
+    if found.problem and found.members:  # taken, but not seen serving the URL's port
+        return Result(name, Status.fail, f"mode attach; {found.problem}; {health}",
+                      "check that engine.attach.base_url's port is the engine's --port, and "
+                      "give Sentinel the engine's uid or SYS_PTRACE (its sockets are read "
+                      "to tell the engine from look-alikes)")  # fmt: skip
     if found.problem:
         return Result(name, Status.fail, f"mode attach; {found.problem}; {health}",
                       "set engine.attach.pid_file, or an api_server_match that only the "

@@ -35,6 +35,16 @@ from sentinel.state import EngineStatus, Lifecycle, ProcessInfo
 
 log = get_logger("sentinel.engine.attach")
 
+
+def _alive(identity: tuple[int, float]) -> bool:
+    """Whether the process (pid, create time) still runs (a reused pid is another one)."""
+    try:
+        proc = psutil.Process(identity[0])
+        return proc.create_time() == identity[1] and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 EvidenceHook = Callable[[str, str], Awaitable[None]]
 Discover = Callable[[], Discovery]
 
@@ -56,7 +66,8 @@ class AttachedEngine:
         self.status = status
         self._url = engine_cfg.attach_url()
         port = engine_cfg.attach_port()
-        self._discover = discover_fn or (lambda: discover(self.cfg, port))
+        host = engine_cfg.attach_host()
+        self._discover = discover_fn or (lambda: discover(self.cfg, port, host))
         self._clock = clock
         self.startup_grace_s = self.cfg.startup_grace_s or supervisor_cfg.startup_timeout_s
         # the same hooks the app sets on the launch-mode supervisor
@@ -113,6 +124,7 @@ class AttachedEngine:
             "base_url": self._url,
             "pids": pids,
             "problem": self.last.problem,
+            "verified": self.last.verified,  # seen serving the URL's port: recoverable
             "recovery": self.cfg.recovery,
             "recoveries": dict(self.recoveries),
             "refused": dict(self.refused),
@@ -180,13 +192,28 @@ class AttachedEngine:
         if found.problem and found.problem != prev.problem:
             log.warning("engine processes not identified", problem=found.problem)
         ident = found.identity
+        if ident is None and self._identity is not None and found.problem:
+            if _alive(self._identity):
+                # the engine runs on, it just cannot be told apart now (a second candidate,
+                # a pid file being rewritten): not a crash, not a new generation; its
+                # processes stay published, and nothing is signalled meanwhile (unverified)
+                self.last = Discovery(
+                    members=prev.members, problem=found.problem, candidates=found.candidates
+                )
+                return
         if ident != self._identity:
             if self._identity is not None and not self._recovering:
                 gone_pid = self._identity[0]
-                why = f"the attached engine's API server (pid {gone_pid}) went away"
-                if ident is None:
+                if _alive(self._identity):
+                    log.warning(
+                        "another process taken for the attached engine; the previous one runs on",
+                        previous=gone_pid,
+                        now=ident[0] if ident else None,
+                    )
+                else:
+                    why = f"the attached engine's API server (pid {gone_pid}) went away"
                     log.error("attached engine gone", pid=gone_pid)
-                self.status.record_restart("crashed", why)
+                    self.status.record_restart("crashed", why)
             if ident is None:
                 self.status.set_lifecycle(Lifecycle.restarting)
                 self.status.set_processes([])
@@ -230,6 +257,8 @@ class AttachedEngine:
             return "recovery_disabled"
         if not self.last.members:
             return "no_processes"
+        if not self.last.verified:
+            return "unverified"  # not seen serving the engine's port: never signalled
         if reason in OPERATOR_REASONS:
             return None
         starting = self._seen_at is not None and not self.status.loaded
@@ -244,6 +273,19 @@ class AttachedEngine:
         """Where launch mode would restart: evidence first, then end the engine's
         processes. Returns whether it ended them."""
         refusal = self._refusal(reason)
+        if refusal is None:
+            # the verdict is about the engine seen last: look again right before signalling
+            # (a restarted engine, new workers, a pid file rewritten meanwhile)
+            judged = self._identity
+            try:
+                await self.discover_now()
+            except Exception as exc:  # noqa: BLE001 - no fresh look, no signal
+                log.error("looking for the engine's processes failed", error=repr(exc))
+                self.last = Discovery(problem=f"discovery failed: {exc!r}")
+            if self._identity != judged:
+                refusal = "engine_changed"  # a new engine: the probes judge it afresh
+            else:
+                refusal = self._refusal(reason)
         if refusal is not None:
             if refusal in ("holdoff", "starting"):
                 self._pending = (reason, detail)

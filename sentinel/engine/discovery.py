@@ -9,9 +9,11 @@ its descendants get their role from vLLM's process titles (``VLLM::EngineCore``,
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
-from collections.abc import Iterable
+import socket
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +42,9 @@ class Discovery:
     members: list[Found] = field(default_factory=list)  # the API server first
     problem: str | None = None  # why no engine was chosen (None: found, or nothing there)
     candidates: list[int] = field(default_factory=list)  # API server candidates seen
+    # the API server's tree listens on the engine URL's port (or the operator named it in
+    # a pid file that passed the same check): the only engine recovery may signal
+    verified: bool = False
 
     @property
     def api_server(self) -> Found | None:
@@ -96,6 +101,9 @@ def role_of(cmdline: tuple[str, ...], cfg: AttachConfig) -> str:
     return "other"
 
 
+Listens = Callable[[int], bool | None]  # pid -> listens on the port (None: cannot tell)
+
+
 def select(
     procs: Iterable[Proc],
     cfg: AttachConfig,
@@ -103,17 +111,44 @@ def select(
     *,
     pid_from_file: int | None = None,
     exclude: Iterable[int] = (),
+    exclude_tree: int | None = None,
+    listens: Listens | None = None,
 ) -> Discovery:
     """Choose the engine's API server among ``procs`` and list it with its descendants.
 
     ``exclude``: Sentinel itself and its ancestors (a shell whose command line names vLLM
-    must not be taken for the engine)."""
+    must not be taken for the engine); ``exclude_tree``: Sentinel's pid, whose descendants
+    (py-spy, any helper it runs) are never the engine either, nor ever listed among its
+    processes. ``listens``: whether a pid listens on ``port``; a candidate
+    whose tree is seen not to listen there (a shell, ``pgrep -f``, a ``kubectl exec``
+    session, another engine) is not taken, and only a tree seen listening is ``verified``,
+    the one state in which recovery may signal it."""
     table = {p.pid: p for p in procs}
     skip = set(exclude)
+    if exclude_tree is not None:
+        skip |= {exclude_tree} | {p.pid for p in _descendants(exclude_tree, table)}
+
+    def serves(p: Proc) -> bool | None:
+        if listens is None or port is None:
+            return None
+        unknown = False
+        for x in (p, *_descendants(p.pid, table)):  # the API server first: it holds the port
+            got = listens(x.pid)
+            if got:
+                return True
+            unknown = unknown or got is None
+        return None if unknown else False
+
     if pid_from_file is not None:
         lead = table.get(pid_from_file)
         if lead is None:
             why = f"the pid {pid_from_file} in engine.attach.pid_file is not running"
+            return Discovery(problem=why)
+        if lead.pid in skip:
+            why = (
+                f"the pid {pid_from_file} in engine.attach.pid_file is Sentinel's own "
+                "(itself, an ancestor or a child): never taken for the engine"
+            )
             return Discovery(problem=why)
         chosen = [lead]
     else:
@@ -123,6 +158,20 @@ def select(
         # a match inside an API server's tree (a vLLM child, a wrapper's child) is its own
         lead_pids = {p.pid for p in chosen}
         chosen = [p for p in chosen if not _has_ancestor(p, lead_pids, table)]
+    serving = {p.pid: serves(p) for p in chosen}
+    if pid_from_file is None and chosen:
+        listening = [p for p in chosen if serving[p.pid] is True]
+        if listening:
+            chosen = listening
+        else:
+            deaf = sorted(p.pid for p in chosen if serving[p.pid] is False)
+            chosen = [p for p in chosen if serving[p.pid] is not False]
+            if not chosen:
+                why = (
+                    f"pid {', '.join(map(str, deaf))} matches engine.attach.api_server_match "
+                    f"but does not listen on port {port} (yet): not taken for the engine"
+                )
+                return Discovery(problem=why, candidates=deaf)
         if len(chosen) > 1 and port is not None:
             on_port = [p for p in chosen if port_named(p.cmdline) == port]
             if on_port:
@@ -139,7 +188,13 @@ def select(
         return Discovery(problem=why, candidates=candidates)
     lead = chosen[0]
     named = port_named(lead.cmdline)
-    if pid_from_file is None and port is not None and named is not None and named != port:
+    if (
+        pid_from_file is None
+        and port is not None
+        and named is not None
+        and named != port
+        and serving[lead.pid] is not True
+    ):
         why = (
             f"the only process matching engine.attach.api_server_match (pid {lead.pid}) "
             f"serves port {named}, not the engine URL's {port}: not taken for the engine"
@@ -147,8 +202,21 @@ def select(
         return Discovery(problem=why, candidates=candidates)
     members = [Found(lead.pid, "api_server", lead.create_time)]
     for p in _descendants(lead.pid, table):
+        if p.pid in skip:  # Sentinel below the engine's process (never signalled)
+            continue
         members.append(Found(p.pid, role_of(p.cmdline, cfg), p.create_time))
-    return Discovery(members=members, candidates=candidates)
+    verified = serving[lead.pid] is True
+    problem = None
+    if not verified and listens is not None and port is not None:
+        problem = (
+            f"pid {lead.pid} is taken for the engine's API server but is not seen listening "
+            f"on port {port}: telemetry only, no recovery (give Sentinel SYS_PTRACE or the "
+            "engine's uid)"
+            if serving[lead.pid] is None
+            else f"the pid {lead.pid} in engine.attach.pid_file does not listen on port {port} "
+            "(yet): telemetry only, no recovery"
+        )
+    return Discovery(members=members, candidates=candidates, verified=verified, problem=problem)
 
 
 def _has_ancestor(p: Proc, pids: set[int], table: dict[int, Proc]) -> bool:
@@ -186,11 +254,64 @@ def own_lineage() -> set[int]:
     return pids
 
 
-def discover(cfg: AttachConfig, port: int | None) -> Discovery:
-    """One look at the machine (blocking: run it in a thread)."""
+def listens_on(port: int) -> Listens:
+    """pid -> whether it holds a TCP socket listening on ``port`` (None: its sockets cannot
+    be read: another uid without SYS_PTRACE)."""
+
+    def check(pid: int) -> bool | None:
+        try:
+            conns = psutil.Process(pid).net_connections(kind="tcp")
+        except psutil.AccessDenied:
+            return None
+        except psutil.Error:
+            return False  # gone
+        return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for c in conns)  # fmt: skip
+
+    return check
+
+
+def is_local_host(host: str | None) -> bool:
+    """Whether ``host`` (a URL's) is this machine: loopback, a name for it, or an address
+    of one of its interfaces (in a pod: the pod's own IP)."""
+    if host is None:
+        return True
+    host = host.strip("[]").lower()
+    if host in ("localhost", "0.0.0.0", "::") or host == socket.gethostname().lower():
+        return True
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return True
+    except ValueError:
+        return False  # another name: another machine (a Service, a remote host)
+    try:
+        addrs = {a.address.split("%")[0] for nic in psutil.net_if_addrs().values() for a in nic}
+    except OSError:
+        return False
+    return host in addrs
+
+
+def discover(cfg: AttachConfig, port: int | None, host: str | None = None) -> Discovery:
+    """One look at the machine (blocking: run it in a thread). ``host``: the engine URL's;
+    an engine on another machine has no processes here (a local process serving the same
+    port number is not it)."""
+    if not is_local_host(host):
+        why = (
+            f"engine.attach.base_url's host {host} is not this machine: no engine process "
+            "can be found or recovered here (probes, scrape and proxy still work)"
+        )
+        return Discovery(problem=why)
     pid_from_file = None
     if cfg.pid_file is not None:
         pid_from_file, why = read_pid_file(cfg.pid_file)
         if why is not None:
             return Discovery(problem=why)
-    return select(snapshot(), cfg, port, pid_from_file=pid_from_file, exclude=own_lineage())
+    return select(
+        snapshot(),
+        cfg,
+        port,
+        pid_from_file=pid_from_file,
+        exclude=own_lineage(),
+        exclude_tree=os.getpid(),
+        listens=listens_on(port) if port is not None else None,
+    )

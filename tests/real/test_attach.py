@@ -5,6 +5,8 @@ tree of its own; Sentinel (`engine.mode: attach`) finds it by its command line a
 probes it, scrapes it, fronts it with the proxy; when the engine hangs (EngineCore and
 Worker SIGSTOPped), Sentinel dumps the discovered pids and ends the engine's processes;
 the test then starts a new engine on the same port, and Sentinel follows its new pids.
+Throughout, a decoy whose command line names vLLM and the engine's port (an operator's
+shell) is never taken for the engine, nor signalled: only the tree listening on the port is.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -168,11 +171,40 @@ def test_attached_engine_is_probed_scraped_fronted_and_its_pids_found(attached: 
     assert "attach" in status.stdout and str(api) in status.stdout, status.stdout
 
 
+def decoy(port: int) -> subprocess.Popen[bytes]:
+    """An operator's process whose command line names vLLM and the engine's port (a shell
+    in a `kubectl exec` session, `pgrep -f`), not listening on it: never the engine."""
+    code = "import time; time.sleep(600)"
+    return subprocess.Popen([sys.executable, "-c", code, "vllm", "serve", "--port", str(port)])
+
+
 def test_hung_engine_is_dumped_ended_and_its_replacement_followed(attached: Any) -> None:
     s, engine = attached
     old_api = engine.proc.pid
     doc = wait_ready_with(s, old_api)
     gen = s.status()["generation"]
+    other = decoy(engine.port)  # matches like the engine, names its port, does not listen
+    try:
+        _hung_engine_is_ended_and_followed(s, engine, old_api, doc, gen, other)
+    finally:
+        other.kill()
+        other.wait()
+
+
+def _hung_engine_is_ended_and_followed(
+    s: SentinelProcess,
+    engine: EngineContainer,
+    old_api: int,
+    doc: dict[str, Any],
+    gen: int,
+    other: subprocess.Popen[bytes],
+) -> None:
+    def told_apart() -> bool:  # the engine (listening) is still the one, verified
+        d = attach_doc(s)
+        return d["pids"].get("api_server") == [old_api] and d["verified"] and not d["problem"]
+
+    wait_for(told_apart, 30, interval=0.5, what="the engine told apart from the decoy")
+    assert "sentinel_attach_engine_verified 1.0" in s.get("/metrics").text
     hung = {"engine_core": doc["pids"]["engine_core"][0], "worker": doc["pids"]["worker"][0]}
     for pid in hung.values():
         os.kill(pid, signal.SIGSTOP)
@@ -180,6 +212,10 @@ def test_hung_engine_is_dumped_ended_and_its_replacement_followed(attached: Any)
     # Sentinel ends the engine's processes; the "kubelet" sees its container's main exit
     engine.proc.wait(120)
     wait_for(lambda: not engine.processes(), 60, interval=0.5, what="engine processes gone")
+    # the engine is down: the decoy alone matches, is not taken, and lives on
+    wait_for(lambda: str(other.pid) in (attach_doc(s)["problem"] or ""), 30, interval=0.5,
+             what="the decoy named and not taken")  # fmt: skip
+    assert attach_doc(s)["pids"] == {} and other.poll() is None
     metrics = s.get("/metrics").text
     assert 'sentinel_engine_restarts_total{reason="not_ready"} 1.0' in metrics
     assert attach_doc(s)["recoveries"] == {"not_ready": 1}
@@ -198,3 +234,58 @@ def test_hung_engine_is_dumped_ended_and_its_replacement_followed(attached: Any)
     assert new_api != old_api and doc["pids"]["engine_core"][0] != hung["engine_core"]
     assert s.status()["generation"] > gen
     assert s.serves(base=s.proxy_url)
+    assert other.poll() is None, "a process that only looked like the engine was signalled"
+
+
+def _stream(url: str, out: list[tuple[int, str]]) -> None:
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 48, "ignore_eos": True,
+            "stream": True, "temperature": 0}  # fmt: skip
+    try:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+            out.append((r.status_code, "".join(r.iter_text())))
+    except Exception as exc:  # noqa: BLE001 - asserted by the test
+        out.append((0, f"{type(exc).__name__}: {exc}"))
+
+
+def _in_flight(s: SentinelProcess) -> float:
+    lines = s.get("/metrics").text.splitlines()
+    return sum(float(x.rsplit(" ", 1)[1]) for x in lines
+               if x.startswith("sentinel_proxy_in_flight_requests{"))  # fmt: skip
+
+
+def test_sigterm_drains_in_flight_then_exits_0_and_leaves_the_engine(attached: Any) -> None:
+    """Last in the module: Sentinel is stopped here, as the kubelet stops a pod. The
+    engine's EngineCore and Worker are held (SIGSTOP) for the moment of the signal, so that
+    the requests are in flight whatever the machine's speed, then let go."""
+    s, engine = attached
+    doc = wait_ready_with(s, engine.proc.pid)
+    held = [doc["pids"]["engine_core"][0], doc["pids"]["worker"][0]]
+    results: list[tuple[int, str]] = []
+    threads = [threading.Thread(target=_stream, args=(s.proxy_url, results), daemon=True)
+               for _ in range(8)]  # fmt: skip
+    for pid in held:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: _in_flight(s) == 8, 30, interval=0.1, what="8 requests in flight")
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.get("/readyz", timeout=5).status_code == 503
+        late = httpx.post(s.proxy_url + "/v1/completions", timeout=10,
+                          json={"model": "tiny", "prompt": "x", "max_tokens": 2})  # fmt: skip
+        assert late.status_code == 503 and late.json()["error"]["code"] == "draining", late.text
+    finally:
+        for pid in held:
+            os.kill(pid, signal.SIGCONT)
+    for t in threads:
+        t.join(120)
+    assert sorted(code for code, _ in results) == [200] * 8, results
+    assert all(body.rstrip().endswith("data: [DONE]") for _, body in results)
+    assert s.proc.wait(60) == 0, s.log_text()[-3000:]
+    [began] = [r for r in s.log_records() if r.get("event") == "draining"]
+    [over] = [r for r in s.log_records() if r.get("event") == "drain wait over"]
+    assert began["in_flight"] == 8 and over["outcome"] == "completed", (began, over)
+    assert over["left_in_flight"] == 0
+    # the engine was not Sentinel's to stop: it still serves on its own port
+    assert engine.proc.poll() is None
+    assert httpx.get(s.engine_url + "/health", timeout=10).status_code == 200

@@ -367,6 +367,10 @@ def test_sidecar_shares_pids_may_dump_and_end_the_engine_and_is_probed_through_s
     s = next(c for c in pod["containers"] if c["name"] == "sentinel")
     assert set(s["securityContext"]["capabilities"]["add"]) >= {"SYS_PTRACE", "KILL"}
     assert s["securityContext"]["allowPrivilegeEscalation"] is False
+    # tini is not PID 1 in a shared PID namespace (the pause container is): a subreaper
+    # then, or it warns and leaves Sentinel's orphans to the pause container
+    assert "/usr/bin/tini" in (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
+    assert {"name": "TINI_SUBREAPER", "value": "1"} in s.get("env", [])
     ports = {p["name"]: p["containerPort"] for p in s["ports"]}
     assert ports == {"http": cfg.proxy.port, "ops": cfg.ops.port}
     assert s["startupProbe"]["httpGet"] == {"path": "/startupz", "port": "ops"}
