@@ -4,6 +4,9 @@ headers, and its body handed on part by part as the connection reads it.
 - Body bytes are queued as they arrive, one item per network read (never merged);
   reading the connection pauses when more than ``HIGH_WATER`` bytes wait for a slow
   consumer and resumes below ``LOW_WATER`` (back-pressure).
+- Or, once ``pipe``d, what one network read brought is handed to the sink at the end
+  of that read, in one call: no future, no task wake-up per part. Back-pressure is
+  then the sink's: it calls ``pause``/``resume``.
 - The head's arrival, or the failure before it, resolves ``head_fut``; a failure after
   it is raised to whoever reads the body next.
 - ``abort`` closes the connection, which makes the upstream cancel the request.
@@ -15,7 +18,7 @@ import asyncio
 from collections import deque
 from typing import TYPE_CHECKING
 
-from sentinel.proxy.upstream import UpstreamError
+from sentinel.proxy.upstream import BodySink, UpstreamError
 
 if TYPE_CHECKING:
     from sentinel.proxy.upstream_conn import UpstreamConnection
@@ -42,6 +45,7 @@ class RawResponse:
         "_chunks",
         "_buffered",
         "_waiter",
+        "sink",
     )
 
     def __init__(
@@ -61,6 +65,7 @@ class RawResponse:
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
+        self.sink: BodySink | None = None
 
     @property
     def body_started(self) -> bool:
@@ -70,21 +75,44 @@ class RawResponse:
     # ---- fed by the connection ------------------------------------------------------
     def feed(self, data: bytes) -> None:
         self._chunks.append(data)
+        if self.sink is not None:
+            return  # handed on at the end of this read (``push``)
         self._buffered += len(data)
         if self._buffered > HIGH_WATER:
             self.conn.pause()
         self._wake()
 
+    def push(self) -> None:
+        """Hand what this read brought to the sink, in one call."""
+        chunks = self._chunks
+        sink = self.sink
+        if chunks and sink is not None:
+            data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+            sink.data(data)
+
     def finish(self) -> None:
         self.done = True
-        self._wake()
+        if self.sink is not None:
+            self._end(None)
+        else:
+            self._wake()
 
     def fail(self, err: UpstreamError) -> None:
         self.error = err
         self.done = True
         if not self.head_fut.done():
             self.head_fut.set_exception(err)
-        self._wake()
+        if self.sink is not None:
+            self._end(err)
+        else:
+            self._wake()
+
+    def _end(self, err: UpstreamError | None) -> None:
+        self.push()
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.end(err)
 
     def _wake(self) -> None:
         w = self._waiter
@@ -126,6 +154,23 @@ class RawResponse:
         if data is None:
             raise StopAsyncIteration
         return data
+
+    def pipe(self, sink: BodySink) -> None:
+        self.sink = sink
+        self._buffered = 0
+        if self.done:
+            self._end(self.error)
+            return
+        self.push()
+        self.conn.resume()  # reading may have paused while the parts waited
+
+    def pause(self) -> None:
+        if not self.done:  # (a finished answer's connection may be back in the pool)
+            self.conn.pause()
+
+    def resume(self) -> None:
+        if not self.done:
+            self.conn.resume()
 
     def release(self) -> None:
         pass  # the connection went back to the pool when the message completed

@@ -113,6 +113,9 @@ class HttpConnection(asyncio.Protocol):
             self._drain_waiter = None
             if not waiter.done():
                 waiter.set_result(None)
+        resp = self._active_resp
+        if resp is not None and resp.on_writable is not None:
+            resp.on_writable()
         if self._next_due:  # answers had piled up unread: the next request may go now
             self._next_due = False
             self._next()
