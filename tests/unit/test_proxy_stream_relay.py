@@ -98,6 +98,13 @@ def test_a_slow_client_gets_every_byte_in_order_through_back_pressure(
     )
     time.sleep(1.0)  # not reading: the proxy must stop taking from the upstream
     assert upstream.is_alive()  # the upstream is still blocked sending, not done
+    assert px.service is not None
+    server = px.service.server
+    held = px.call(
+        lambda: max(c.transport.get_write_buffer_size() for c in server.connections if c.transport)
+    )
+    # what Sentinel holds for the client: its high-water mark plus one upstream read
+    assert held <= 64 * 1024 + 256 * 1024, held
     received = bytearray()
     client.settimeout(20)
     while chunk := client.recv(1 << 20):
