@@ -138,6 +138,12 @@ class RawResponse:
             await self._waiter
 
     async def read(self) -> bytes:
+        chunks = self._chunks
+        if self.done and self.error is None:  # all in hand (a whole answer, read at once)
+            data = b"".join(chunks)
+            chunks.clear()
+            self._buffered = 0
+            return data
         parts = []
         while (data := await self._next()) is not None:
             parts.append(data)
