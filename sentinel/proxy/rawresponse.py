@@ -42,7 +42,7 @@ class RawResponse:
         "chunked",
         "done",
         "error",
-        "_chunks",
+        "parts",  # body parts read and not yet taken (or handed to the sink)
         "_buffered",
         "_waiter",
         "sink",
@@ -62,7 +62,7 @@ class RawResponse:
         self.chunked = False
         self.done = False
         self.error: UpstreamError | None = None
-        self._chunks: deque[bytes] = deque()
+        self.parts: deque[bytes] = deque()
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
         self.sink: BodySink | None = None
@@ -70,11 +70,11 @@ class RawResponse:
     @property
     def body_started(self) -> bool:
         """Did any of the answer (its head, or body bytes) arrive?"""
-        return self.got_headers or bool(self._chunks)
+        return self.got_headers or bool(self.parts)
 
     # ---- fed by the connection ------------------------------------------------------
     def feed(self, data: bytes) -> None:
-        self._chunks.append(data)
+        self.parts.append(data)
         if self.sink is not None:
             return  # handed on at the end of this read (``push``)
         self._buffered += len(data)
@@ -84,7 +84,7 @@ class RawResponse:
 
     def push(self) -> None:
         """Hand what this read brought to the sink, in one call."""
-        chunks = self._chunks
+        chunks = self.parts
         sink = self.sink
         if chunks and sink is not None:
             data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
@@ -124,8 +124,8 @@ class RawResponse:
     # ---- consumer side (UpstreamResponse) ---------------------------------------------
     async def _next(self) -> bytes | None:
         while True:
-            if self._chunks:
-                data = self._chunks.popleft()
+            if self.parts:
+                data = self.parts.popleft()
                 self._buffered -= len(data)
                 if self._buffered < LOW_WATER:
                     self.conn.resume()
@@ -138,7 +138,7 @@ class RawResponse:
             await self._waiter
 
     async def read(self) -> bytes:
-        chunks = self._chunks
+        chunks = self.parts
         if self.done and self.error is None:  # all in hand (a whole answer, read at once)
             data = b"".join(chunks)
             chunks.clear()

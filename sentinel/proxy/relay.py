@@ -122,12 +122,11 @@ class _Pipe:
 
     def data(self, data: bytes) -> None:
         out = self.out
-        if out.client_closed:
+        if not out.write_part(data):
             # the client has gone: its connection's loss cancels the relay; the
             # upstream stops now, not after what it still sends
             self.upstream.abort()
             return
-        out.write(data)
         self.ex.capture(data)
         self.dog.last = self.loop.time()
         if out.paused:

@@ -145,7 +145,10 @@ class UpstreamConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         resp = self.resp
         if resp is not None and not self.stray:
-            resp.feed(body)
+            if resp.sink is not None:
+                resp.parts.append(body)  # handed on at the end of this read
+            else:
+                resp.feed(body)
 
     def on_message_complete(self) -> None:
         if self.interim:

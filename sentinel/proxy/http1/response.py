@@ -100,6 +100,16 @@ class Response:
         if data:
             self._conn.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
 
+    def write_part(self, data: bytes) -> bool:
+        """``write`` for a piped stream's part, in one call: False (nothing written)
+        when the client's connection is closing or closed."""
+        t = self._conn.transport
+        if t is None or t.is_closing():
+            return False
+        if data:
+            t.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+        return True
+
     def end(self) -> None:
         if not self.ended:
             self.ended = True
@@ -109,12 +119,6 @@ class Response:
     @property
     def paused(self) -> bool:
         return self._conn.write_paused
-
-    @property
-    def client_closed(self) -> bool:
-        """The client's connection is closing or closed: nothing more reaches it."""
-        t = self._conn.transport
-        return t is None or t.is_closing()
 
     async def drain(self) -> None:
         await self._conn.drain()
