@@ -167,8 +167,8 @@ class RawResponse:
         if self.done:
             self._end(self.error)
             return
-        self.push()
         self.conn.resume()  # reading may have paused while the parts waited
+        self.push()  # (the sink may pause it again)
 
     def pause(self) -> None:
         if not self.done:  # (a finished answer's connection may be back in the pool)

@@ -187,9 +187,9 @@ async def relay(
         pipe = _Pipe(out, ex, resp, dog, loop)
         try:
             out.on_writable = pipe.caught_up
-            if out.paused:
-                pipe.behind()
             resp.pipe(pipe)
+            if out.paused and not dog.client_behind:  # behind since the head and first part
+                pipe.behind()
             await pipe.done
         except asyncio.CancelledError:
             if dog.expired is None or task.uncancel() > 0:
