@@ -2,9 +2,10 @@
 side in one run (CPU time is steadier than latency on a shared VM, but the VM's speed
 still drifts, so the two alternate round by round).
 
-    .venv/bin/python -m bench.proxy_cpu --base HEAD~1 [--rounds 4]
+    .venv/bin/python -m bench.proxy_cpu --base HEAD~1 [--rounds 4] [--no-payloads]
 
-Both proxies (``bench.proxy --role proxy``, payload log on) are pinned to core 0; the
+Both proxies (``bench.proxy --role proxy``, payload log on unless ``--no-payloads``,
+as ``bench.relay_floor`` runs Sentinel) are pinned to core 0; the
 upstream and the load generator to core 1. Per round and side: whole answers at 1 500
 req/s over 64 connections for 2 s, then 384 streams (32 events each, 64 at a time,
 starts 10 ms apart, as in ``bench.proxy``). Printed: CPU microseconds (user + system,
@@ -28,10 +29,13 @@ WHOLE = {"model": "bench", "prompt": "hi", "max_tokens": 2}
 STREAM = {"model": "bench", "prompt": "hi", "max_tokens": 32, "stream": True}
 
 
-def _proxy(root: Path, upstream_port: int) -> tuple[subprocess.Popen[str], int]:
+def _proxy(
+    root: Path, upstream_port: int, payloads: bool = True
+) -> tuple[subprocess.Popen[str], int]:
     """The proxy of the tree at ``root``, and its port."""
     port = bp.free_port()
-    args = ["--role", "proxy", "--port", str(port), "--payload-dir", tempfile.mkdtemp()]
+    pdir = tempfile.mkdtemp() if payloads else "off"
+    args = ["--role", "proxy", "--port", str(port), "--payload-dir", pdir]
     args += ["--upstream", f"http://127.0.0.1:{upstream_port}"]
     return bp._spawn(args, [0], tree=root), port
 
@@ -56,6 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--base", required=True, help="git revision to compare with (e.g. HEAD~1)")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--no-payloads", action="store_true", help="payload log off on both sides")
     a = ap.parse_args()
     base_dir = Path(tempfile.mkdtemp(prefix="sentinel-base-"))
     subprocess.run(
@@ -68,7 +73,8 @@ def main() -> None:
     try:
         up = bp.free_port()
         procs.append(bp._spawn(["--role", "upstream", "--port", str(up)], [1]))
-        sides = {"base": _proxy(base_dir, up), "new": _proxy(bp.ROOT, up)}
+        logs = not a.no_payloads
+        sides = {"base": _proxy(base_dir, up, logs), "new": _proxy(bp.ROOT, up, logs)}
         procs += [p for p, _ in sides.values()]
         bp.pin([1])
         got: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from sentinel.config.schema import PayloadLogConfig, ProxyConfig
 from sentinel.proxy.http1.connection import HttpConnection
 from sentinel.proxy.http1.limits import HttpLimits
 from sentinel.proxy.service import ProxyService
-from sentinel.proxy.upstream import UpstreamRequest
+from sentinel.proxy.upstream import MockResponse, UpstreamRequest
 from sentinel.state import EngineStatus
 
 LIMITS = HttpLimits(
@@ -47,44 +46,22 @@ LIMITS = HttpLimits(
 
 
 # ---- a mock upstream -------------------------------------------------------------------
-class MockResponse:
-    def __init__(self, request: UpstreamRequest) -> None:
-        try:
-            payload = json.loads(request.body) if request.body else {}
-        except ValueError:
-            payload = {}
-        self.stream = isinstance(payload, dict) and payload.get("stream") is True
-        self.status = 200
-        self.content_type = "text/event-stream" if self.stream else "application/json"
-        self._body = b'{"id": "x", "choices": [{"text": "ok"}]}'
-        self.content_length = None if self.stream else len(self._body)
-        self.headers = [(b"content-type", self.content_type.encode())]
-        if not self.stream:
-            self.headers.append((b"content-length", str(len(self._body)).encode()))
-
-    async def read(self) -> bytes:
-        return self._body
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        if not self.stream:
-            yield self._body
-            return
-        for i in range(3):
-            await asyncio.sleep(0)
-            yield b'data: {"n": %d}\n\n' % i
-        yield b"data: [DONE]\n\n"
-
-    def release(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
+def mock_response(request: UpstreamRequest) -> MockResponse:
+    """A whole JSON answer, or (``"stream": true``) a stream of three events and [DONE]."""
+    try:
+        payload = json.loads(request.body) if request.body else {}
+    except ValueError:
+        payload = {}
+    if isinstance(payload, dict) and payload.get("stream") is True:
+        parts = [b'data: {"n": %d}\n\n' % i for i in range(3)] + [b"data: [DONE]\n\n"]
+        return MockResponse(parts=parts, content_type="text/event-stream")
+    return MockResponse(body=b'{"id": "x", "choices": [{"text": "ok"}]}')
 
 
 class MockTransport:
     async def send(self, request: UpstreamRequest) -> MockResponse:
         await asyncio.sleep(0)
-        return MockResponse(request)
+        return mock_response(request)
 
     async def aclose(self) -> None:
         pass
@@ -182,9 +159,17 @@ class Target:
         self.calls = 0
         handler = self.service.handler
 
+        self.crashes: list[str] = []
+
         async def counting(req: Any, resp: Any) -> None:
             self.calls += 1
-            await handler(req, resp)
+            try:
+                await handler(req, resp)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a crash after the answer began is no 500: seen here
+                self.crashes.append(repr(exc))
+                raise
 
         self.handler = counting
 
@@ -193,6 +178,7 @@ class Target:
 
     async def _case(self, chunks: list[bytes]) -> None:
         self.calls = 0
+        self.crashes.clear()
         server = _Server(self.handler, self.loop)
         conn = HttpConnection(server)  # type: ignore[arg-type]
         sock = FakeSocket()
@@ -210,6 +196,7 @@ class Target:
             await asyncio.sleep(0)
         handler = self.service.handler
         assert handler.in_flight == 0, f"{handler.in_flight} request(s) still in flight"
+        assert not self.crashes, f"the handler raised: {self.crashes}"
         heads = _response_heads(bytes(sock.out))
         statuses = [s for s, _ in heads]
         assert 500 not in statuses, f"a 500: {bytes(sock.out)[:500]!r}"

@@ -166,9 +166,13 @@ class Target:
         else:
             failed = False
             try:
-                if opened.rest is not None:
-                    async for _ in opened.rest:
+                if opened.rest is not None and len(parts) % 2:
+                    async for _ in opened.rest:  # pulled part by part
                         pass
+                elif opened.rest is not None:  # piped, as the relay takes a stream
+                    sink = _Collect(self.loop)
+                    opened.resp.pipe(sink)
+                    await sink.done
             except UpstreamError:
                 failed = True
             finally:
@@ -194,6 +198,25 @@ class Target:
         self.server.close()
         self.loop.run_until_complete(self.server.wait_closed())
         self.loop.close()
+
+
+class _Collect:
+    """A ``BodySink`` that keeps the parts and resolves ``done`` at the end."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.parts: list[bytes] = []
+
+    def data(self, data: bytes) -> None:
+        assert not self.done.done(), "a part after the end"
+        self.parts.append(data)
+
+    def end(self, error: UpstreamError | None) -> None:
+        assert not self.done.done(), "two ends"
+        if error is None:
+            self.done.set_result(None)
+        else:
+            self.done.set_exception(error)
 
 
 def fuzz(examples: int) -> None:

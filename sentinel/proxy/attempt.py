@@ -7,8 +7,9 @@ its first body bytes are in hand, by the tier's first-byte deadline.
 - A non-SSE body of known length up to ``FULL_READ_LIMIT`` is read whole before it is
   committed; anything else is committed with its first part and relayed part by part.
 - A deadline fails the try only after the event loop has read what the upstream's
-  socket already holds: the exchange runs as its own task, and when the deadline
-  passes the loop gets ``DEADLINE_GRACE_PASSES`` passes before it counts. A head that
+  socket already holds: when the deadline passes, the loop gets
+  ``DEADLINE_GRACE_PASSES`` passes before it counts (the exchange runs in the request's
+  own task, guarded by one timer: no task or future of its own). A head that
   arrived in time counts, even when Sentinel's own loop was too busy to see it before
   the timer fired. The first-byte clock starts when the request was written
   (``UpstreamRequest.sent_at``).
@@ -17,7 +18,6 @@ its first body bytes are in hand, by the tier's first-byte deadline.
 from __future__ import annotations
 
 import asyncio
-import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -115,41 +115,79 @@ class Opened:
 
 
 async def attempt(tier: Tier, req: ProxyRequest) -> Opened:
-    """``tier``'s committed answer by its first-byte deadline. The exchange runs as its
-    own task; when the deadline passes, the loop first gets a few passes to read what
-    the socket holds (see ``DEADLINE_GRACE_PASSES``) and only an exchange that still has
-    nothing is a ``first_byte_timeout``. The caller holds the tier's slot."""
+    """``tier``'s committed answer by its first-byte deadline. The exchange runs in the
+    request's own task, guarded by one timer (``_FirstByteGuard``): when the deadline
+    passes, the loop first gets a few passes to read what the socket holds (see
+    ``DEADLINE_GRACE_PASSES``) and only an exchange that still has nothing is cancelled,
+    as a ``first_byte_timeout``. The caller holds the tier's slot."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     ureq = tier.upstream_request(req)
-    deadline = tier.first_byte_deadline(req, started)
-    exchange = loop.create_task(_exchange(tier, started, ureq))
+    task = asyncio.current_task()
+    assert task is not None
+    guard = _FirstByteGuard(loop, task, tier, req, ureq, tier.first_byte_deadline(req, started))
     try:
-        while True:
-            if not exchange.done():
-                await _until(exchange, deadline)
-            if not exchange.done():
-                for _ in range(DEADLINE_GRACE_PASSES):
-                    await asyncio.sleep(0)
-                    if exchange.done():
-                        break
-            if exchange.done():
-                break
-            # the first byte is due ``first_byte_s`` after the request was written
-            sent = ureq.sent_at
-            later = deadline if sent is None else tier.first_byte_deadline(req, sent)
-            if later <= deadline or loop.time() >= later:
-                break
-            deadline = later
-    except BaseException:  # the request is cancelled (its client went away)
-        _drop(exchange)
-        raise
-    if exchange.done():
-        return exchange.result()  # an Opened, or the exchange's own TierFailed
-    _drop(exchange)
+        return await _exchange(tier, started, ureq)
+    except asyncio.CancelledError:
+        if not guard.expired or task.uncancel() > 0:
+            raise  # the request is cancelled (its client went away)
+    finally:
+        guard.cancel()
     if loop.time() >= req.deadline:
         raise ProxyError(504, "request timed out (proxy.request_timeout_s)", "request_timeout")
     raise TierFailed("first_byte_timeout", health_failure=True)
+
+
+class _FirstByteGuard:
+    """Cancels the request's task (``expired``) once its exchange has had nothing by the
+    first-byte deadline, after ``DEADLINE_GRACE_PASSES`` loop passes: what the socket
+    already holds is read first. The first byte is due ``first_byte_s`` after the
+    request was written (``UpstreamRequest.sent_at``), so a deadline reached before the
+    write (a slow connect, a stall of Sentinel's own loop) moves on to that later one."""
+
+    __slots__ = ("loop", "task", "tier", "req", "ureq", "deadline", "timer", "expired", "off")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        task: asyncio.Task[Any],
+        tier: Tier,
+        req: ProxyRequest,
+        ureq: UpstreamRequest,
+        deadline: float,
+    ) -> None:
+        self.loop = loop
+        self.task = task
+        self.tier = tier
+        self.req = req
+        self.ureq = ureq
+        self.deadline = deadline
+        self.expired = False
+        self.off = False
+        self.timer: asyncio.TimerHandle | None = loop.call_at(deadline, self._passes, 0)
+
+    def _passes(self, n: int) -> None:
+        self.timer = None
+        if self.off:
+            return
+        if n < DEADLINE_GRACE_PASSES:
+            self.loop.call_soon(self._passes, n + 1)
+            return
+        sent = self.ureq.sent_at
+        later = self.deadline if sent is None else self.tier.first_byte_deadline(self.req, sent)
+        if later > self.deadline and self.loop.time() < later:
+            self.deadline = later
+            self.timer = self.loop.call_at(later, self._passes, 0)
+            return
+        self.expired = True
+        self.off = True
+        self.task.cancel()
+
+    def cancel(self) -> None:
+        self.off = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 async def _exchange(tier: Tier, started: float, ureq: UpstreamRequest) -> Opened:
@@ -186,39 +224,3 @@ async def _exchange(tier: Tier, started: float, ureq: UpstreamRequest) -> Opened
         if resp is not None:
             resp.abort()
         raise
-
-
-async def _until(task: asyncio.Task[Opened], deadline: float) -> None:
-    """Wait until ``task`` is done or the loop time ``deadline`` has come, whichever is
-    first (``asyncio.wait`` with a timeout, at less cost per request)."""
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[None] = loop.create_future()
-    wake = functools.partial(_wake, waiter)
-    task.add_done_callback(wake)
-    timer = loop.call_at(deadline, wake)
-    try:
-        await waiter
-    finally:
-        timer.cancel()
-        task.remove_done_callback(wake)
-
-
-def _wake(waiter: asyncio.Future[None], *_: object) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
-def _retrieve(task: asyncio.Task[Opened]) -> None:
-    if not task.cancelled():
-        task.exception()  # an outcome nobody waits for any more: not an error to log
-
-
-def _drop(exchange: asyncio.Task[Opened]) -> None:
-    """Stop an exchange the request no longer waits for; an answer it already opened is
-    closed (its upstream cancels it). The slot is the caller's to give back."""
-    if not exchange.done():
-        exchange.cancel()
-        exchange.add_done_callback(_retrieve)
-        return
-    if not exchange.cancelled() and exchange.exception() is None:
-        exchange.result().abort()

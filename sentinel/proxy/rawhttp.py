@@ -53,12 +53,12 @@ class RawTransport:
         return got
 
     def _head(self, request: UpstreamRequest, pool: ConnectionPool, prefix: str) -> bytes:
+        text = "".join([f"{k}: {v}\r\n" for k, v in request.headers.items()])
         lines = [
             f"{request.method} {prefix}{request.target} HTTP/1.1\r\n".encode("latin-1"),
             b"host: " + pool.host_header + b"\r\n",
+            text.encode("latin-1"),
         ]
-        for k, v in request.headers.items():
-            lines.append(f"{k}: {v}\r\n".encode("latin-1"))
         body = request.body
         if body or request.method in ("POST", "PUT", "PATCH"):
             lines.append(b"content-length: %d\r\n" % len(body))

@@ -1,13 +1,17 @@
 """Relaying a committed upstream answer (``Opened``) to the client.
 
-A whole answer leaves in one write. A stream leaves part by part as each arrives,
-awaiting the client when it falls behind (so a slow client gets every byte, in order,
-and the upstream is read no faster than the client reads). One watchdog timer per
-stream guards both its total time limit and its idle limit
-(``proxy.stream_idle_timeout_s``: a stream that has begun and then sends nothing that
-long); the per-part cost is one clock read. A stream that fails after its first byte
-ends with one parseable SSE error event (an SSE stream) or a cut connection (any
-other body), never a silent, well-formed end.
+A whole answer leaves in one write. A stream is piped: the upstream connection hands
+what each network read brought straight to ``_Pipe.data``, which writes it to the client
+at once (one write per read, no task wake-up per part); the relaying task only waits for
+the stream's end. When the client falls behind (its transport paused writing), reading
+the upstream pauses until it catches up (so a slow client gets every byte, in order, and
+the upstream is read no faster than the client reads). A client that has gone stops the
+upstream at its next part. One watchdog timer per stream guards both its total time
+limit and its idle limit (``proxy.stream_idle_timeout_s``: a stream that has begun and
+then sends nothing that long; detected in ``_Watchdog._check``, the one place); the per-
+part cost is one clock read. A stream that fails after its first byte ends with one
+parseable SSE error event (an SSE stream) or a cut connection (any other body), never a
+silent, well-formed end.
 """
 
 from __future__ import annotations
@@ -95,6 +99,59 @@ class _Watchdog:
             self.timer = None
 
 
+class _Pipe:
+    """The sink of a piped stream (``UpstreamResponse.pipe``): each part to the client as
+    it is read, back-pressure both ways, and the stream's end as a future."""
+
+    __slots__ = ("out", "ex", "upstream", "dog", "loop", "done")
+
+    def __init__(
+        self,
+        out: Response,
+        ex: Exchange,
+        upstream: UpstreamResponse,
+        dog: _Watchdog,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.out = out
+        self.ex = ex
+        self.upstream = upstream
+        self.dog = dog
+        self.loop = loop
+        self.done: asyncio.Future[None] = loop.create_future()
+
+    def data(self, data: bytes) -> None:
+        out = self.out
+        if not out.write_part(data):
+            # the client has gone: its connection's loss cancels the relay; the
+            # upstream stops now, not after what it still sends
+            self.upstream.abort()
+            return
+        self.ex.capture(data)
+        self.dog.last = self.loop.time()
+        if out.paused:
+            self.behind()
+
+    def behind(self) -> None:
+        """The client is behind: stop reading the upstream until it catches up."""
+        self.dog.client_behind = True
+        self.upstream.pause()
+
+    def caught_up(self) -> None:
+        dog = self.dog
+        if dog.client_behind:
+            dog.client_behind = False
+            dog.last = self.loop.time()
+            self.upstream.resume()
+
+    def end(self, error: UpstreamError | None) -> None:
+        if not self.done.done():
+            if error is None:
+                self.done.set_result(None)
+            else:
+                self.done.set_exception(error)
+
+
 async def relay(
     opened: Opened,
     out: Response,
@@ -115,6 +172,7 @@ async def relay(
         return
     upstream_failed = False
     dog: _Watchdog | None = None
+    pipe: _Pipe | None = None
     try:
         ex.streamed = True
         first = opened.first
@@ -126,20 +184,13 @@ async def relay(
         assert task is not None
         dog = _Watchdog(loop, task, tier.total_deadline(req, opened.started), idle_s)
         tail: tuple[str, str, int] | None = None
+        pipe = _Pipe(out, ex, resp, dog, loop)
         try:
-            rest = opened.rest
-            if out.paused:
-                dog.client_behind = True
-                await out.drain()
-                dog.client_behind = False
-            async for chunk in rest:
-                out.write(chunk)
-                ex.capture(chunk)
-                if out.paused:
-                    dog.client_behind = True
-                    await out.drain()
-                    dog.client_behind = False
-                dog.last = loop.time()
+            out.on_writable = pipe.caught_up
+            resp.pipe(pipe)
+            if out.paused and not dog.client_behind:  # behind since the head and first part
+                pipe.behind()
+            await pipe.done
         except asyncio.CancelledError:
             if dog.expired is None or task.uncancel() > 0:
                 raise
@@ -168,6 +219,9 @@ async def relay(
         opened.abort()
         raise
     finally:
+        out.on_writable = None
         if dog is not None:
             dog.cancel()
+        if pipe is not None and pipe.done.done() and not pipe.done.cancelled():
+            pipe.done.exception()  # a break nobody awaits any more is not an error to log
         opened.finish(upstream_failed)

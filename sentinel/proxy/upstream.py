@@ -1,12 +1,13 @@
 """The transport seam between the chain and an upstream, and a mock transport for tests.
 
-``Transport.send`` returns once the upstream's final status line and headers are in;
-the body is then read whole (``read``) or part by part as it arrives (``chunks``, one
-item per network read, never merged). ``abort`` closes the connection at once, which
-is how a cancelled request reaches the upstream (vLLM aborts a request whose
-connection closes). Every failure crosses the seam as ``UpstreamError``: a short
-``reason`` for fallback decisions and metrics, and ``upstream_fault``, False when the
-failure is a bug of ours (it must not count against a healthy upstream's breaker).
+``Transport.send`` returns once the upstream's final status line and headers are in; the
+body is then read whole (``read``) or part by part as it arrives (``chunks``, one item
+per network read, never merged), or handed to a ``BodySink`` as it is read (``pipe``: no
+task wakes per part; ``pause``/``resume`` give back-pressure). ``abort`` closes the
+connection at once, which is how a cancelled request reaches the upstream (vLLM aborts a
+request whose connection closes). Every failure crosses the seam as ``UpstreamError``: a
+short ``reason`` for fallback decisions and metrics, and ``upstream_fault``, False when
+the failure is a bug of ours (it must not count against a healthy upstream's breaker).
 
 ``sentinel.proxy.rawhttp.RawTransport`` is the production client; ``MockTransport``
 answers from a handler function, as httpx's ``MockTransport`` does.
@@ -45,6 +46,16 @@ class UpstreamRequest:
     sent_at: float | None = None
 
 
+class BodySink(Protocol):
+    """Where ``UpstreamResponse.pipe`` hands a body: ``data`` as it is read (what one
+    network read brought, never merged across reads), then ``end`` once (``error``:
+    the body broke)."""
+
+    def data(self, data: bytes) -> None: ...
+
+    def end(self, error: UpstreamError | None) -> None: ...
+
+
 class UpstreamResponse(Protocol):
     """What the chain and the relay use of an upstream's answer."""
 
@@ -56,6 +67,15 @@ class UpstreamResponse(Protocol):
     async def read(self) -> bytes: ...
 
     def chunks(self) -> AsyncIterator[bytes]: ...
+
+    def pipe(self, sink: BodySink) -> None:
+        """From now on, the body parts not yet taken from ``chunks`` go to ``sink`` as
+        they arrive (those already in hand at once)."""
+
+    def pause(self) -> None:
+        """Read no more of the body until ``resume`` (the sink's reader is behind)."""
+
+    def resume(self) -> None: ...
 
     def release(self) -> None: ...
 
@@ -97,6 +117,9 @@ class MockResponse:
     aborted: bool = False
     released: bool = False
     content_length: int | None = field(init=False, default=None)
+    _parts: AsyncIterator[bytes] | None = field(init=False, default=None, repr=False)
+    _pump: asyncio.Task[None] | None = field(init=False, default=None, repr=False)
+    _resumed: asyncio.Event = field(init=False, default_factory=asyncio.Event, repr=False)
 
     def __post_init__(self) -> None:
         names = {k for k, _ in self.headers}
@@ -109,11 +132,18 @@ class MockResponse:
         self.content_length = None if streamed else len(self.body)
         if self.content_length is not None and b"content-length" not in names:
             self.headers.append((b"content-length", str(self.content_length).encode()))
+        self._resumed.set()
 
     async def read(self) -> bytes:
         return b"".join([p async for p in self.chunks()])
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body's parts (one iterator per response: ``pipe`` continues it)."""
+        if self._parts is None:
+            self._parts = self._gen()
+        return self._parts
+
+    async def _gen(self) -> AsyncIterator[bytes]:
         parts = [self.body] if self.parts is None else self.parts
         for part in parts:
             if self.aborted:
@@ -125,11 +155,34 @@ class MockResponse:
         if self.error is not None and not self.aborted:
             raise self.error
 
+    def pipe(self, sink: BodySink) -> None:
+        self._pump = asyncio.get_running_loop().create_task(self._push(sink))
+
+    async def _push(self, sink: BodySink) -> None:
+        try:
+            async for part in self.chunks():
+                await self._resumed.wait()
+                if self.aborted:
+                    return
+                sink.data(part)
+        except UpstreamError as exc:
+            sink.end(exc)
+            return
+        if not self.aborted:
+            sink.end(None)
+
+    def pause(self) -> None:
+        self._resumed.clear()
+
+    def resume(self) -> None:
+        self._resumed.set()
+
     def release(self) -> None:
         self.released = True
 
     def abort(self) -> None:
         self.aborted = True
+        self._resumed.set()
 
 
 Handler = Callable[[UpstreamRequest], Awaitable[MockResponse]]

@@ -70,6 +70,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        resp = self.resp
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -86,6 +87,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.stray:
             self._fail(UpstreamError("reset", "malformed upstream response: unsolicited bytes"))
             self.close()
+        if resp is not None and resp.sink is not None:
+            resp.push()  # a piped body: what this read brought, in one piece
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -142,7 +145,10 @@ class UpstreamConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         resp = self.resp
         if resp is not None and not self.stray:
-            resp.feed(body)
+            if resp.sink is not None:
+                resp.parts.append(body)  # handed on at the end of this read
+            else:
+                resp.feed(body)
 
     def on_message_complete(self) -> None:
         if self.interim:

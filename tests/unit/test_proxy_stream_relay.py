@@ -4,6 +4,7 @@ back-pressure (the upstream is read no faster than the client reads)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -14,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import accept_sse, dechunk, free_port, sse_chunk
+from tests.helpers import accept_sse, dechunk, free_port, sse_chunk, wait_for
 from tests.unit.proxy_harness import ProxyHarness
 
 BODY = {"model": "m", "prompt": "hi", "max_tokens": 3, "stream": True}
@@ -97,6 +98,13 @@ def test_a_slow_client_gets_every_byte_in_order_through_back_pressure(
     )
     time.sleep(1.0)  # not reading: the proxy must stop taking from the upstream
     assert upstream.is_alive()  # the upstream is still blocked sending, not done
+    assert px.service is not None
+    server = px.service.server
+    held = px.call(
+        lambda: max(c.transport.get_write_buffer_size() for c in server.connections if c.transport)
+    )
+    # what Sentinel holds for the client: its high-water mark plus one upstream read
+    assert held <= 64 * 1024 + 256 * 1024, held
     received = bytearray()
     client.settimeout(20)
     while chunk := client.recv(1 << 20):
@@ -134,3 +142,80 @@ def test_a_client_that_falls_behind_is_not_taken_for_a_silent_upstream(tmp_path:
         payload = dechunk(bytes(received).partition(b"\r\n\r\n")[2])
         assert _numbers(payload.decode()) == [*range(events), "[DONE]"]
         assert px.metric("sentinel_proxy_stream_idle_timeouts_total", tier="up") in (None, 0.0)
+
+
+def _counting_upstream(events: int, size: int) -> tuple[str, threading.Thread, list[int]]:
+    """A stream of ``events`` numbered events sent as fast as the proxy takes them, until
+    the proxy cuts the connection; ``sent[0]`` counts the events sent so far."""
+    srv = socket.create_server(("127.0.0.1", free_port()))
+    sent = [0]
+
+    def serve() -> None:
+        conn = accept_sse(srv)
+        try:
+            for i in range(events):
+                conn.sendall(sse_chunk(_event(i, size)))
+                sent[0] += 1
+            conn.sendall(sse_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        except OSError:
+            pass  # cut by the proxy
+        finally:
+            conn.close()
+            srv.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return f"http://127.0.0.1:{srv.getsockname()[1]}", t, sent
+
+
+def _records(px: ProxyHarness) -> list[dict[str, Any]]:
+    assert px.service is not None and px.service.payloads is not None
+    px.service.payloads.flush()
+    out = []
+    for f in sorted(Path(px.payload_cfg.dir).glob("*.jsonl")):
+        out += [json.loads(line) for line in f.read_text().splitlines() if line]
+    return out
+
+
+def test_a_client_that_leaves_mid_stream_stops_the_upstream_at_its_next_event(
+    harness_for: Callable[[str], ProxyHarness],
+) -> None:
+    """A client stops reading, then leaves (its FIN arrives while Sentinel still holds
+    bytes for it, so its connection is only closing): the upstream request is cut at
+    once. Counted in events, not wall time: Sentinel takes at most one more event from
+    the upstream than the upstream had sent when the client left."""
+    events, size = 2000, 32 * 1024  # 64 MiB, far more than the socket buffers hold
+    url, upstream, sent = _counting_upstream(events, size)
+    px = harness_for(url)
+    host, port = px.url.removeprefix("http://").split(":")
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    client.connect((host, int(port)))
+    body = b'{"model": "m", "prompt": "hi", "stream": true}'
+    client.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nx-request-id: leaver\r\n\r\n%s" % (len(body), body)
+    )
+    client.settimeout(10)
+    assert client.recv(4096).startswith(b"HTTP/1.1 200")
+    assert px.service is not None
+    server = px.service.server
+
+    def client_behind() -> bool:
+        return any(c.write_paused for c in server.connections)
+
+    wait_for(lambda: px.call(client_behind), 10, what="the client's transport paused")
+    at_leave = sent[0]  # all Sentinel can have taken from the upstream so far
+    client.shutdown(socket.SHUT_WR)  # the client leaves, with bytes still unsent to it
+
+    def record() -> dict[str, Any] | None:
+        return next((r for r in _records(px) if r["request_id"] == "leaver"), None)
+
+    rec = wait_for(record, 10, what="the stream's record")
+    upstream.join(10)
+    client.close()
+    assert rec["client_disconnect"] is True
+    relayed = rec["completion_tokens"] + 1  # events taken from the upstream and relayed
+    assert relayed <= at_leave + 1, (relayed, at_leave)
+    assert sent[0] < events  # the upstream request was cut, not streamed to its end
+    assert px.call(lambda: px.service.in_flight) == 0

@@ -92,16 +92,22 @@ class HttpConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._queue.clear()
-        task = self._active
-        if task is not None and not task.done():
-            if self._active_resp is not None and not self._active_resp.ended:
-                self._active_resp.gone = True
-                task.cancel()
+        self._abandon()
         waiter = self._drain_waiter
         if waiter is not None:
             self._drain_waiter = None
             if not waiter.done():
                 waiter.set_result(None)
+
+    def _abandon(self) -> None:
+        """The client has gone: the answer it awaited is cancelled (and its upstream
+        request with it), now, not once the unsent bytes for it are flushed."""
+        task = self._active
+        resp = self._active_resp
+        if task is not None and not task.done() and resp is not None and not resp.ended:
+            if not resp.gone:
+                resp.gone = True
+                task.cancel()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -113,6 +119,9 @@ class HttpConnection(asyncio.Protocol):
             self._drain_waiter = None
             if not waiter.done():
                 waiter.set_result(None)
+        resp = self._active_resp
+        if resp is not None and resp.on_writable is not None:
+            resp.on_writable()
         if self._next_due:  # answers had piled up unread: the next request may go now
             self._next_due = False
             self._next()
@@ -175,7 +184,11 @@ class HttpConnection(asyncio.Protocol):
                 return
 
     def eof_received(self) -> bool | None:
-        return None  # a half-closed client is a gone client: the transport closes
+        # a half-closed client is a gone client: the transport closes (once what it
+        # holds for the client is flushed, which may be never for a client that stopped
+        # reading), and the answer in progress is cancelled at once
+        self._abandon()
+        return None
 
     def on_message_begin(self) -> None:
         self._req = Request()

@@ -51,7 +51,7 @@ class Response:
     (a stream, chunked for HTTP/1.1 clients; for HTTP/1.0 the body runs to the close).
     A writer of a stream awaits ``drain`` when ``paused`` (the client is behind)."""
 
-    __slots__ = ("_conn", "_keep_alive", "_chunked", "started", "ended", "gone")
+    __slots__ = ("_conn", "_keep_alive", "_chunked", "started", "ended", "gone", "on_writable")
 
     def __init__(self, conn: HttpConnection, req: Request) -> None:
         self._conn = conn
@@ -61,6 +61,8 @@ class Response:
         self.started = False
         self.ended = False
         self.gone = False  # the client went away before the response ended
+        # called when the client, behind (``paused``), has caught up (a piped stream)
+        self.on_writable: Callable[[], None] | None = None
 
     def _head(self, status: int, headers: list[tuple[bytes, bytes]], framing: bytes) -> bytes:
         line = STATUS_LINES.get(status) or status_line(status)
@@ -97,6 +99,16 @@ class Response:
     def write(self, data: bytes) -> None:
         if data:
             self._conn.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+
+    def write_part(self, data: bytes) -> bool:
+        """``write`` for a piped stream's part, in one call: False (nothing written)
+        when the client's connection is closing or closed."""
+        t = self._conn.transport
+        if t is None or t.is_closing():
+            return False
+        if data:
+            t.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+        return True
 
     def end(self) -> None:
         if not self.ended:
