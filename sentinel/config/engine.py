@@ -103,6 +103,8 @@ class EngineConfig(_Section):
     command: list[str] = Field(default_factory=list)
     workdir: Path | None = None
     gpu_indices: list[int] = Field(default_factory=list)
+    # the variable holding the engine's own API key (vLLM --api-key), sentinel/engine/apikey.py
+    api_key_env: str | None = None
     attach: AttachConfig = Field(default_factory=AttachConfig)
 
     def attach_url(self) -> str:
