@@ -81,3 +81,8 @@ def test_the_local_tier_swaps_the_clients_key_for_the_engines(tmp_path: Path) ->
                 r = httpx.post(h.url + "/v1/completions", json=body, headers=auth, timeout=10)
                 assert r.headers["x-sentinel-upstream"] == "ext", r.text
                 assert "authorization" not in ext.requests[-1]["headers"]
+
+
+def test_the_key_given_twice_is_refused() -> None:
+    with pytest.raises(ValueError, match="api_key_env is set and engine.args/command hold"):
+        EngineConfig(api_key_env="ENG_KEY", args=["--api-key", "x"])
