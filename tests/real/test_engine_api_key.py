@@ -77,6 +77,16 @@ def test_keyed_engine_is_ready_and_served_through_the_proxy(sentinel: SentinelPr
     assert ENGINE_KEY not in status.text
     # no restart: the probes never failed on the key
     assert status.json()["generation"] == 1, status.text
+    # the engine's /metrics is open: Sentinel scrapes it without the key
+    wait_for(
+        lambda: "vllm_generation_tokens_total" in sentinel.get("/metrics").text,
+        60,
+        what="the engine's series on /metrics",
+    )
+    metrics = sentinel.get("/metrics").text
+    assert ENGINE_KEY not in metrics
+    # launch mode exports no sentinel_attach_* series: the attach alerts cannot fire here
+    assert "sentinel_attach_" not in metrics
 
 
 def test_the_key_is_in_no_argv_and_no_log(sentinel: SentinelProcess) -> None:
