@@ -66,6 +66,10 @@ EVENT_DRIVEN: dict[str, str] = {
     "Watchdog agents up": "the agents report once the engine's processes have started",
     "Stuck workers": "the rule needs a GPU (or watchdogs.stuck.cpu_only)",
     "Drain": "a drain is an event",
+    **{
+        t: "exported only in attach mode (engine.mode: attach); the end-to-end test launches"
+        for t in ("Attach mode: engine identified / verified", "Attach mode: recoveries refused")
+    },
 }
 
 
@@ -212,6 +216,24 @@ ROWS.append(
                     (
                         f"sum by (reason) (increase(sentinel_engine_restarts_total{{{SEL}}}[$__rate_interval]))",
                         "{{reason}}",
+                    )
+                ],
+            ),
+            # attach mode only (engine.mode: attach): the series are absent in launch mode
+            ts(
+                "Attach mode: engine identified / verified",
+                [
+                    (f"sentinel_attach_engine_identified{{{SEL}}}", "identified {{instance}}"),
+                    (f"sentinel_attach_engine_verified{{{SEL}}}", "verified {{instance}}"),
+                    (f"sentinel_attach_discovery_problem{{{SEL}}}", "problem {{instance}}"),
+                ],
+            ),
+            ts(
+                "Attach mode: recoveries refused",
+                [
+                    (
+                        f"sum by (why) (increase(sentinel_attach_recoveries_refused_total{{{SEL}}}[$__rate_interval]))",
+                        "{{why}}",
                     )
                 ],
             ),

@@ -52,6 +52,18 @@ class Sentinel:
                 withhold_env=secret_env_names(cfg),
                 lifecycle=cfg.lifecycle,  # issue 16: state file, guard, unkillable, GPU release
             )
+        # --- the engine's own API key (engine.api_key_env): probes and the local tier send
+        # it; launch mode gives it to vLLM as VLLM_API_KEY (environment, not argv) ---
+        from sentinel.engine.apikey import key_env_extender, load_engine_key
+        from sentinel.proxy.secrets import SecretError
+
+        self._startup_error: str | None = None
+        try:
+            engine_key = load_engine_key(cfg.engine)
+        except SecretError as exc:
+            engine_key, self._startup_error = None, str(exc)
+        if engine_key is not None and cfg.engine.mode != "attach":
+            self.supervisor.env_extenders.append(key_env_extender(engine_key))
         self._tasks: list[asyncio.Task[object]] = []
         # --- probes, ops server and metrics (issue 3) ---
         from sentinel.ops.stack import build_ops_stack
@@ -108,6 +120,7 @@ class Sentinel:
                 self.status,
                 self.registry,
                 engine_base_url=lambda: self.supervisor.engine_base_url,
+                engine_api_key=engine_key,
             )
         # --- lifecycle: drain, resume, restart, preemption notices (issue 16) ---
         from sentinel.lifecycle.drain import DrainController
@@ -151,6 +164,9 @@ class Sentinel:
         loop = asyncio.get_running_loop()
         self._install_signals(loop)
         # --- start background components here: append their tasks to self._tasks ---
+        if self._startup_error:  # engine.api_key_env names a variable that is not set
+            log.error("cannot start", error=self._startup_error)
+            return 2
         if self.proxy is not None:  # issue 5: tier keys and the traffic port, checked first
             from sentinel.proxy.service import ProxyStartError
 

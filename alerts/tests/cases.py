@@ -87,6 +87,30 @@ CASES: list[tuple[str, str, dict[str, str], str, str, list[dict[str, str]]]] = [
         "4m",
         [{"instance": "a"}],
     ),
+    # attach mode: unverified for 5 minutes (identified or not: either way no recovery)
+    (
+        "SentinelAttachEngineUnverified",
+        "1m",
+        {f"sentinel_attach_engine_verified{{{I}}}": "1 1 0x10"},
+        "5m",
+        "8m",
+        [{"instance": "a"}],
+    ),
+    # a refused recovery while the engine is not ready fires; holdoff refusals (done later)
+    # never do; silent once the engine is ready again
+    (
+        "SentinelAttachRecoveryRefused",
+        "1m",
+        {
+            f"sentinel_engine_ready{{{I}}}": "1 1 0 0 0 0 1x20",
+            f'sentinel_attach_recoveries_refused_total{{{I}, why="unverified"}}': "0 0 1x20",
+            f'sentinel_attach_recoveries_refused_total{{{I}, why="holdoff"}}': "0 0 1 2 3 4 5x20",
+            f'sentinel_attach_recoveries_refused_total{{{I}, why="starting"}}': "0 1 2x20",
+        },
+        "10m",
+        "4m",
+        [{"instance": "a", "why": "unverified"}],
+    ),
     (
         "SentinelEngineUnkillable",
         "15s",

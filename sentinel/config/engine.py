@@ -103,7 +103,21 @@ class EngineConfig(_Section):
     command: list[str] = Field(default_factory=list)
     workdir: Path | None = None
     gpu_indices: list[int] = Field(default_factory=list)
+    # the variable holding the engine's own API key (vLLM --api-key), sentinel/engine/apikey.py
+    api_key_env: str | None = None
     attach: AttachConfig = Field(default_factory=AttachConfig)
+
+    @model_validator(mode="after")
+    def _one_engine_key(self) -> EngineConfig:
+        # vLLM prefers --api-key over VLLM_API_KEY: the probes would send the wrong key
+        if self.api_key_env and any(
+            a == "--api-key" or a.startswith("--api-key=") for a in (*self.args, *self.command)
+        ):
+            raise ValueError(
+                "api_key_env is set and engine.args/command hold --api-key: give the engine's "
+                "key one way (api_key_env keeps it out of `ps`)"
+            )
+        return self
 
     def attach_url(self) -> str:
         """The attached engine's base URL: engine.attach.base_url, else engine.host/port."""

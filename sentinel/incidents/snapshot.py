@@ -60,6 +60,8 @@ def secret_values(cfg: SentinelConfig, extra: Iterable[str] = ()) -> list[str]:
         for name, value in env.items():
             if _SECRET_NAME.search(name) and value:
                 found.add(value)
+    if cfg.engine.api_key_env and os.environ.get(cfg.engine.api_key_env):
+        found.add(os.environ[cfg.engine.api_key_env].strip())
     for tier in cfg.proxy.tiers:
         if tier.api_key_env and os.environ.get(tier.api_key_env):
             found.add(os.environ[tier.api_key_env])

@@ -23,13 +23,15 @@ _DETAIL_MAX = 200
 
 def engine_api_key(cfg: EngineConfig, environ: Mapping[str, str] | None = None) -> str | None:
     """The API key the engine demands (vLLM ``--api-key`` or ``VLLM_API_KEY``), if any."""
+    env = os.environ if environ is None else environ
+    if cfg.api_key_env:  # engine.api_key_env (a missing variable stops start-up: app.py)
+        return env.get(cfg.api_key_env, "").strip() or None
     argv: Sequence[str] = cfg.command or cfg.args
     for i, arg in enumerate(argv):
         if arg == "--api-key" and i + 1 < len(argv):
             return argv[i + 1]
         if arg.startswith("--api-key="):
             return arg.split("=", 1)[1]
-    env = os.environ if environ is None else environ
     return cfg.env.get("VLLM_API_KEY") or env.get("VLLM_API_KEY") or None
 
 

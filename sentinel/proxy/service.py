@@ -23,7 +23,7 @@ from sentinel.proxy.http1.server import HttpServer, ProxyBindError
 from sentinel.proxy.metrics import ProxyMetrics
 from sentinel.proxy.rawhttp import RawTransport
 from sentinel.proxy.request import new_request_id
-from sentinel.proxy.secrets import SecretError, load_api_key
+from sentinel.proxy.secrets import Secret, SecretError, load_api_key
 from sentinel.proxy.tier import build_tier
 from sentinel.proxy.upstream import Transport
 from sentinel.state import EngineStatus
@@ -53,8 +53,11 @@ class ProxyService:
         registry: CollectorRegistry,
         engine_base_url: Callable[[], str],
         transport_factory: TransportFactory = _default_transport,
+        engine_api_key: Secret | None = None,
     ) -> None:
         self.cfg = cfg
+        # engine.api_key_env: the local tier sends the engine's key instead of the client's
+        self._engine_key = engine_api_key
         self.metrics = ProxyMetrics(registry, [t.name for t in cfg.tiers])
         tiers = []
         for tcfg in cfg.tiers:
@@ -168,6 +171,8 @@ class ProxyService:
         for tier in self.chain.tiers:
             try:
                 tier.api_key = load_api_key(tier.name, tier.cfg.api_key_env, tier.cfg.api_key_file)
+                if tier.local and tier.api_key is None:
+                    tier.api_key = self._engine_key
             except SecretError as exc:
                 raise ProxyStartError(str(exc)) from None
         try:

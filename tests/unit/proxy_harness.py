@@ -10,6 +10,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 
 from sentinel.config.schema import PayloadLogConfig, ProxyConfig
+from sentinel.proxy.secrets import Secret
 from sentinel.proxy.service import ProxyService, TransportFactory
 from sentinel.state import EngineStatus
 from tests.loop_thread import LoopThread
@@ -32,6 +33,7 @@ class ProxyHarness:
         engine_url: str = "http://127.0.0.1:9",
         payload_log: dict[str, Any] | None = None,
         transport_factory: TransportFactory | None = None,
+        engine_api_key: str | None = None,
     ) -> None:
         self.cfg = ProxyConfig(**{"host": "127.0.0.1", "port": 0, **proxy})
         self.payload_cfg = PayloadLogConfig(**{"dir": tmp / "payloads", **(payload_log or {})})
@@ -39,6 +41,7 @@ class ProxyHarness:
         self.registry = CollectorRegistry()
         self.engine_url = engine_url
         self._factory = transport_factory
+        self._engine_key = engine_api_key
         self._thread = LoopThread("proxy-under-test")
         self.service: ProxyService | None = None
         self._serving: asyncio.Task[None] | None = None
@@ -51,6 +54,8 @@ class ProxyHarness:
         kwargs: dict[str, Any] = {}
         if self._factory is not None:
             kwargs["transport_factory"] = self._factory
+        if self._engine_key is not None:
+            kwargs["engine_api_key"] = Secret(self._engine_key)
 
         async def main() -> None:
             self.service = ProxyService(
