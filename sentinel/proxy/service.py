@@ -24,7 +24,7 @@ from sentinel.proxy.metrics import ProxyMetrics
 from sentinel.proxy.rawhttp import RawTransport
 from sentinel.proxy.request import new_request_id
 from sentinel.proxy.secrets import SecretError, load_api_key
-from sentinel.proxy.tier import build_tier
+from sentinel.proxy.tier import Tier, build_tier
 from sentinel.proxy.upstream import Transport
 from sentinel.state import EngineStatus
 
@@ -53,7 +53,10 @@ class ProxyService:
         registry: CollectorRegistry,
         engine_base_url: Callable[[], str],
         transport_factory: TransportFactory = _default_transport,
+        on_local_stream_idle: Callable[[float], None] | None = None,
     ) -> None:
+        """``on_local_stream_idle(idle_s)``: a stream from the local engine sent nothing
+        for ``proxy.stream_idle_timeout_s`` mid-stream (issue 15: stall detection)."""
         self.cfg = cfg
         self.metrics = ProxyMetrics(registry, [t.name for t in cfg.tiers])
         tiers = []
@@ -80,8 +83,21 @@ class ProxyService:
         self.chain = Chain(tiers, status, cfg.admission, self.metrics)
         self.payloads = PayloadLog(payload_cfg, registry) if payload_cfg.enabled else None
         self.auth = Authenticator(cfg.auth, cfg.tiers, registry)
+        on_idle = None
+        if on_local_stream_idle is not None:
+            local_idle = on_local_stream_idle
+
+            def on_idle(tier: Tier, idle_s: float) -> None:
+                if tier.local:  # another tier's slow stream says nothing about the engine
+                    local_idle(idle_s)
+
         self.handler = ProxyHandler(
-            cfg, self.chain, self.metrics, self.payloads, authenticate=self.auth.check
+            cfg,
+            self.chain,
+            self.metrics,
+            self.payloads,
+            authenticate=self.auth.check,
+            on_stream_idle=on_idle,
         )
         lim = cfg.limits
         self.limits = HttpLimits(
