@@ -264,7 +264,8 @@ def _pids(sp: SentinelProcess, roles: tuple[str, ...]) -> list[int]:
 
 def test_a_frozen_engine_mid_stream_ends_the_stream_with_an_sse_error(sp: SentinelProcess) -> None:
     """SIGSTOP of the engine after the first tokens: the client gets a parseable SSE error
-    event about IDLE_S later, and the idle timeout is counted. The API server is stopped
+    event about IDLE_S later, the idle timeout is counted, and it feeds stall detection
+    (readiness fails on ``progress``: ``stream_stalled``). The API server is stopped
     with EngineCore and Worker: on this CPU the tiny model generates a whole answer
     (240 tokens) in about 0.1 s, ahead of the API server's streaming, so with only
     EngineCore and Worker stopped the API server would still send what they made. Even
@@ -275,6 +276,7 @@ def test_a_frozen_engine_mid_stream_ends_the_stream_with_an_sse_error(sp: Sentin
     assert len(pids) >= 3, sp.engine_processes_by_role()
     body = {**BODY, "max_tokens": 240, "ignore_eos": True, "stream": True}
     tries = 0
+    readyz: dict[str, Any] = {}
     while True:
         tries += 1
         events: list[str] = []
@@ -291,6 +293,8 @@ def test_a_frozen_engine_mid_stream_ends_the_stream_with_an_sse_error(sp: Sentin
                             os.kill(pid, signal.SIGSTOP)
                         stopped_at = time.monotonic()
             ended = time.monotonic()
+            if "data: [DONE]" not in events:  # frozen: what /readyz says before SIGCONT
+                readyz = sp.get("/readyz").json()
         finally:
             for pid in pids:
                 os.kill(pid, signal.SIGCONT)
@@ -302,4 +306,9 @@ def test_a_frozen_engine_mid_stream_ends_the_stream_with_an_sse_error(sp: Sentin
     assert last["error"]["code"] == "stream_idle_timeout", events[-3:]
     assert IDLE_S - 0.5 <= ended - stopped_at <= IDLE_S + 5, ended - stopped_at
     assert _metric(sp, 'sentinel_proxy_stream_idle_timeouts_total{tier="local"}') == 1
+    # issue 15: the idle stream fed stall detection, long before probes.stall_window_s
+    # (30 s; and the frozen API server answers no scrape): stalled, not ready, counted
+    assert "progress" in readyz["failed"], readyz
+    assert "stream_stalled" in readyz["checks"]["progress"]["detail"], readyz
+    assert _metric(sp, "sentinel_engine_stream_stalls_total") == 1
     wait_for(lambda: _post(sp, BODY, timeout=10).status_code == 200, 90, interval=1, what="serving")
