@@ -220,6 +220,10 @@ def _sentinel_agent_main():  # a function: nothing leaks into the sitecustomize 
             key = act.get("id")
             if key in state["test_done"] or act.get("role") not in (me, "any"):
                 continue
+            # an action names the engine generation it is for (its API server's pid): a
+            # later generation, reading the same file, does not replay it at its start-up
+            if act.get("root") not in (None, root_pid):
+                continue
             state["test_done"].add(key)
             threading.Thread(target=test_action, args=(act,), daemon=True).start()
 
