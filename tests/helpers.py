@@ -156,14 +156,19 @@ def kill_fakes(piddirs: list[Path]) -> list[tuple[int, str]]:
     return found
 
 
-def unregistered_fakes() -> list[tuple[int, str]]:
-    """Live fake engine API servers of this checkout that registered nowhere (a test
-    that gave them no FAKE_PIDDIR): their command line still names the script."""
+def unregistered_fakes(since: float) -> list[tuple[int, str]]:
+    """Live fake engine API servers of this checkout started after ``since`` (epoch s)
+    that registered nowhere (a test gave them no FAKE_PIDDIR): the script is their
+    program (``python FAKE MODE PORT``; a Sentinel running one has it later in its
+    command line, and is not one). Another pytest session in this checkout may own
+    them: report them, never kill them."""
     out = []
-    for p in psutil.process_iter(["cmdline", "name"]):
+    for p in psutil.process_iter(["cmdline", "create_time"]):
         try:
             cmd = p.info["cmdline"] or []
-            if str(FAKE_ENGINE) in cmd and p.status() != psutil.STATUS_ZOMBIE:
+            if len(cmd) < 2 or cmd[1] != str(FAKE_ENGINE) or p.info["create_time"] < since:
+                continue
+            if p.status() != psutil.STATUS_ZOMBIE:
                 out.append((p.pid, " ".join(cmd)[:200]))
         except psutil.Error:
             continue
