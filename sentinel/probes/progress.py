@@ -9,7 +9,8 @@ last numbers, so "running but nothing moves" is the tell.
 A local stream that got nothing for ``proxy.stream_idle_timeout_s`` mid-stream
 (``StallDetector.stream_idle``) is the same tell, seen sooner: stalled at once
 (``stream_stalled``) unless the latest scrape had just seen tokens move (then the next
-scrape decides), and stalled until a scrape sees tokens move again.
+scrape decides), and stalled until a scrape sees tokens move again or an inference
+probe is answered.
 """
 
 from __future__ import annotations
@@ -60,6 +61,16 @@ class StallDetector:
         if self.stalled_since is None:
             self.stalled_since = now
         return reason
+
+    def answered(self) -> bool:
+        """An inference answered after a stream-idle report: the engine generates, so no
+        stream stall stands (the evidence for engines without token counters). True when
+        one was dropped."""
+        had = self.stream_stalled is not None or self._stream_suspect is not None
+        self.stream_stalled = self._stream_suspect = None
+        if had:
+            self.stalled_since = None
+        return had
 
     def observe(self, now: float, running: float, tokens: float) -> str | None:
         """Feed one scrape; return the stall reason, or None while progressing or idle."""

@@ -331,6 +331,9 @@ class ProbeRunner:
 
     def _record(self, result: ProbeResult) -> None:
         self.status.record_probe(result)
+        if result.ok and self.stall.answered() and self.status.stalled_reason:
+            log.info("engine answered a probe after a stalled stream", latency_s=result.latency_s)
+            self.status.set_stalled(None)
         if result.ok and self.first_inference_at is None:
             self.first_inference_at = result.at
             self.status.mark_loaded()  # no-op when the supervisor already saw /health

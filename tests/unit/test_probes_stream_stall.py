@@ -150,6 +150,29 @@ def test_tokens_moving_again_clear_a_stream_stall(engine) -> None:
     in_loop(runner, go)
 
 
+def test_an_answered_probe_clears_a_stream_stall_of_an_engine_without_counters(engine) -> None:
+    """An engine that exports no token counters: the next answered inference probe is
+    the evidence that it generates again."""
+    clock = Clock()
+    status, _, runner = make(engine, clock, freshness_s=100)
+    status.new_generation()
+    engine.mode["metrics"] = "# no vllm series here\n"
+
+    async def go() -> None:
+        await runner.probe_once()
+        await runner.scrape_once()
+        runner.local_stream_idle(3.0)
+        assert not runner.readiness_report()[0]
+        assert "stream_stalled" in (status.stalled_reason or "")
+        await runner.scrape_once()  # no counters: says nothing either way
+        assert "stream_stalled" in (status.stalled_reason or "")
+        await runner.probe_once()  # answered
+        assert status.stalled_reason is None
+        assert runner.readiness_report()[0]
+
+    in_loop(runner, go)
+
+
 def test_a_stream_idle_outside_a_running_generation_is_ignored(engine) -> None:
     clock = Clock()
     status, _, runner = make(engine, clock)
