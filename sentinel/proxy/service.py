@@ -36,6 +36,17 @@ IDLE_POLL_S = 0.01  # how often a drain with fallback looks at the local tier
 IDLE_POLL_S = 0.01
 
 
+def local_only(on_local_stream_idle: Callable[[float], None]) -> Callable[[Tier, float], None]:
+    """The handler's stream-idle callback that passes on the local tier's only: another
+    tier's slow stream (an external API) says nothing about the engine."""
+
+    def on_idle(tier: Tier, idle_s: float) -> None:
+        if tier.local:
+            on_local_stream_idle(idle_s)
+
+    return on_idle
+
+
 class ProxyStartError(RuntimeError):
     """The proxy cannot start: the message names the config key and the problem."""
 
@@ -83,14 +94,7 @@ class ProxyService:
         self.chain = Chain(tiers, status, cfg.admission, self.metrics)
         self.payloads = PayloadLog(payload_cfg, registry) if payload_cfg.enabled else None
         self.auth = Authenticator(cfg.auth, cfg.tiers, registry)
-        on_idle = None
-        if on_local_stream_idle is not None:
-            local_idle = on_local_stream_idle
-
-            def on_idle(tier: Tier, idle_s: float) -> None:
-                if tier.local:  # another tier's slow stream says nothing about the engine
-                    local_idle(idle_s)
-
+        on_idle = local_only(on_local_stream_idle) if on_local_stream_idle is not None else None
         self.handler = ProxyHandler(
             cfg,
             self.chain,

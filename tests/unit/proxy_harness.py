@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,6 @@ class ProxyHarness:
         engine_url: str = "http://127.0.0.1:9",
         payload_log: dict[str, Any] | None = None,
         transport_factory: TransportFactory | None = None,
-        on_local_stream_idle: Callable[[float], None] | None = None,
     ) -> None:
         self.cfg = ProxyConfig(**{"host": "127.0.0.1", "port": 0, **proxy})
         self.payload_cfg = PayloadLogConfig(**{"dir": tmp / "payloads", **(payload_log or {})})
@@ -41,7 +39,6 @@ class ProxyHarness:
         self.registry = CollectorRegistry()
         self.engine_url = engine_url
         self._factory = transport_factory
-        self._on_local_stream_idle = on_local_stream_idle
         self.loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
         self.service: ProxyService | None = None
@@ -62,8 +59,6 @@ class ProxyHarness:
         kwargs: dict[str, Any] = {}
         if self._factory is not None:
             kwargs["transport_factory"] = self._factory
-        if self._on_local_stream_idle is not None:
-            kwargs["on_local_stream_idle"] = self._on_local_stream_idle
 
         async def main() -> None:
             self.service = ProxyService(

@@ -13,8 +13,10 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from sentinel.collectors.sentinel_metrics import EngineStatusCollector
+from sentinel.config.schema import PayloadLogConfig, ProxyConfig
 from sentinel.probes.progress import StallDetector
-from sentinel.state import Lifecycle
+from sentinel.proxy.service import ProxyService, local_only
+from sentinel.state import EngineStatus, Lifecycle
 from tests.fake_openai import FakeOpenAI
 from tests.helpers import wait_for
 from tests.unit.fake_engine import vllm_metrics
@@ -203,9 +205,9 @@ def test_only_the_local_tiers_idle_streams_reach_stall_detection(tmp_path: Path)
             "tiers": [{"name": "local", "kind": "local"}],
             "stream_idle_timeout_s": 0.5,
         }
-        with ProxyHarness(
-            local, tmp_path / "a", engine_url=local_up.url, on_local_stream_idle=told.append
-        ) as h:
+        with ProxyHarness(local, tmp_path / "a", engine_url=local_up.url) as h:
+            assert h.service is not None
+            h.service.handler.on_stream_idle = local_only(told.append)  # as ProxyService does
             t0 = time.monotonic()
             out = _silent_stream(h)
             assert "stream_idle_timeout" in out["lines"][-1]
@@ -216,8 +218,37 @@ def test_only_the_local_tiers_idle_streams_reach_stall_detection(tmp_path: Path)
             "stream_idle_timeout_s": 0.5,
         }
         told.clear()
-        with ProxyHarness(other, tmp_path / "b", on_local_stream_idle=told.append) as h:
+        with ProxyHarness(other, tmp_path / "b") as h:
+            assert h.service is not None
+            h.service.handler.on_stream_idle = local_only(told.append)
             out = _silent_stream(h)
             assert "stream_idle_timeout" in out["lines"][-1]
             assert h.metric("sentinel_proxy_stream_idle_timeouts_total", tier="backup") == 1
         assert told == []
+
+
+def test_the_proxy_service_hands_the_handler_a_local_only_callback(tmp_path: Path) -> None:
+    """What the app wires: ``ProxyService(on_local_stream_idle=...)``."""
+    told: list[float] = []
+    cfg = ProxyConfig(
+        host="127.0.0.1",
+        port=0,
+        tiers=[
+            {"name": "local", "kind": "local"},
+            {"name": "backup", "base_url": "http://127.0.0.1:9"},
+        ],
+    )
+    svc = ProxyService(
+        cfg,
+        PayloadLogConfig(enabled=False, dir=tmp_path),
+        EngineStatus(),
+        CollectorRegistry(),
+        engine_base_url=lambda: "http://127.0.0.1:9",
+        on_local_stream_idle=told.append,
+    )
+    on_idle = svc.handler.on_stream_idle
+    assert on_idle is not None
+    local, backup = svc.chain.tiers
+    on_idle(backup, 30.0)
+    on_idle(local, 30.0)
+    assert told == [30.0]
