@@ -121,6 +121,8 @@ class Sentinel:
                 self.registry,
                 engine_base_url=lambda: self.supervisor.engine_base_url,
                 engine_api_key=engine_key,
+                # issue 15: a local stream idle mid-stream feeds the probes' stall detection
+                on_local_stream_idle=self.ops.probes.local_stream_idle,
             )
         # --- lifecycle: drain, resume, restart, preemption notices (issue 16) ---
         from sentinel.lifecycle.drain import DrainController

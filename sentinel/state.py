@@ -115,6 +115,8 @@ class EngineStatus:
         # probe runs since Sentinel started, by probe name and result ("ok" / "fail")
         self.probe_counts: dict[str, dict[str, int]] = {}
         self.stalled_reason: str | None = None
+        # issue 15: local streams that got nothing mid-stream (proxy.stream_idle_timeout_s)
+        self.stream_stalls: int = 0
         self._degraded: dict[str, str] = {}  # source -> reason (e.g. "gpu" -> "...")
         # readiness as last computed by the probes (sentinel.probes): overall and per check
         self.ready: bool = False

@@ -113,7 +113,7 @@ def live_fakes(tag: str, piddir: Path | None = None) -> list[psutil.Process]:
     from sentinel.engine.runstate import start_ticks
 
     found: dict[int, psutil.Process] = {}
-    for p in psutil.process_iter():
+    for p in psutil.process_iter() if tag else ():
         try:
             if p.environ().get("FAKE_TAG") == tag:
                 found[p.pid] = p
@@ -135,6 +135,63 @@ def live_fakes(tag: str, piddir: Path | None = None) -> list[psutil.Process]:
         try:
             if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
                 out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+# ---- fake engines (tests/unit/test_engine_fake.py): one registry for the session ----------
+FAKE_ENGINE = Path(__file__).resolve().parent / "unit" / "test_engine_fake.py"
+_fake_piddirs: list[Path] = []  # every FAKE_PIDDIR handed out in this pytest process
+
+
+def fake_piddir(tmp: Path) -> Path:
+    """A fresh directory for ``FAKE_PIDDIR`` (give it to every fake engine a test starts,
+    through ``engine.env`` or the environment): the fake processes register in it, so
+    that they are found and killed after the test (``kill_fakes``, run for every test by
+    tests/conftest.py) and reported at the session's end when one still lives."""
+    path = tmp / f"fakes-{len(_fake_piddirs)}"
+    path.mkdir(parents=True, exist_ok=True)
+    _fake_piddirs.append(path)
+    return path
+
+
+def fake_piddirs_since(n: int) -> list[Path]:
+    return _fake_piddirs[n:]
+
+
+def fake_piddir_count() -> int:
+    return len(_fake_piddirs)
+
+
+def kill_fakes(piddirs: list[Path]) -> list[tuple[int, str]]:
+    """Kill every live fake engine registered in ``piddirs`` (orphans too); return the
+    (pid, name) of each found alive."""
+    found = []
+    for d in piddirs:
+        for p in live_fakes("", d):
+            try:
+                found.append((p.pid, p.name()))
+                p.kill()
+            except psutil.Error:
+                continue
+    return found
+
+
+def unregistered_fakes(since: float) -> list[tuple[int, str]]:
+    """Live fake engine API servers of this checkout started after ``since`` (epoch s)
+    that registered nowhere (a test gave them no FAKE_PIDDIR): the script is their
+    program (``python FAKE MODE PORT``; a Sentinel running one has it later in its
+    command line, and is not one). Another pytest session in this checkout may own
+    them: report them, never kill them."""
+    out = []
+    for p in psutil.process_iter(["cmdline", "create_time"]):
+        try:
+            cmd = p.info["cmdline"] or []
+            if len(cmd) < 2 or cmd[1] != str(FAKE_ENGINE) or p.info["create_time"] < since:
+                continue
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append((p.pid, " ".join(cmd)[:200]))
         except psutil.Error:
             continue
     return out

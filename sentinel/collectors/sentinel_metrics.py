@@ -60,6 +60,13 @@ class EngineStatusCollector:
             "1 while requests run and no token moves (see probes.stall_window_s).",
             1.0 if st.stalled_reason else 0.0,
         )
+        stream_stalls = CounterMetricFamily(
+            "sentinel_engine_stream_stalls",
+            "Streams from the local engine that sent nothing mid-stream for "
+            "proxy.stream_idle_timeout_s, fed to stall detection.",
+        )
+        stream_stalls.add_metric([], float(st.stream_stalls))
+        yield stream_stalls
         yield _gauge(
             "sentinel_engine_generation",
             "Engine generation number: 1 for the first launch, +1 per restart.",

@@ -5,6 +5,12 @@ inference probe unanswered: see ``ProbeRunner``) and no token moved
 (``vllm:generation_tokens_total`` + ``vllm:prompt_tokens_total``) for
 ``stall_window_s``. A hung engine keeps answering /health and /metrics with its
 last numbers, so "running but nothing moves" is the tell.
+
+A local stream that got nothing for ``proxy.stream_idle_timeout_s`` mid-stream
+(``StallDetector.stream_idle``) is the same tell, seen sooner: stalled at once
+(``stream_stalled``) unless the latest scrape had just seen tokens move (then the next
+scrape decides), and stalled until a scrape sees tokens move again or an inference
+probe is answered.
 """
 
 from __future__ import annotations
@@ -34,11 +40,53 @@ class StallDetector:
         self._tokens: float | None = None
         self._last_progress: float | None = None
         self.stalled_since: float | None = None
+        # the latest scrape: when, the one before it, and whether tokens moved between them
+        self._observed_at: float | None = None
+        self._previous_at: float | None = None
+        self._moved_last = False
+        self._stream_suspect: str | None = None  # a stream-idle reason the next scrape checks
+        self.stream_stalled: str | None = None  # a stream-idle reason that stands
+
+    def stream_idle(self, now: float, idle_s: float, reason: str) -> str | None:
+        """A local stream got nothing mid-stream for ``idle_s``. Return the stall reason
+        when it stands now: no scrape saw tokens move while that stream waited (a frozen
+        engine, or one whose /metrics no longer answers). When the latest scrape saw tokens
+        move within that wait, the engine was busy with other requests: the next scrape
+        decides (``observe``)."""
+        since = now - idle_s
+        if self._moved_last and self._previous_at is not None and self._previous_at >= since:
+            self._stream_suspect = reason
+            return None
+        self.stream_stalled = reason
+        if self.stalled_since is None:
+            self.stalled_since = now
+        return reason
+
+    def answered(self) -> bool:
+        """An inference answered after a stream-idle report: the engine generates, so no
+        stream stall stands (the evidence for engines without token counters). True when
+        one was dropped."""
+        had = self.stream_stalled is not None or self._stream_suspect is not None
+        self.stream_stalled = self._stream_suspect = None
+        if had:
+            self.stalled_since = None
+        return had
 
     def observe(self, now: float, running: float, tokens: float) -> str | None:
         """Feed one scrape; return the stall reason, or None while progressing or idle."""
-        moved = self._tokens is None or tokens != self._tokens  # a drop is a counter reset
+        known = self._tokens is not None
+        moved = not known or tokens != self._tokens  # a drop is a counter reset
         self._tokens = tokens
+        self._previous_at, self._observed_at = self._observed_at, now
+        self._moved_last = known and moved
+        if self._moved_last:  # tokens move (the engine's own probe moves some): no stream stall
+            self._stream_suspect = self.stream_stalled = None
+        elif known and self._stream_suspect is not None:
+            self.stream_stalled, self._stream_suspect = self._stream_suspect, None
+        if self.stream_stalled is not None:
+            if self.stalled_since is None:
+                self.stalled_since = now
+            return self.stream_stalled
         if moved or running <= 0 or self._last_progress is None:
             self._last_progress = now
             self.stalled_since = None

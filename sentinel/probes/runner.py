@@ -294,6 +294,30 @@ class ProbeRunner:
             detail = f"not ready for {now - self._not_ready_since:.0f}s; " + "; ".join(failed)
             self._restart("not_ready", detail)
 
+    def local_stream_idle(self, idle_s: float) -> None:
+        """The proxy's word (issue 15): a stream from the local engine sent nothing for
+        ``idle_s`` mid-stream. Counted, and fed to stall detection: the engine is
+        ``stalled`` (reason ``stream_stalled``, readiness fails) at once unless a scrape
+        saw tokens move meanwhile, and stays so until tokens move again; ``on_stall``
+        counts from now. Streams of other tiers never come here (the app wires only the
+        local tier's)."""
+        self.sync_generation()
+        if self.status.lifecycle != Lifecycle.running:
+            return  # a generation on its way out (or not yet loaded) is not judged by it
+        self.status.stream_stalls += 1
+        reason = (
+            f"stream_stalled: a stream from the engine got nothing for {idle_s:g}s "
+            "mid-stream (proxy.stream_idle_timeout_s)"
+        )
+        stalled = self.stall.stream_idle(self._clock(), idle_s, reason)
+        if stalled is None:
+            log.info("local stream idle while tokens moved: the next scrape decides", idle_s=idle_s)
+            return
+        if stalled != self.status.stalled_reason:
+            log.warning("engine stalled", reason=stalled, generation=self.status.generation)
+            self.status.set_stalled(stalled)
+        self.evaluate()
+
     # ---- internals -----------------------------------------------------------
     def _restart(self, reason: str, detail: str) -> None:
         self._restart_requested = True
@@ -307,6 +331,9 @@ class ProbeRunner:
 
     def _record(self, result: ProbeResult) -> None:
         self.status.record_probe(result)
+        if result.ok and self.stall.answered() and self.status.stalled_reason:
+            log.info("engine answered a probe after a stalled stream", latency_s=result.latency_s)
+            self.status.set_stalled(None)
         if result.ok and self.first_inference_at is None:
             self.first_inference_at = result.at
             self.status.mark_loaded()  # no-op when the supervisor already saw /health

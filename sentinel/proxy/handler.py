@@ -26,7 +26,7 @@ from sentinel.proxy.http1.response import Request, Response
 from sentinel.proxy.metrics import ProxyMetrics
 from sentinel.proxy.relay import meta_headers, relay, relayed_headers
 from sentinel.proxy.request import RequestPolicy, request_id
-from sentinel.proxy.tier import ProxyRequest
+from sentinel.proxy.tier import ProxyRequest, Tier
 
 log = get_logger(__name__)
 
@@ -34,6 +34,10 @@ log = get_logger(__name__)
 # headers (lower-case names), the client key's id, or a ProxyError 401. Called before
 # anything else about the request is looked at; None: no check.
 Authenticate = Callable[[list[tuple[bytes, bytes]]], "str | None"]
+
+# A stream that sent nothing for ``proxy.stream_idle_timeout_s`` mid-stream: its tier and
+# the limit (issue 15: the local tier's feed stall detection). None: nobody is told.
+StreamIdle = Callable[[Tier, float], None]
 
 
 class ProxyHandler:
@@ -44,6 +48,7 @@ class ProxyHandler:
         metrics: ProxyMetrics,
         payloads: PayloadLog | None = None,
         authenticate: Authenticate | None = None,
+        on_stream_idle: StreamIdle | None = None,
     ) -> None:
         self.cfg = cfg
         self.chain = chain
@@ -52,6 +57,7 @@ class ProxyHandler:
         self.policy = RequestPolicy(cfg)
         self.authenticate = authenticate
         self.stream_idle_s = cfg.stream_idle_timeout_s
+        self.on_stream_idle = on_stream_idle
         # the tiers after the local one, for a drain with fallback (None: no such tier)
         rest = [t for t in chain.tiers if not t.local]
         self._without_local: Chain | None = None
@@ -139,7 +145,7 @@ class ProxyHandler:
                     assert exc.failure is not None
                     self._send_failure(out, exc.failure, ex)
                 return
-            await relay(opened, out, ex, req, self.stream_idle_s, self.metrics)
+            await relay(opened, out, ex, req, self.stream_idle_s, self.metrics, self.on_stream_idle)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if out.gone and task is not None and task.uncancel() == 0:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from sentinel.payloads.exchange import Exchange
 from sentinel.proxy.attempt import Opened
@@ -159,7 +160,9 @@ async def relay(
     req: ProxyRequest,
     idle_s: float,
     metrics: ProxyMetrics,
+    on_idle: Callable[[Tier, float], None] | None = None,
 ) -> None:
+    """``on_idle(tier, idle_s)``: told when a stream's idle limit fires (stall detection)."""
     tier = opened.tier
     resp = opened.resp
     served(ex, tier, resp)
@@ -200,6 +203,8 @@ async def relay(
             else:
                 upstream_failed = True
                 metrics.stream_idle_timeouts.labels(tier.name).inc()
+                if on_idle is not None:
+                    on_idle(tier, idle_s)
                 tail = (
                     f"upstream {tier.name} sent nothing for {idle_s:g} s mid-stream "
                     "(proxy.stream_idle_timeout_s)",

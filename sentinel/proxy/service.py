@@ -24,7 +24,7 @@ from sentinel.proxy.metrics import ProxyMetrics
 from sentinel.proxy.rawhttp import RawTransport
 from sentinel.proxy.request import new_request_id
 from sentinel.proxy.secrets import Secret, SecretError, load_api_key
-from sentinel.proxy.tier import build_tier
+from sentinel.proxy.tier import Tier, build_tier
 from sentinel.proxy.upstream import Transport
 from sentinel.state import EngineStatus
 
@@ -34,6 +34,17 @@ TransportFactory = Callable[[str, int], Transport]
 SWITCH_INTERVAL_S = 0.0005
 IDLE_POLL_S = 0.01  # how often a drain with fallback looks at the local tier
 IDLE_POLL_S = 0.01
+
+
+def local_only(on_local_stream_idle: Callable[[float], None]) -> Callable[[Tier, float], None]:
+    """The handler's stream-idle callback that passes on the local tier's only: another
+    tier's slow stream (an external API) says nothing about the engine."""
+
+    def on_idle(tier: Tier, idle_s: float) -> None:
+        if tier.local:
+            on_local_stream_idle(idle_s)
+
+    return on_idle
 
 
 class ProxyStartError(RuntimeError):
@@ -54,7 +65,10 @@ class ProxyService:
         engine_base_url: Callable[[], str],
         transport_factory: TransportFactory = _default_transport,
         engine_api_key: Secret | None = None,
+        on_local_stream_idle: Callable[[float], None] | None = None,
     ) -> None:
+        """``on_local_stream_idle(idle_s)``: a stream from the local engine sent nothing
+        for ``proxy.stream_idle_timeout_s`` mid-stream (issue 15: stall detection)."""
         self.cfg = cfg
         # engine.api_key_env: the local tier sends the engine's key instead of the client's
         self._engine_key = engine_api_key
@@ -83,8 +97,14 @@ class ProxyService:
         self.chain = Chain(tiers, status, cfg.admission, self.metrics)
         self.payloads = PayloadLog(payload_cfg, registry) if payload_cfg.enabled else None
         self.auth = Authenticator(cfg.auth, cfg.tiers, registry)
+        on_idle = local_only(on_local_stream_idle) if on_local_stream_idle is not None else None
         self.handler = ProxyHandler(
-            cfg, self.chain, self.metrics, self.payloads, authenticate=self.auth.check
+            cfg,
+            self.chain,
+            self.metrics,
+            self.payloads,
+            authenticate=self.auth.check,
+            on_stream_idle=on_idle,
         )
         lim = cfg.limits
         self.limits = HttpLimits(

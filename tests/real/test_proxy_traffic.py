@@ -249,17 +249,23 @@ def _pids(sp: SentinelProcess, roles: tuple[str, ...]) -> list[int]:
 
 def test_a_frozen_engine_mid_stream_ends_the_stream_with_an_sse_error(sp: SentinelProcess) -> None:
     """SIGSTOP of the engine after the first tokens: the client gets a parseable SSE error
-    event about IDLE_S later, and the idle timeout is counted. The API server is stopped
+    event about IDLE_S later, the idle timeout is counted, and it feeds stall detection
+    (readiness fails on ``progress``: ``stream_stalled``). The API server is stopped
     with EngineCore and Worker: on this CPU the tiny model generates a whole answer
     (240 tokens) in about 0.1 s, ahead of the API server's streaming, so with only
     EngineCore and Worker stopped the API server would still send what they made. Even
     so, on a busy machine the whole answer can reach the client's socket before the
     signal lands: such a stream was never frozen (it ends with [DONE]), and a new one is
     tried, up to 5; what is asserted is asserted once, on the stream that was frozen."""
-    pids = _pids(sp, ("engine_core", "worker", "api_server"))
+    pids = _pids(sp, ("api_server", "engine_core", "worker"))
     assert len(pids) >= 3, sp.engine_processes_by_role()
-    body = {**BODY, "max_tokens": 240, "ignore_eos": True, "stream": True}
+    # with the top-20 logprobs of each token the API server spends 1-1.5 s streaming
+    # what the engine computes in ~0.1 s (0.0-0.6 s without: under load it wrote all 241
+    # events at once, and five streams in a row reached the client whole on the busy
+    # 2-core machine); the API server is stopped first, so it writes nothing more
+    body = {**BODY, "max_tokens": 240, "ignore_eos": True, "stream": True, "logprobs": 20}
     tries = 0
+    readyz: dict[str, Any] = {}
     while True:
         tries += 1
         events: list[str] = []
@@ -276,6 +282,8 @@ def test_a_frozen_engine_mid_stream_ends_the_stream_with_an_sse_error(sp: Sentin
                             os.kill(pid, signal.SIGSTOP)
                         stopped_at = time.monotonic()
             ended = time.monotonic()
+            if "data: [DONE]" not in events:  # frozen: what /readyz says before SIGCONT
+                readyz = sp.get("/readyz").json()
         finally:
             for pid in pids:
                 os.kill(pid, signal.SIGCONT)
@@ -285,6 +293,16 @@ def test_a_frozen_engine_mid_stream_ends_the_stream_with_an_sse_error(sp: Sentin
     assert stopped_at is not None
     last = json.loads(events[-1].removeprefix("data: "))
     assert last["error"]["code"] == "stream_idle_timeout", events[-3:]
-    assert IDLE_S - 0.5 <= ended - stopped_at <= IDLE_S + 5, ended - stopped_at
+    assert "stream_idle_timeout_s" in last["error"]["message"], last
+    # the idle clock starts at the last part Sentinel received, which on a busy machine can
+    # be well before this process got round to the signal (2.4 s after it, seen, for a 3 s
+    # limit): only the upper bound says something (not the 60 s total limit)
+    assert ended - stopped_at <= IDLE_S + 5, ended - stopped_at
+    print(f"frozen stream ended {ended - stopped_at:.2f} s after the signal (limit {IDLE_S:g} s)")
     assert _metric(sp, 'sentinel_proxy_stream_idle_timeouts_total{tier="local"}') == 1
+    # issue 15: the idle stream fed stall detection, long before probes.stall_window_s
+    # (30 s; and the frozen API server answers no scrape): stalled, not ready, counted
+    assert "progress" in readyz["failed"], readyz
+    assert "stream_stalled" in readyz["checks"]["progress"]["detail"], readyz
+    assert _metric(sp, "sentinel_engine_stream_stalls_total") == 1
     wait_for(lambda: _post(sp, BODY, timeout=10).status_code == 200, 90, interval=1, what="serving")

@@ -43,7 +43,10 @@ class Watched:
         self._actions: list[dict[str, Any]] = []
 
     def act(self, **action: Any) -> None:
+        """An action for the engine generation running now (``root``: its API server's
+        pid): the generation that replaces it (the SIGSTOP test) does not replay it."""
         action.setdefault("id", f"a{len(self._actions)}")
+        action.setdefault("root", self.s.engine_processes_by_role()["api_server"][0].pid)
         self._actions.append(action)
         tmp = self.control.with_suffix(".tmp")
         tmp.write_text(json.dumps({"actions": self._actions}))

@@ -21,6 +21,7 @@ EngineCore and Worker): the tests find leftovers, orphans included, with
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 import threading
@@ -64,9 +65,12 @@ def on_term(role: str, delay: float) -> None:
         os._exit(0)
 
 
-def child_tree() -> None:
-    """Fork EngineCore -> Worker; both sleep until TERM/KILL."""
+def child_tree() -> int:
+    """Fork EngineCore -> Worker; both sleep until TERM/KILL. Returns a pipe's read end
+    that gets a byte once the Worker carries its title (all three roles are visible)."""
+    up_r, up_w = os.pipe()
     if os.fork() == 0:
+        os.close(up_r)
         register()
         retitle("VLLM::EngineCore")
         signal.signal(signal.SIGTERM, lambda *_: on_term("EngineCore", 0.0))
@@ -74,6 +78,8 @@ def child_tree() -> None:
             register()
             retitle("VLLM::Worker")
             signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+            os.write(up_w, b"1")
+            os.close(up_w)
             say("Worker", "worker up")
             stuck = os.environ.get("FAKE_STUCK_PATH")
             if stuck:  # a file on a FUSE mount whose daemon never answers: stuck in the kernel
@@ -84,9 +90,12 @@ def child_tree() -> None:
                     say("Worker", f"stat failed: {exc}")
             while True:
                 time.sleep(1)
+        os.close(up_w)
         say("EngineCore", "engine core up")
         while True:
             time.sleep(1)
+    os.close(up_w)
+    return up_r
 
 
 class Health(BaseHTTPRequestHandler):
@@ -145,8 +154,9 @@ def main() -> None:
         sys.exit(1)
     term_delay = float(os.environ.get("FAKE_TERM_DELAY", "0"))
     signal.signal(signal.SIGTERM, lambda *_: on_term("APIServer", term_delay))
-    child_tree()
-    if mode == "orphan":
+    tree_up = child_tree()
+    if mode == "orphan":  # exit 1.5 s after all three roles are visible, however slow that is
+        select.select([tree_up], [], [], 60)
         time.sleep(1.5)
         sys.exit(3)
     if mode == "zombies":

@@ -7,13 +7,14 @@ engine and a fake GPU process lister."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import fake_piddir, free_port
 
 FAKE = Path(__file__).with_name("test_engine_fake.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,7 +33,8 @@ configure_logging(LoggingConfig(format="json"), stream=logs)
 # a process Sentinel's engine did not start, "holding GPU memory"
 foreign = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 gpu_rows = [(foreign.pid, 0, 123 << 20)]
-eng = EngineConfig(port=port, command=[sys.executable, fake, "serve", str(port)])
+eng = EngineConfig(port=port, command=[sys.executable, fake, "serve", str(port)],
+                   env={"FAKE_PIDDIR": os.environ["FAKE_PIDDIR"]})
 sup = Supervisor(eng, SupervisorConfig(kill_grace_s=0.3, kill_foreign_gpu_processes=kill_foreign,
                                        backoff_initial_s=0.1),
                  EngineStatus(), gpu_processes=lambda: list(gpu_rows), engine_lines=False)
@@ -57,13 +59,14 @@ print(json.dumps({"code": code, "foreign_alive": alive,
 
 
 @pytest.mark.parametrize("kill_foreign", [False, True])
-def test_foreign_gpu_processes_are_reported_not_killed(kill_foreign: bool) -> None:
+def test_foreign_gpu_processes_are_reported_not_killed(kill_foreign: bool, tmp_path: Path) -> None:
     r = subprocess.run(
         [sys.executable, "-c", SCENARIO, str(FAKE), str(free_port()), "1" if kill_foreign else "0"],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=ROOT,
+        env={**os.environ, "FAKE_PIDDIR": str(fake_piddir(tmp_path))},
     )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])

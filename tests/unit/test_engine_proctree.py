@@ -6,6 +6,7 @@ becomes a subreaper."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 import psutil
 
 from sentinel.engine import proctree
+from tests.helpers import fake_piddir
 
 FAKE = Path(__file__).with_name("test_engine_fake.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,8 +30,9 @@ out = {"subreaper": proctree.set_child_subreaper(), "me": os.getpid()}
 leader = subprocess.Popen([sys.executable, fake, mode, "0"], start_new_session=True,
                           stdout=subprocess.DEVNULL)
 tree = proctree.GenerationTree(1, leader.pid, psutil.Process(leader.pid).create_time())
-deadline = time.time() + 1.2
-while time.time() < deadline:  # while the API server still lives
+deadline = time.time() + 30
+while time.time() < deadline:  # while the API server lives: in orphan mode it exits
+    # 1.5 s after its Worker took its title, so the three roles are seen first
     proctree.scan([tree], whole_system=False)
     if len({m.role for m in tree.members.values()}) == 3:
         break
@@ -65,20 +68,21 @@ print(json.dumps(out))
 """
 
 
-def run_scenario(mode: str) -> dict:
+def run_scenario(mode: str, tmp: Path) -> dict:
     r = subprocess.run(
         [sys.executable, "-c", SCENARIO, str(FAKE), mode],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=ROOT,
+        env={**os.environ, "FAKE_PIDDIR": str(fake_piddir(tmp))},
     )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_orphans_are_reparented_to_the_subreaper_then_killed_and_reaped() -> None:
-    out = run_scenario("orphan")
+def test_orphans_are_reparented_to_the_subreaper_then_killed_and_reaped(tmp_path: Path) -> None:
+    out = run_scenario("orphan", tmp_path)
     assert out["subreaper"] is True
     assert out["leader_code"] == 3
     assert out["roles"] == ["api_server", "engine_core", "worker"]

@@ -20,7 +20,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.helpers import free_port, is_guard, json_records, live_fakes, wait_for
+from tests.helpers import fake_piddir, free_port, is_guard, json_records, live_fakes, wait_for
 
 FAKE = Path(__file__).with_name("test_engine_fake.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,8 +36,7 @@ class Run:
         wrapper: list[str] | None = None,
     ) -> None:
         self.port = free_port()
-        self.piddir = tmp / "fakes"  # each fake process registers itself here
-        self.piddir.mkdir()
+        self.piddir = fake_piddir(tmp)  # each fake process registers itself here
         env = {"FAKE_TAG": str(self.port), "FAKE_PIDDIR": str(self.piddir)}
         cfg = {
             "engine": {"port": self.port, "env": env},

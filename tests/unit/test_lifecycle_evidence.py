@@ -12,7 +12,7 @@ from pathlib import Path
 from sentinel.config.schema import EngineConfig, LifecycleConfig, SupervisorConfig
 from sentinel.engine.supervisor import Supervisor
 from sentinel.state import EngineStatus
-from tests.helpers import free_port
+from tests.helpers import fake_piddir, free_port
 
 FAKE = Path(__file__).with_name("test_engine_fake.py")
 
@@ -20,7 +20,10 @@ FAKE = Path(__file__).with_name("test_engine_fake.py")
 def _supervisor(tmp: Path, evidence_timeout_s: float) -> tuple[Supervisor, EngineStatus]:
     port = free_port()
     engine = EngineConfig(
-        command=[sys.executable, str(FAKE), "serve", str(port)], port=port, host="127.0.0.1"
+        command=[sys.executable, str(FAKE), "serve", str(port)],
+        port=port,
+        host="127.0.0.1",
+        env={"FAKE_PIDDIR": str(fake_piddir(tmp))},
     )
     cfg = SupervisorConfig(
         stop_grace_s=1.0, kill_grace_s=0.2, backoff_initial_s=0.1,

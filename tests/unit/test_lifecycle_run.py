@@ -21,7 +21,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.helpers import free_port, is_guard, json_records, live_fakes, wait_for
+from tests.helpers import fake_piddir, free_port, is_guard, json_records, live_fakes, wait_for
 
 FAKE = Path(__file__).with_name("test_engine_fake.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,8 +43,7 @@ class LRun:
         self.port = engine_port or free_port()
         self.ops_port, self.proxy_port = free_port(), free_port()
         (tmp / "token").write_text(TOKEN)
-        self.piddir = tmp / "fakes"  # each fake process registers itself here
-        self.piddir.mkdir(exist_ok=True)
+        self.piddir = fake_piddir(tmp)  # each fake process registers itself here
         fake_env = {"FAKE_TAG": str(self.port), "FAKE_PIDDIR": str(self.piddir), **(env or {})}
         self.cfg: dict[str, Any] = {
             "engine": {"port": self.port, "env": fake_env},

@@ -21,8 +21,10 @@ from sentinel.lifecycle.drain import DrainMetrics
 from sentinel.ops.stack import unkillable_problem
 from sentinel.state import EngineStatus
 from tests.fuse_stuck import StuckFuse
-from tests.helpers import free_port, wait_for
-from tests.unit.test_lifecycle_run import LRun
+from tests.helpers import fake_piddir, free_port, wait_for
+
+# _no_leftovers: a Sentinel the FUSE test started is killed even when the test fails
+from tests.unit.test_lifecycle_run import LRun, _no_leftovers  # noqa: F401
 
 FAKE = Path(__file__).with_name("test_engine_fake.py")
 
@@ -99,7 +101,10 @@ def test_supervisor_marks_unkillable_does_not_relaunch_until_it_is_gone(
     gone, the engine is launched again."""
     port = free_port()
     engine = EngineConfig(
-        command=[sys.executable, str(FAKE), "serve", str(port)], port=port, host="127.0.0.1"
+        command=[sys.executable, str(FAKE), "serve", str(port)],
+        port=port,
+        host="127.0.0.1",
+        env={"FAKE_PIDDIR": str(fake_piddir(tmp_path))},
     )
     sup_cfg = SupervisorConfig(stop_grace_s=1.0, kill_grace_s=0.2, backoff_initial_s=0.1)
     life = LifecycleConfig(runtime_dir=tmp_path / "run", unkillable_after_s=0.5)

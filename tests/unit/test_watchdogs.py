@@ -115,6 +115,42 @@ def test_agent_failing_disables_itself_and_the_program_runs_on() -> None:
         assert registry.get_sample_value("sentinel_watchdog_agent_up", {"role": "api_server"}) == 0
 
 
+# A thread of the parent is blocked writing to sys.stderr (a pipe nobody reads: the
+# reader is slow) when the process forks, as vLLM forks its Worker from EngineCore: the
+# child inherits that stream's lock held by a thread it does not have.
+FORK_WITH_STDERR_HELD = """
+import gc, os, signal, sys, threading, time
+r, w = os.pipe()  # never read
+sys.stderr = open(w, "w", buffering=1)
+threading.Thread(target=lambda: sys.stderr.write("x" * (1 << 20)), daemon=True).start()
+time.sleep(0.3)
+pid = os.fork()
+if pid == 0:
+    signal.alarm(10)  # a hung child dies of SIGALRM
+    gc.collect()  # the agent's callback fails on purpose: it disables itself and says so
+    os.write(1, b"child done\\n")
+    os._exit(0)
+_, st = os.waitpid(pid, 0)
+os.write(1, f"child status {st}\\n".encode())
+os._exit(0)
+"""
+
+
+def test_a_failing_agent_never_blocks_on_a_stderr_lock_inherited_through_fork() -> None:
+    """The agent's disable path writes its message on file descriptor 2, never through
+    sys.stderr: a Worker forked while another thread held sys.stderr's lock would hang
+    on its first collection (seen as a Worker silent at start-up for minutes when the
+    machine was busy and Sentinel read the engine's output slowly)."""
+    cfg = WatchdogsConfig(agent={"report_interval_s": 0.3, "gc_thresholds": [1000000, 10, 10]})
+    _, _, done = run_with_agent(
+        FORK_WITH_STDERR_HELD,
+        cfg,
+        {"SENTINEL_AGENT_TEST_CONTROL": "/nonexistent", "SENTINEL_AGENT_TEST_FAIL": "callback"},
+    )
+    assert "child done" in done.stdout and "child status 0" in done.stdout, done
+    assert "sentinel agent disabled in pid" in done.stderr, done.stderr
+
+
 def test_failure_hook_is_inert_without_the_test_control_variable() -> None:
     cfg = WatchdogsConfig(agent={"report_interval_s": 0.3})
     watch, _, done = run_with_agent(PAUSES, cfg, {"SENTINEL_AGENT_TEST_FAIL": "import"})

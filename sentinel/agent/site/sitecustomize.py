@@ -75,8 +75,12 @@ def _sentinel_agent_main():  # a function: nothing leaks into the sitecustomize 
             gc.callbacks.remove(on_gc)
         except ValueError:
             pass
+        # on file descriptor 2, never through sys.stderr: this runs inside a GC callback,
+        # in any thread, and sys.stderr's lock may be held for good (a process forked
+        # while another thread was writing inherits it held: its first write would hang)
         try:
-            sys.stderr.write(f"sentinel agent disabled in pid {os.getpid()}: {state['disabled']}\n")
+            msg = f"sentinel agent disabled in pid {os.getpid()}: {state['disabled']}\n"
+            os.write(2, msg.encode("utf-8", "replace"))
         except Exception:  # noqa: BLE001
             pass
         try:
@@ -219,6 +223,10 @@ def _sentinel_agent_main():  # a function: nothing leaks into the sitecustomize 
         for act in actions:
             key = act.get("id")
             if key in state["test_done"] or act.get("role") not in (me, "any"):
+                continue
+            # an action names the engine generation it is for (its API server's pid): a
+            # later generation, reading the same file, does not replay it at its start-up
+            if act.get("root") not in (None, root_pid):
                 continue
             state["test_done"].add(key)
             threading.Thread(target=test_action, args=(act,), daemon=True).start()
