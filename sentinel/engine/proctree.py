@@ -116,6 +116,16 @@ class GenerationTree:
         return role_from_cmdline(cmdline) or "other"
 
 
+_TITLED = ("engine_core", "worker")
+
+
+def _parent_role(proc: psutil.Process) -> str | None:
+    try:
+        return role_from_cmdline(psutil.Process(proc.ppid()).cmdline())
+    except psutil.Error:
+        return None
+
+
 def _alive(proc: psutil.Process) -> bool:
     try:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
@@ -157,6 +167,12 @@ def scan(trees: Iterable[GenerationTree], whole_system: bool) -> list[Member]:
                         except psutil.Error:
                             cmdline = []
                         role = tree.role_of(proc.pid, cmdline)
+                        if role in _TITLED and _parent_role(proc) == role:
+                            # a fork of a titled process carries its title until it execs
+                            # or retitles: vLLM's EngineCore runs helper commands and forks
+                            # its Workers so. Not the EngineCore itself: its exit must not
+                            # fail the generation (looked at again on the next scan)
+                            role = "other"
                         if known is None or role != known.role:
                             m = Member(proc.pid, ctime, role, proc)
                             tree.members[proc.pid] = m

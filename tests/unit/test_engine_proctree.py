@@ -131,3 +131,47 @@ def test_role_from_process_title() -> None:
     assert proctree.role_from_cmdline(["VLLM::Worker_TP0"]) == "worker"
     assert proctree.role_from_cmdline(["python", "-m", "x"]) is None
     assert proctree.role_from_cmdline([]) is None
+
+
+FORKING_CORE = r"""
+import os, time
+import setproctitle
+setproctitle.setproctitle("VLLM::EngineCore")
+if os.fork() == 0:  # a helper forked by the EngineCore: it carries the title until it execs
+    time.sleep(30)
+    os._exit(0)
+time.sleep(30)
+"""
+API_SERVER = "import subprocess, sys; subprocess.run([sys.executable, '-c', sys.argv[1]])"
+
+
+def test_a_fork_of_the_engine_core_that_carries_its_title_is_not_the_engine_core() -> None:
+    """vLLM's EngineCore forks helpers (and its Workers) that carry its title until they
+    exec or retitle: seen as an EngineCore, such a helper's exit failed a healthy
+    generation ("EngineCore died while the API server was still up", seen in CI)."""
+    leader = subprocess.Popen(
+        [sys.executable, "-c", API_SERVER, FORKING_CORE], start_new_session=True
+    )
+    tree = proctree.GenerationTree(1, leader.pid, psutil.Process(leader.pid).create_time())
+    try:
+        deadline = time.time() + 20
+        roles: dict[int, str] = {}
+        while time.time() < deadline:
+            proctree.scan([tree], whole_system=True)
+            roles = {m.pid: m.role for m in tree.members.values()}
+            if sorted(roles.values()) == ["api_server", "engine_core", "other"]:
+                break
+            time.sleep(0.05)
+        assert sorted(roles.values()) == ["api_server", "engine_core", "other"], roles
+        core = next(pid for pid, r in roles.items() if r == "engine_core")
+        other = next(pid for pid, r in roles.items() if r == "other")
+        assert psutil.Process(core).ppid() == leader.pid
+        assert psutil.Process(other).ppid() == core
+        assert proctree.role_from_cmdline(psutil.Process(other).cmdline()) == "engine_core"
+    finally:
+        for m in list(tree.members.values()):
+            try:
+                m.proc.kill()
+            except psutil.Error:
+                pass
+        leader.wait()
