@@ -23,7 +23,13 @@ def _check(ok: bool, detail: str) -> dict[str, Any]:
     return {"ok": ok, "detail": detail}
 
 
-def evaluate_readiness(status: EngineStatus, cfg: ProbesConfig, now: float) -> tuple[bool, Checks]:
+def evaluate_readiness(
+    status: EngineStatus, cfg: ProbesConfig, now: float, probe_sent_at: float | None = None
+) -> tuple[bool, Checks]:
+    """``probe_sent_at``: when the inference probe now in flight went out (None: none is).
+    A success goes stale only once no probe sent while it was fresh is still waiting for
+    its answer: that probe's verdict (answer, busy or timeout, bounded by timeout_s) decides,
+    so a probe queued behind a burst does not flip readiness before its own deadline."""
     checks: Checks = {}
     lc = status.lifecycle
     if lc == Lifecycle.running:
@@ -48,9 +54,17 @@ def evaluate_readiness(status: EngineStatus, cfg: ProbesConfig, now: float) -> t
             checks["inference_probe"] = _check(
                 False, f"last probe failed {age:.1f}s ago: {probe.detail}"
             )
-        elif age > cfg.freshness_s:
+        elif age > cfg.freshness_s and (
+            probe_sent_at is None or probe_sent_at - probe.at > cfg.freshness_s
+        ):
             checks["inference_probe"] = _check(
                 False, f"last success {age:.1f}s ago, older than freshness_s={cfg.freshness_s:g}"
+            )
+        elif age > cfg.freshness_s:
+            checks["inference_probe"] = _check(
+                True,
+                f"last success {age:.1f}s ago; the next probe is waiting for its answer "
+                f"(sent {max(0.0, now - probe_sent_at):.1f}s ago, timeout_s={cfg.timeout_s:g})",
             )
         elif probe.detail:  # passed without an answer: the engine was busy (runner)
             checks["inference_probe"] = _check(True, f"{probe.detail} ({age:.1f}s ago)")

@@ -90,6 +90,7 @@ class ProbeRunner:
         # set by the app when the proxy runs: () -> ((ok, detail), proxy.readiness mode)
         self.proxy_readiness: Callable[[], tuple[tuple[bool, str], str]] | None = None
         self.first_inference_at: float | None = None  # this generation's first good probe
+        self._probe_sent_at: float | None = None  # the inference probe in flight, if any
 
     # ---- tasks ---------------------------------------------------------------
     async def run(self) -> None:
@@ -145,6 +146,13 @@ class ProbeRunner:
             return None
         gen = self._gen
         url = self.engine.engine_base_url
+        self._probe_sent_at = self._clock()
+        try:
+            return await self._probe(gen, url)
+        finally:
+            self._probe_sent_at = None
+
+    async def _probe(self, gen: int, url: str) -> ProbeResult | None:
         # the engine's counters as the probe goes out (read beside it, not before it):
         # were tokens computed while a probe waited, it waited behind the engine's load
         counters = None
@@ -205,7 +213,7 @@ class ProbeRunner:
     def evaluate(self) -> tuple[bool, Checks]:
         """Recompute readiness now (also called by /readyz, so it is never stale)."""
         now = self._clock()
-        ready, checks = evaluate_readiness(self.status, self.cfg, now)
+        ready, checks = evaluate_readiness(self.status, self.cfg, now, self._probe_sent_at)
         self.status.set_readiness(ready, checks)
         if ready or not self.status.loaded or self.status.lifecycle != Lifecycle.running:
             self._not_ready_since = None

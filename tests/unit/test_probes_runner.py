@@ -444,3 +444,42 @@ def test_runner_tasks_track_a_hanging_engine_in_real_time(engine):
             await asyncio.gather(task, return_exceptions=True)
 
     in_loop(runner, go)
+
+
+def test_a_success_goes_stale_only_once_no_probe_sent_in_time_awaits_its_answer(engine):
+    """A probe queued behind a burst: the last success ages past freshness_s while the
+    next probe, sent in time, still waits for its answer. Readiness holds until that
+    probe's own verdict (here a timeout with no tokens computed: not ready). Seen in a
+    fresh-clone run: /readyz flipped for 30 ms mid-burst and requests skipped the engine."""
+    clock = Clock()
+    status, _, runner = make(engine, clock, timeout_s=1.0, freshness_s=5.0)
+    status.new_generation()
+
+    async def go():
+        assert (await runner.probe_once()).ok
+        engine.mode["delay"] = 5.0  # the next probe waits (longer than its timeout)
+        clock.advance(4)  # sent while the success is fresh
+        pending = asyncio.ensure_future(runner.probe_once())
+        await asyncio.sleep(0.3)  # it is in flight
+        clock.advance(2)  # the success is now 6 s old, past freshness_s
+        ready, checks = runner.evaluate()
+        assert ready, checks
+        assert "waiting for its answer" in checks["inference_probe"]["detail"], checks
+        timed_out = await pending
+        assert timed_out is not None and not timed_out.ok
+        ready, checks = runner.evaluate()
+        assert not ready and "timed out" in checks["inference_probe"]["detail"], checks
+
+    in_loop(runner, go)
+
+
+def test_a_probe_sent_after_the_success_went_stale_does_not_hold_readiness() -> None:
+    clock = Clock()
+    st = loaded_status(clock)
+    st.record_probe(ProbeResult("inference", True, clock(), 0.01))
+    clock.advance(12)
+    cfg = ProbesConfig(freshness_s=10)
+    ready, checks = evaluate_readiness(st, cfg, clock(), probe_sent_at=clock() - 0.5)
+    assert not ready and "older than freshness_s" in checks["inference_probe"]["detail"]
+    ready, _ = evaluate_readiness(st, cfg, clock(), probe_sent_at=clock() - 3)  # sent at 9 s
+    assert ready
