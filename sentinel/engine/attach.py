@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -30,6 +29,7 @@ from sentinel.config.schema import EngineConfig, SupervisorConfig
 from sentinel.engine import proctree
 from sentinel.engine.commands import HUNG_REASONS, OPERATOR_REASONS
 from sentinel.engine.discovery import Discovery, discover
+from sentinel.engine.inbox import Inbox
 from sentinel.logs import get_logger
 from sentinel.state import EngineStatus, Lifecycle, ProcessInfo
 
@@ -74,9 +74,8 @@ class AttachedEngine:
         self.before_hang_restart: EvidenceHook | None = None
         self.gpu_processes: Callable[[], list[tuple[int, int, int]]] | None = None
         self.env_extenders: list[Callable[[dict[str, str]], None]] = []  # nothing is launched
-        self._queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        self._inbox = Inbox()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: int | None = None
         self._exit_code: int | None = None
         self.last: Discovery = Discovery()
         self._identity: tuple[int, float] | None = None  # (pid, create time) of the API server
@@ -134,16 +133,11 @@ class AttachedEngine:
         }
 
     def _put(self, item: tuple[Any, ...]) -> None:
-        loop = self._loop
-        if loop is not None and threading.get_ident() != self._loop_thread:
-            loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        else:
-            self._queue.put_nowait(item)
+        self._inbox.put(item)
 
     # ---- main loop -------------------------------------------------------------
     async def run(self) -> int:
-        self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
+        self._loop = self._inbox.bind()
         log.info(
             "attached to an engine Sentinel did not launch",
             mode="attach",
@@ -158,7 +152,7 @@ class AttachedEngine:
             except Exception as exc:  # noqa: BLE001 - a failed look never stops the guard
                 log.error("looking for the engine's processes failed", error=repr(exc))
             try:
-                cmd = await asyncio.wait_for(self._queue.get(), self.cfg.discover_interval_s)
+                cmd = await asyncio.wait_for(self._inbox.queue.get(), self.cfg.discover_interval_s)
             except TimeoutError:
                 cmd = None
             if cmd is not None:

@@ -20,7 +20,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection
@@ -35,6 +34,7 @@ from sentinel.engine import diagnose as dx
 from sentinel.engine.backoff import Backoff, CrashLoopGuard
 from sentinel.engine.commands import HUNG_REASONS, CommandsMixin
 from sentinel.engine.generation import Generation, WatchMixin, roles
+from sentinel.engine.inbox import Inbox
 from sentinel.engine.leftovers import LeftoversMixin
 from sentinel.engine.logcapture import EngineLine, LogTail
 from sentinel.engine.unkillable import UnkillableMixin
@@ -99,9 +99,8 @@ class Supervisor(WatchMixin, CommandsMixin, UnkillableMixin, LeftoversMixin):
         self._guard = CrashLoopGuard(
             supervisor_cfg.crash_loop_max_starts, supervisor_cfg.crash_loop_window_s
         )
-        self._queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        self._inbox = Inbox()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: int | None = None
         self._subreaper = False
         self._current: Generation | None = None
         self._gens: list[Generation] = []  # generations that may still have processes
@@ -160,17 +159,12 @@ class Supervisor(WatchMixin, CommandsMixin, UnkillableMixin, LeftoversMixin):
         return self._tail.lines()
 
     def _put(self, item: tuple[Any, ...]) -> None:
-        loop = self._loop
-        if loop is not None and threading.get_ident() != self._loop_thread:
-            loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        else:
-            self._queue.put_nowait(item)
+        self._inbox.put(item)
 
     # ---- main loop -------------------------------------------------------------
     async def run(self) -> int:
         """Supervise until stopped (or failed with on_failed=exit); return the exit code."""
-        self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
+        self._loop = self._inbox.bind()
         self._subreaper = proctree.set_child_subreaper()
         # notice at once when the probes mark the engine loaded (or anything else changes)
         self.status.subscribe(lambda _status: self._put(("wake",)))
@@ -190,7 +184,7 @@ class Supervisor(WatchMixin, CommandsMixin, UnkillableMixin, LeftoversMixin):
             await self._take_over_runtime_state()
             while self._exit_code is None:
                 try:
-                    cmd = await asyncio.wait_for(self._queue.get(), self._next_wakeup())
+                    cmd = await asyncio.wait_for(self._inbox.queue.get(), self._next_wakeup())
                 except TimeoutError:
                     cmd = None
                 self._reap()
