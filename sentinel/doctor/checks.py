@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sentinel.config.schema import SentinelConfig
-from sentinel.doctor import attach, engine, host
+from sentinel.doctor import attach, engine, host, secrets
 from sentinel.doctor.base import Host, Result, Status
 
 Check = Callable[[SentinelConfig, Host], Result]
@@ -26,6 +26,7 @@ CHECKS: tuple[tuple[str, Check], ...] = (
     ("disk", host.check_disk),
     ("ports", host.check_ports),
     ("pid1", host.check_pid1),
+    ("secrets", secrets.check_secrets),
     ("attach", attach.check_attach),  # issue 18
 )
 

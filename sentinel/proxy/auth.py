@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter
@@ -102,9 +103,10 @@ class Authenticator:
             registry=registry,
         )
 
-    def load(self) -> None:
-        """Read the keys (at start-up). Raises ``SecretError`` naming what is wrong: an
-        unreadable or malformed source, or anonymous access with a paid tier."""
+    def load(self, environ: Mapping[str, str] | None = None) -> None:
+        """Read the keys (at start-up; ``environ`` defaults to this process's). Raises
+        ``SecretError`` naming what is wrong: an unreadable or malformed source, or
+        anonymous access with a paid tier."""
         cfg = self.cfg
         keys: dict[str, bytes] = {}
         if cfg.keys_file is not None:
@@ -118,7 +120,7 @@ class Authenticator:
             if not keys:
                 raise SecretError(f"proxy.auth.keys_file {cfg.keys_file} holds no key")
         if cfg.keys_env:
-            value = os.environ.get(cfg.keys_env, "")
+            value = (os.environ if environ is None else environ).get(cfg.keys_env, "")
             if not value.strip():
                 raise SecretError(
                     f"proxy.auth.keys_env: environment variable {cfg.keys_env} is not set or empty"

@@ -9,6 +9,7 @@ a CR, LF or other control character would split or corrupt the header it goes in
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -43,10 +44,13 @@ def check_header_value(value: str, where: str) -> None:
             )
 
 
-def load_api_key(tier: str, env: str | None, file: Path | None) -> Secret | None:
-    """The tier's key, env var first, then file; None when the tier has no key configured."""
+def load_api_key(
+    tier: str, env: str | None, file: Path | None, environ: Mapping[str, str] | None = None
+) -> Secret | None:
+    """The tier's key, env var first, then file; None when the tier has no key configured.
+    ``environ``: where the variable is read (default: this process's environment)."""
     if env:
-        value = os.environ.get(env, "").strip()
+        value = (os.environ if environ is None else environ).get(env, "").strip()
         if value:
             check_header_value(value, f"tier {tier!r}: environment variable {env}")
             return Secret(value)

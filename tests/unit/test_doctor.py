@@ -292,3 +292,64 @@ def test_cli_json_and_bad_input(tmp_path: Path) -> None:
         r = cli(*args)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_secrets_names_each_missing_source_and_never_a_value(tmp_path: Path) -> None:
+    keys = tmp_path / "clients.keys"
+    keys.write_text("")
+    c = cfg(
+        tmp_path,
+        engine={"api_key_env": "ENGINE_KEY"},
+        proxy={
+            "tiers": [
+                {"name": "local", "kind": "local"},
+                {"name": "ext", "base_url": "https://api.example.com", "api_key_env": "EXT_KEY"},
+            ],
+            "auth": {"keys_file": str(keys)},
+        },
+    )
+    r = one(tmp_path, "secrets", c)
+    assert r.status == Status.fail
+    assert "ENGINE_KEY is not set" in r.summary
+    assert "tier 'ext': environment variable EXT_KEY is not set" in r.summary
+    assert f"keys_file {keys} holds no key" in r.summary
+    assert "refuses to start" in r.fix
+
+    keys.write_text("team-a: sk-client-0123456789abcdef\n")
+    env = {"ENGINE_KEY": "sk-engine-0123456789", "EXT_KEY": "sk-ext-secret-value"}
+    r = one(tmp_path, "secrets", c, environ=env)
+    assert r.status == Status.ok, r
+    assert "engine.api_key_env (ENGINE_KEY)" in r.summary and "tier ext" in r.summary
+    assert "client keys" in r.summary
+    for value in (*env.values(), "sk-client-0123456789abcdef"):
+        assert value not in r.summary + r.fix
+
+    env["EXT_KEY"] = "sk-ext\r\nx-injected: 1"
+    r = one(tmp_path, "secrets", c, environ=env)
+    assert r.status == Status.fail and "line break" in r.summary
+    assert "x-injected" not in r.summary
+
+
+def test_secrets_refuses_a_paid_tier_without_client_keys(tmp_path: Path) -> None:
+    c = cfg(
+        tmp_path,
+        proxy={
+            "tiers": [
+                {"name": "local", "kind": "local"},
+                {"name": "ext", "base_url": "https://api.example.com", "api_key_env": "EXT_KEY"},
+            ],
+        },
+    )
+    r = one(tmp_path, "secrets", c, environ={"EXT_KEY": "sk-ext-secret-value"})
+    assert r.status == Status.fail and "allow_anonymous" in r.summary
+    assert one(tmp_path, "secrets", environ={}).summary == "no API key sources configured"
+
+
+def test_cli_secrets_fails_on_an_unset_engine_key_variable(tmp_path: Path) -> None:
+    var = "SENTINEL_TEST_UNSET_ENGINE_KEY"
+    assert var not in os.environ
+    r = cli("--json", "--check", "secrets", "--set", f"engine.api_key_env={var}")
+    doc = json.loads(r.stdout)
+    assert r.returncode == 1, r.stderr
+    (check,) = doc["checks"]
+    assert check["status"] == "fail" and f"{var} is not set" in check["summary"]
