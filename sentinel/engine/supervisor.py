@@ -16,7 +16,6 @@ exit) -> restart after backoff, or `failed` on a crash loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
@@ -28,19 +27,20 @@ from typing import Any
 import httpx
 import psutil
 
-from sentinel.config.schema import EngineConfig, LifecycleConfig, OnFailed, SupervisorConfig
+from sentinel.config.schema import EngineConfig, LifecycleConfig, SupervisorConfig
 from sentinel.engine import command, launcher, proctree, runstate
 from sentinel.engine import diagnose as dx
 from sentinel.engine.backoff import Backoff, CrashLoopGuard
-from sentinel.engine.commands import HUNG_REASONS, CommandsMixin
-from sentinel.engine.generation import Generation, WatchMixin, roles
+from sentinel.engine.commands import CommandsMixin
+from sentinel.engine.ending import EndingMixin
+from sentinel.engine.generation import Generation, WatchMixin
 from sentinel.engine.inbox import Inbox
 from sentinel.engine.leftovers import LeftoversMixin
 from sentinel.engine.logcapture import EngineLine, LogTail
 from sentinel.engine.unkillable import UnkillableMixin
 from sentinel.logs import get_logger
 from sentinel.net import local_url
-from sentinel.state import EngineStatus, ExitInfo, Lifecycle, ProcessInfo
+from sentinel.state import EngineStatus, ProcessInfo
 
 log = get_logger("sentinel.engine")
 
@@ -49,13 +49,10 @@ GpuProcesses = Callable[[], list[tuple[int, int, int]]]
 EvidenceHook = Callable[[str, str], Awaitable[None]]
 
 IDLE_WAKE_S = 1.0  # the loop reaps at least this often, SIGCHLD or not
-READER_DRAIN_S = 1.0
 LOAD_POLL_S = 1.0
-EXIT_TAIL_LINES = 50
-LOGGED_TAIL_LINES = 20
 
 
-class Supervisor(WatchMixin, CommandsMixin, UnkillableMixin, LeftoversMixin):
+class Supervisor(WatchMixin, CommandsMixin, EndingMixin, UnkillableMixin, LeftoversMixin):
     """Owns the engine's process tree for one `sentinel run`."""
 
     def __init__(
@@ -368,144 +365,3 @@ class Supervisor(WatchMixin, CommandsMixin, UnkillableMixin, LeftoversMixin):
                         self._put(("wake",))
                     return
                 await asyncio.sleep(LOAD_POLL_S)
-
-    # ---- ending a generation --------------------------------------------------------
-    async def _end_generation(
-        self,
-        gen: Generation,
-        grace_s: float,
-        forced: tuple[str, str] | None = None,
-        escalate: Callable[[], bool] = lambda: False,
-        api_server_first: bool = False,
-    ) -> ExitInfo:
-        """Terminate everything of ``gen`` (TERM, grace, KILL), drain its output,
-        explain and record its exit. ``api_server_first``: TERM the API server alone and
-        the rest once it has exited (a graceful stop)."""
-        gen.ending = True
-        leader_was_alive = not gen.leader_reaped
-        if gen.load_task is not None:
-            gen.load_task.cancel()
-        report = await proctree.terminate(
-            lambda: self._members(gen),
-            grace_s,
-            self._reap,
-            escalate=escalate,
-            kill_wait_s=self.life.unkillable_after_s,
-            first=(lambda m: m.pid == gen.pid) if api_server_first else None,
-        )
-        self._gpu_suspects.update(report.termed + report.killed)
-        others = {p for p in report.termed + report.killed if p != gen.pid}
-        self.status.orphans_killed += len(others)
-        if report.termed or report.killed:
-            log.info(
-                "engine generation terminated",
-                generation=gen.number,
-                termed=report.termed,
-                killed=report.killed,
-                seconds=round(report.seconds, 3),
-                api_server_was_alive=leader_was_alive,
-            )
-        if report.survivors:
-            self._mark_unkillable(gen.number, report.survivors, roles(gen))
-        for _ in range(50):  # the API server is dead; its status arrives with the reap
-            if gen.leader_reaped:
-                break
-            await asyncio.sleep(0.02)
-            self._reap()
-        await self._drain_readers(gen)
-        tail = self._tail.lines(gen.number, last=EXIT_TAIL_LINES)
-        code = gen.exit_code
-        if forced is not None:
-            reason, cause = forced
-        else:
-            d = dx.diagnose(code, tail, self._ctx, gen.loaded)
-            reason, cause = d.reason, d.cause
-        info = self._record_exit(gen.number, gen.pid, code, reason, cause, tail)
-        if self._current is gen:
-            self._current = None
-        self._prune()
-        await self._gpu_cleanup()
-        return info
-
-    def _record_exit(
-        self, number: int, pid: int, code: int | None, reason: str, cause: str, tail: list[str]
-    ) -> ExitInfo:
-        info = ExitInfo(
-            generation=number,
-            pid=pid,
-            returncode=code if code is not None and code >= 0 else None,
-            signal=-code if code is not None and code < 0 else None,
-            at=time.time(),
-            cause=cause,
-            reason=reason,
-            log_tail=tail,
-        )
-        self.status.record_exit(info)
-        expected = reason in ("stopped", "restarted")
-        (log.info if expected else log.error)(
-            "engine exited",
-            generation=number,
-            reason=reason,
-            cause=cause,
-            status=dx.describe_exit(code) if pid else "not started",
-            log_tail=tail[-LOGGED_TAIL_LINES:] if not expected else None,
-        )
-        return info
-
-    async def _drain_readers(self, gen: Generation) -> None:
-        pending = [t for t in gen.readers if not t.done()]
-        if pending:
-            _, still = await asyncio.wait(pending, timeout=READER_DRAIN_S)
-            for task in still:
-                task.cancel()
-            for task in still:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-
-    async def _generation_failed(
-        self, gen: Generation, restart_reason: str, forced: tuple[str, str] | None = None
-    ) -> None:
-        self.status.set_lifecycle(Lifecycle.restarting)
-        if restart_reason in HUNG_REASONS and forced is not None:
-            await self._preserve_evidence(restart_reason, forced[1])
-        info = await self._end_generation(gen, self.cfg.kill_grace_s, forced)
-        await self._after_failure(restart_reason, info.cause)
-
-    async def _after_failure(self, restart_reason: str, cause: str) -> None:
-        """After an unexpected end or a failed launch: back off and restart, or give up."""
-        if self._stop_signal is not None:
-            return
-        now = time.monotonic()
-        if self._guard.tripped(now):
-            n = self._guard.starts_in_window(now)
-            why = (
-                f"crash loop: {n} starts within {self.cfg.crash_loop_window_s:g}s "
-                f"(supervisor.crash_loop_max_starts); last failure: {cause}"
-            )
-            self._enter_failed(why)
-            return
-        delay = self._backoff.next_delay()
-        self.status.record_restart(restart_reason, cause)
-        self.status.set_lifecycle(Lifecycle.restarting)
-        self._launch_at = now + delay
-        log.warning(
-            "engine restarting",
-            reason=restart_reason,
-            in_s=round(delay, 2),
-            attempt=self._backoff.attempt,
-            starts_in_window=self._guard.starts_in_window(now),
-        )
-
-    def _enter_failed(self, why: str) -> None:
-        self._failed = True
-        self._launch_at = None
-        self.status.set_lifecycle(Lifecycle.failed, why)
-        log.error(
-            "engine failed",
-            state="failed",
-            reason=why,
-            on_failed=self.cfg.on_failed.value,
-            log_tail=self._tail.lines(last=LOGGED_TAIL_LINES),
-        )
-        if self.cfg.on_failed == OnFailed.exit:
-            self._exit_code = 1
