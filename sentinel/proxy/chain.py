@@ -2,7 +2,9 @@
 
 For each tier, in order, before anything is sent:
   - a tier with a model map is skipped for a model missing from it
-    (``model_not_offered``): nobody spends a tier's key on a model it was not offered;
+    (``model_not_offered``), and for a body whose model Sentinel cannot read, e.g. a
+    multipart upload (``model_unreadable``): nobody spends a tier's key on a model it
+    was not offered;
   - the local tier is skipped when the probes say it cannot serve (not ready,
     stalled, draining, restarting, starting, failed; degraded where configured), or
     when its waiting queue is above the spill threshold and another tier follows;
@@ -28,7 +30,7 @@ from sentinel.proxy.attempt import Opened, TierFailed, UpstreamFailure, attempt
 from sentinel.proxy.breaker import BreakerState
 from sentinel.proxy.errors import ProxyError
 from sentinel.proxy.metrics import ProxyMetrics
-from sentinel.proxy.tier import ProxyRequest, Tier
+from sentinel.proxy.tier import MODEL_NOT_OFFERED, MODEL_UNREADABLE, ProxyRequest, Tier
 from sentinel.state import EngineState, EngineStatus
 
 WAITING_METRIC = "vllm:num_requests_waiting"
@@ -47,7 +49,7 @@ HEALTH_SKIPS = frozenset(
         "breaker_open",
     }
 )
-MODEL_NOT_OFFERED = "model_not_offered"
+MODEL_REASONS = frozenset({MODEL_NOT_OFFERED, MODEL_UNREADABLE})
 
 
 class Exhausted(Exception):
@@ -129,7 +131,7 @@ class Chain:
         capacity = False
         breaker_wait: float | None = None
         for index, tier in enumerate(self.tiers):
-            reason = None if tier.offers(req.model) else MODEL_NOT_OFFERED
+            reason = tier.model_refusal(req)
             if reason is None and tier.local:
                 reason = self._local_skip(tier, index)
             if reason is None and not tier.breaker.allow():
@@ -203,17 +205,21 @@ class Chain:
         if failure is not None:
             return Exhausted(None, failure)
         reasons = {r for _, r in req.hops}
-        if reasons == {MODEL_NOT_OFFERED}:
+        if reasons <= MODEL_REASONS:
+            if req.model is None:
+                why = (
+                    "its model cannot be read from a body that is not JSON, and every tier "
+                    "that could serve it offers only the models of its model_map"
+                )
+            else:
+                why = f"the model {req.model!r} is not offered by any tier"
             return Exhausted(
                 ProxyError(
-                    404,
-                    f"The model {req.model!r} is not offered by any tier ({hops})",
-                    "model_not_found",
-                    param="model",
+                    404, f"{why[0].upper()}{why[1:]} ({hops})", "model_not_found", param="model"
                 ),
                 None,
             )
-        if reasons <= HEALTH_SKIPS | {MODEL_NOT_OFFERED}:
+        if reasons <= HEALTH_SKIPS | MODEL_REASONS:
             wait = max(1, math.ceil(breaker_wait)) if breaker_wait else 1
             return Exhausted(
                 ProxyError(

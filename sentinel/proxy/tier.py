@@ -23,6 +23,10 @@ from sentinel.proxy.metrics import ProxyMetrics
 from sentinel.proxy.secrets import Secret
 from sentinel.proxy.upstream import Transport, UpstreamRequest
 
+# hop reasons of a tier with a model map (``Tier.model_refusal``)
+MODEL_NOT_OFFERED = "model_not_offered"
+MODEL_UNREADABLE = "model_unreadable"
+
 
 @dataclass(slots=True)
 class ProxyRequest:
@@ -83,11 +87,19 @@ class Tier:
             self.in_flight -= 1
 
     # ---- what it is sent -------------------------------------------------------------
-    def offers(self, model: str | None) -> bool:
-        """Is ``model`` offered by this tier? With a model map, only the models it
-        names are (a request without a model, e.g. ``GET /v1/models``, always is)."""
+    def model_refusal(self, req: ProxyRequest) -> str | None:
+        """Why this tier is not offered ``req``'s model, or None. With a model map, only
+        the models it names are offered (``model_not_offered``), and a body whose model
+        Sentinel cannot read (not JSON: a multipart upload) is not sent either
+        (``model_unreadable``): the tier's key is never spent on a model it was not
+        offered. A request without a body or model (``GET /v1/models``) always is."""
         model_map = self.cfg.model_map
-        return not model_map or model is None or model in model_map
+        if not model_map:
+            return None
+        model = req.model
+        if model is None:
+            return MODEL_UNREADABLE if req.body and req.payload is None else None
+        return None if model in model_map else MODEL_NOT_OFFERED
 
     def body_for(self, req: ProxyRequest) -> bytes:
         mapped = self.cfg.model_map.get(req.model) if req.model is not None else None

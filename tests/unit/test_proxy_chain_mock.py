@@ -123,6 +123,48 @@ def test_a_model_missing_from_a_tiers_map_is_not_sent_to_it() -> None:
     run(main())
 
 
+def test_a_body_whose_model_cannot_be_read_is_not_sent_to_a_mapped_tier() -> None:
+    """A multipart upload names its model where Sentinel does not read it: a tier with
+    a model map (a paid key) is not offered it; a tier without one still is."""
+
+    def multipart(model: str) -> bytes:
+        return (
+            b'--B\r\ncontent-disposition: form-data; name="model"\r\n\r\n'
+            + model.encode()
+            + b'\r\n--B\r\ncontent-disposition: form-data; name="file"; filename="a.wav"'
+            b"\r\n\r\nRIFF\r\n--B--\r\n"
+        )
+
+    async def main() -> None:
+        paid = answering(b'{"served": "paid"}')
+        chain = make_chain(tier("paid", paid, model_map={"small": "gpt-4o-mini"}))
+        req = request(model=None)
+        req.target = "/v1/audio/transcriptions"
+        req.payload = None
+        req.body = multipart("whisper-large-expensive")
+        with pytest.raises(Exhausted) as ex:
+            await chain.open(req)
+        assert ex.value.error is not None and ex.value.error.status == 404
+        assert ex.value.error.code == "model_not_found"
+        assert "cannot be read" in ex.value.error.message
+        assert req.hops == [("paid", "model_unreadable")]
+        assert paid.requests == []  # the paid key was never spent on it
+        # a tier without a model map still serves it; GET without a body still works
+        free = answering(b'{"served": "free"}')
+        chain = make_chain(tier("paid", paid, model_map={"small": "x"}), tier("free", free))
+        req.hops.clear()
+        opened = await chain.open(req)
+        opened.finish()
+        assert opened.tier.name == "free" and req.hops == [("paid", "model_unreadable")]
+        get = request(model=None)
+        get.method, get.body, get.payload = "GET", b"", None
+        opened = await chain.open(get)
+        opened.finish()
+        assert opened.tier.name == "paid" and paid.requests[0].method == "GET"
+
+    run(main())
+
+
 def test_a_bug_of_ours_is_not_an_upstream_failure() -> None:
     """``UpstreamError(upstream_fault=False)`` (our own parser callback raised) moves on
     to the next tier but does not count against the healthy upstream's breaker; an
