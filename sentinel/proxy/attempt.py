@@ -6,6 +6,9 @@ its first body bytes are in hand, by the tier's first-byte deadline.
   (``TierFailed``), as do connection failures and the first-byte deadline.
 - A non-SSE body of known length up to ``FULL_READ_LIMIT`` is read whole before it is
   committed; anything else is committed with its first part and relayed part by part.
+  For a whole body, its head is the first byte: the first-byte deadline ends there and
+  the body is due by the tier's total deadline (``total_timeout``; a break while it is
+  read is a ``reset``); nothing has reached the client yet, so the next tier may serve.
 - A deadline fails the try only after the event loop has read what the upstream's
   socket already holds: when the deadline passes, the loop gets
   ``DEADLINE_GRACE_PASSES`` passes before it counts (the exchange runs in the request's
@@ -127,7 +130,7 @@ async def attempt(tier: Tier, req: ProxyRequest) -> Opened:
     assert task is not None
     guard = _FirstByteGuard(loop, task, tier, req, ureq, tier.first_byte_deadline(req, started))
     try:
-        return await _exchange(tier, started, ureq)
+        return await _exchange(tier, req, started, ureq, guard)
     except asyncio.CancelledError:
         if not guard.expired or task.uncancel() > 0:
             raise  # the request is cancelled (its client went away)
@@ -135,7 +138,7 @@ async def attempt(tier: Tier, req: ProxyRequest) -> Opened:
         guard.cancel()
     if loop.time() >= req.deadline:
         raise ProxyError(504, "request timed out (proxy.request_timeout_s)", "request_timeout")
-    raise TierFailed("first_byte_timeout", health_failure=True)
+    raise TierFailed(guard.reason, health_failure=True)
 
 
 class _FirstByteGuard:
@@ -145,7 +148,18 @@ class _FirstByteGuard:
     request was written (``UpstreamRequest.sent_at``), so a deadline reached before the
     write (a slow connect, a stall of Sentinel's own loop) moves on to that later one."""
 
-    __slots__ = ("loop", "task", "tier", "req", "ureq", "deadline", "timer", "expired", "off")
+    __slots__ = (
+        "loop",
+        "task",
+        "tier",
+        "req",
+        "ureq",
+        "deadline",
+        "timer",
+        "expired",
+        "off",
+        "reason",
+    )
 
     def __init__(
         self,
@@ -164,17 +178,30 @@ class _FirstByteGuard:
         self.deadline = deadline
         self.expired = False
         self.off = False
-        self.timer: asyncio.TimerHandle | None = loop.call_at(deadline, self._passes, 0)
+        self.reason = "first_byte_timeout"  # what an expiry is: ``total_timeout`` once in body
+        self.timer: asyncio.Handle | None = loop.call_at(deadline, self._passes, 0)
+
+    def body(self, total: float) -> None:
+        """The head is in: the first-byte deadline is met. What follows (a whole body,
+        read before the answer is committed) is due by ``total``, the tier's total
+        deadline; its expiry is a ``total_timeout``."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.reason = "total_timeout"
+        self.deadline = total
+        self.timer = self.loop.call_at(total, self._passes, 0)
 
     def _passes(self, n: int) -> None:
         self.timer = None
         if self.off:
             return
         if n < DEADLINE_GRACE_PASSES:
-            self.loop.call_soon(self._passes, n + 1)
+            self.timer = self.loop.call_soon(self._passes, n + 1)
             return
         sent = self.ureq.sent_at
-        later = self.deadline if sent is None else self.tier.first_byte_deadline(self.req, sent)
+        later = self.deadline
+        if sent is not None and self.reason == "first_byte_timeout":
+            later = self.tier.first_byte_deadline(self.req, sent)
         if later > self.deadline and self.loop.time() < later:
             self.deadline = later
             self.timer = self.loop.call_at(later, self._passes, 0)
@@ -190,7 +217,9 @@ class _FirstByteGuard:
             self.timer = None
 
 
-async def _exchange(tier: Tier, started: float, ureq: UpstreamRequest) -> Opened:
+async def _exchange(
+    tier: Tier, req: ProxyRequest, started: float, ureq: UpstreamRequest, guard: _FirstByteGuard
+) -> Opened:
     resp: UpstreamResponse | None = None
     try:
         resp = await tier.transport.send(ureq)
@@ -204,6 +233,8 @@ async def _exchange(tier: Tier, started: float, ureq: UpstreamRequest) -> Opened
                 failure=UpstreamFailure(tier.name, status, resp.headers, body),
             )
         if kind == "whole":
+            # the head is in: the body is read under the total deadline only
+            guard.body(tier.total_deadline(req, started))
             first = await resp.read()
             resp.release()
             return Opened(tier, resp, first, None, True, started)

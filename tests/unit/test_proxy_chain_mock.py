@@ -165,6 +165,39 @@ def test_a_body_whose_model_cannot_be_read_is_not_sent_to_a_mapped_tier() -> Non
     run(main())
 
 
+def test_a_whole_body_slower_than_first_byte_s_is_due_by_the_total_deadline() -> None:
+    """The head is the first byte of a whole answer: a body that takes longer than
+    first_byte_s to arrive is served, not a first_byte_timeout that opens the breaker;
+    one past total_s is a total_timeout, counted once, and the next tier serves."""
+
+    def slow_whole(delay: float) -> MockTransport:
+        async def handler(_req: UpstreamRequest) -> MockResponse:
+            return MockResponse(body=b"a" * 4000, part_delay_s=delay)  # head now, body later
+
+        return MockTransport(handler)
+
+    async def main() -> None:
+        timeouts = {"first_byte_s": 0.05, "total_s": 5.0}
+        chain = make_chain(tier("slow", slow_whole(0.2), timeouts=timeouts))
+        (slow,) = chain.tiers
+        for _ in range(4):  # more than the breaker's failure threshold
+            req = request()
+            opened = await chain.open(req)
+            opened.finish()
+            assert opened.complete and opened.first == b"a" * 4000 and req.hops == []
+        assert slow.breaker.consecutive == 0 and slow.breaker.state is BreakerState.closed
+        ok = answering(b'{"served": "backup"}')
+        timeouts = {"first_byte_s": 0.05, "total_s": 0.15}
+        chain = make_chain(tier("slow", slow_whole(0.5), timeouts=timeouts), tier("b", ok))
+        req = request()
+        opened = await chain.open(req)
+        opened.finish()
+        assert opened.tier.name == "b" and req.hops == [("slow", "total_timeout")]
+        assert chain.tiers[0].breaker.consecutive == 1 and chain.tiers[0].in_use() == 0
+
+    run(main())
+
+
 def test_a_bug_of_ours_is_not_an_upstream_failure() -> None:
     """``UpstreamError(upstream_fault=False)`` (our own parser callback raised) moves on
     to the next tier but does not count against the healthy upstream's breaker; an
