@@ -11,7 +11,9 @@ limit and its idle limit (``proxy.stream_idle_timeout_s``: a stream that has beg
 then sends nothing that long; detected in ``_Watchdog._check``, the one place); the per-
 part cost is one clock read. A stream that fails after its first byte ends with one
 parseable SSE error event (an SSE stream) or a cut connection (any other body), never a
-silent, well-formed end.
+silent, well-formed end. The error event is an event of its own: when the upstream
+broke off in the middle of an event (the last part relayed does not end with a blank
+line), a blank line ends that one first.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class _Pipe:
     """The sink of a piped stream (``UpstreamResponse.pipe``): each part to the client as
     it is read, back-pressure both ways, and the stream's end as a future."""
 
-    __slots__ = ("out", "ex", "upstream", "dog", "loop", "done")
+    __slots__ = ("out", "ex", "upstream", "dog", "loop", "done", "last")
 
     def __init__(
         self,
@@ -120,6 +122,7 @@ class _Pipe:
         self.dog = dog
         self.loop = loop
         self.done: asyncio.Future[None] = loop.create_future()
+        self.last = b""  # the last part relayed (whether it ended an event: ``ended``)
 
     def data(self, data: bytes) -> None:
         out = self.out
@@ -128,6 +131,7 @@ class _Pipe:
             # upstream stops now, not after what it still sends
             self.upstream.abort()
             return
+        self.last = data  # one store per part: the check waits for a failure (``ended``)
         self.ex.capture(data)
         self.dog.last = self.loop.time()
         if out.paused:
@@ -144,6 +148,12 @@ class _Pipe:
             dog.client_behind = False
             dog.last = self.loop.time()
             self.upstream.resume()
+
+    def ended(self) -> bool:
+        """Whether the relayed bytes end an SSE event (a blank line). A last part too
+        short to tell says no: an extra blank line before the error event is harmless
+        (no event), an error event glued onto a partial one is not parseable."""
+        return self.last.endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
 
     def end(self, error: UpstreamError | None) -> None:
         if not self.done.done():
@@ -188,6 +198,7 @@ async def relay(
         dog = _Watchdog(loop, task, tier.total_deadline(req, opened.started), idle_s)
         tail: tuple[str, str, int] | None = None
         pipe = _Pipe(out, ex, resp, dog, loop)
+        pipe.last = first
         try:
             out.on_writable = pipe.caught_up
             resp.pipe(pipe)
@@ -218,7 +229,10 @@ async def relay(
             ex.error = tail[0]
             if "text/event-stream" not in resp.content_type:
                 return  # a body left unfinished closes the connection: a visible error
-            out.write(sse_error_event(*tail))
+            event = sse_error_event(*tail)
+            # an event the upstream left unfinished is ended first, so that the error
+            # is an event of its own (the partial one is the client's to discard)
+            out.write(event if pipe.ended() else b"\n\n" + event)
         out.end()
     except BaseException:
         opened.abort()

@@ -219,3 +219,56 @@ def test_a_client_that_leaves_mid_stream_stops_the_upstream_at_its_next_event(
     assert relayed <= at_leave + 1, (relayed, at_leave)
     assert sent[0] < events  # the upstream request was cut, not streamed to its end
     assert px.call(lambda: px.service.in_flight) == 0
+
+
+def _sse_events(text: str) -> list[str]:
+    """The data of each event a WHATWG SSE parser dispatches (a blank line ends one)."""
+    events: list[str] = []
+    data: list[str] = []
+    for line in text.replace("\r\n", "\n").split("\n"):
+        if line == "":
+            if data:
+                events.append("\n".join(data))
+            data = []
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip(" "))
+    return events
+
+
+@pytest.mark.parametrize("how", ["reset", "idle"])
+def test_an_upstream_that_breaks_off_mid_event_still_ends_with_a_parseable_error_event(
+    how: str, tmp_path: Path
+) -> None:
+    """The upstream stops in the middle of an event (it closes, or goes silent past
+    stream_idle_timeout_s): the error event is an event of its own, not glued onto the
+    partial one."""
+    srv = socket.create_server(("127.0.0.1", free_port()))
+    gone = threading.Event()
+
+    def serve() -> None:
+        conn = accept_sse(srv)
+        conn.sendall(sse_chunk(b'data: {"choices": [{"text": "hi"}]}\n\n'))
+        time.sleep(0.05)
+        conn.sendall(sse_chunk(b'data: {"choices": [{"te'))
+        if how == "idle":
+            gone.wait(10)
+        else:
+            time.sleep(0.1)
+        conn.close()
+        srv.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.getsockname()[1]}"
+    cfg = {"tiers": [{"name": "up", "base_url": url}], "stream_idle_timeout_s": 0.5}
+    try:
+        with ProxyHarness(cfg, tmp_path) as px:
+            r = httpx.post(px.url + "/v1/completions", json=BODY, timeout=10)
+    finally:
+        gone.set()
+    assert r.status_code == 200
+    events = _sse_events(r.text)
+    assert events[0] == '{"choices": [{"text": "hi"}]}'
+    err = json.loads(events[-1])  # the last event parses: the error
+    code = "reset" if how == "reset" else "stream_idle_timeout"
+    assert err["error"]["code"] == code, r.text
+    assert len(events) == 3  # the partial event is dispatched on its own, before it
