@@ -59,12 +59,18 @@ DROP_REQUEST_HEADERS = frozenset(
     }
 )
 # upstream response headers never relayed to the client: hop-by-hop and framing (ours),
-# and what an upstream sets about its own account or session
+# and what an upstream sets about its own account or session (the headers an upstream's
+# ``Connection`` header names are hop-by-hop too: ``relay.relayed_headers``)
 DROP_RESPONSE_HEADERS = frozenset(
     {
         b"connection",
         b"keep-alive",
+        b"proxy-connection",
         b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authenticate",
         b"content-length",
         b"x-request-id",
         b"server",

@@ -4,7 +4,9 @@ of idle ones per upstream (``ConnectionPool``) and the connect itself.
 - Connections are reused LIFO and dropped once idle for ``idle_s`` (below the common
   5 s server keep-alive), or when the upstream answered ``Connection: close``.
 - Interim answers (``100 Continue``, ``102 Processing``, ``103 Early Hints``) are
-  skipped: only a final status is the answer. Bytes that no request asked for (after
+  skipped: only a final status is the answer. A head (with the interim answers before
+  it) over ``MAX_UPSTREAM_HEAD_BYTES`` is a malformed answer (``reset``), checked after
+  each read, so at most that plus one read is held. Bytes that no request asked for (after
   a complete answer, or on an idle connection) close the connection: it is never
   pooled with unread bytes, so no request is handed another's answer.
 - A connection reset before a body delimited by the close has ended is a failure; a
@@ -36,6 +38,10 @@ from sentinel.proxy.upstream import UpstreamError
 
 log = get_logger(__name__)
 
+# an upstream's response head (status line, headers, interim answers before it) larger
+# than this is refused as malformed: its bytes are neither kept nor relayed
+MAX_UPSTREAM_HEAD_BYTES = 64 * 1024
+
 
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection to an upstream, answering one request at a
@@ -51,6 +57,7 @@ class UpstreamConnection(asyncio.Protocol):
         "paused",
         "interim",
         "stray",
+        "head_n",
     )
 
     def __init__(self, pool: ConnectionPool) -> None:
@@ -63,6 +70,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.paused = False
         self.interim = False  # parsing a 1xx answer (skipped)
         self.stray = False  # bytes came that no request asked for
+        self.head_n = 0  # bytes read of the current answer's head, while it is incomplete
 
     # ---- asyncio.Protocol ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -87,8 +95,20 @@ class UpstreamConnection(asyncio.Protocol):
         if self.stray:
             self._fail(UpstreamError("reset", "malformed upstream response: unsolicited bytes"))
             self.close()
-        if resp is not None and resp.sink is not None:
-            resp.push()  # a piped body: what this read brought, in one piece
+        if resp is not None:
+            if resp.sink is not None:
+                resp.push()  # a piped body: what this read brought, in one piece
+            elif not resp.got_headers and self.resp is resp:
+                self.head_n += len(data)  # the head is still incomplete: all of it is head
+                if self.head_n > MAX_UPSTREAM_HEAD_BYTES:
+                    self._fail(
+                        UpstreamError(
+                            "reset",
+                            "malformed upstream response: head too large "
+                            f"(over {MAX_UPSTREAM_HEAD_BYTES} bytes)",
+                        )
+                    )
+                    self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -127,6 +147,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.interim = True
             return
         resp.status = status
+        self.head_n = 0
         for k, v in resp.headers:
             if k == b"content-length":
                 resp.content_length = int(v)

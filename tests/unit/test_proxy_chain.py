@@ -372,3 +372,32 @@ def test_request_time_limit_cancels(a: FakeOpenAI, tmp_path: Path) -> None:
         err = json.loads(events[-1][len("data: ") :])
         assert err["error"]["code"] == "timeout"
         assert len(events) < 20
+
+
+def test_hop_by_hop_headers_of_an_upstream_are_not_relayed(tmp_path: Path) -> None:
+    """Upgrade, Trailer, Proxy-Authenticate, TE, Proxy-Connection and whatever the
+    upstream's Connection header names concern its hop only: the client gets none."""
+    srv = socket.create_server(("127.0.0.1", free_port()))
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        conn.recv(65536)
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nupgrade: h2c\r\n"
+            b"trailer: x-t\r\nproxy-authenticate: Basic\r\nte: trailers\r\n"
+            b"proxy-connection: keep-alive\r\nconnection: keep-alive, X-Hop-Secret\r\n"
+            b"x-hop-secret: s3cret\r\nx-kept: yes\r\ncontent-length: 2\r\n\r\n{}"
+        )
+        time.sleep(0.5)
+        conn.close()
+        srv.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.getsockname()[1]}"
+    with ProxyHarness({"tiers": tiers(url)}, tmp_path) as px:
+        r = httpx.post(px.url + "/v1/completions", json=BODY)
+    assert r.status_code == 200 and r.content == b"{}" and r.headers["x-kept"] == "yes"
+    for name in ("upgrade", "trailer", "proxy-authenticate", "te", "proxy-connection"):
+        assert name not in r.headers, name
+    assert "x-hop-secret" not in r.headers
+    assert r.headers.get("connection", "keep-alive") == "keep-alive"  # Sentinel's own

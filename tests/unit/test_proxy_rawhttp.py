@@ -286,3 +286,46 @@ def test_a_bug_in_our_parser_callbacks_is_not_an_upstream_fault(
         server.close()
 
     asyncio.run(main())
+
+
+def test_an_upstream_head_over_the_limit_is_a_malformed_answer() -> None:
+    """An upstream that sends header after header is cut off once its head passes
+    MAX_UPSTREAM_HEAD_BYTES (a ``reset``, a health failure): it is not held in memory
+    nor relayed. A large head under the limit, read in many parts, is answered, and the
+    count starts again for the next answer on the same connection."""
+    from sentinel.proxy.upstream_conn import MAX_UPSTREAM_HEAD_BYTES
+
+    line = b"x-junk: " + b"j" * 1000 + b"\r\n"
+
+    async def heads(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                raw = await read_request(r)
+            except asyncio.IncompleteReadError:
+                return
+            w.write(b"HTTP/1.1 200 OK\r\n")
+            n = 40 if b"/small" in raw else 100_000  # 40 KiB, or endless (~100 MB)
+            for _ in range(n):
+                w.write(line)
+                await w.drain()
+                await asyncio.sleep(0)
+            w.write(b"content-length: 2\r\n\r\nok")
+            await w.drain()
+
+    async def main() -> None:
+        server, port, conns = await serve(heads)
+        t = RawTransport()
+        for _ in range(2):  # 2 x 40 KiB heads on one connection: 80 KiB in all
+            resp = await t.send(req(port, "/small"))
+            assert resp.status == 200 and await resp.read() == b"ok"
+            assert len(resp.headers) == 41
+        assert len(conns) == 1
+        with pytest.raises(UpstreamError) as exc:
+            await t.send(req(port, "/big"))
+        assert exc.value.reason == "reset" and exc.value.upstream_fault
+        assert "head too large" in exc.value.detail
+        assert str(MAX_UPSTREAM_HEAD_BYTES) in exc.value.detail
+        await t.aclose()
+        server.close()
+
+    asyncio.run(main())
