@@ -230,9 +230,15 @@ class RequestPolicy:
                 parsed = json.loads(text)
             except RecursionError:
                 raise self._too_deep() from None
-            except ValueError as exc:
+            except json.JSONDecodeError as exc:
                 raise ProxyError(
                     400, f"Request body is not valid JSON: {exc}", "invalid_json"
+                ) from None
+            except ValueError:  # an integer too long to convert (a bound of Python's)
+                raise ProxyError(
+                    400,
+                    "Request body is not valid JSON: a number in it has too many digits",
+                    "invalid_json",
                 ) from None
             # a body with fewer brackets than the limit cannot nest deeper than it
             if (

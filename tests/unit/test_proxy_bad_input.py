@@ -82,3 +82,17 @@ def test_unknown_path(path: str, setup: tuple[ProxyHarness, FakeOpenAI]) -> None
     assert r.json()["error"]["code"] == "unknown_path"
     assert path in r.json()["error"]["message"]
     assert len(a.requests) == before
+
+
+def test_a_number_with_too_many_digits_is_named_without_python_internals() -> None:
+    from sentinel.config.schema import ProxyConfig
+    from sentinel.proxy.errors import ProxyError
+    from sentinel.proxy.request import RequestPolicy
+
+    policy = RequestPolicy(ProxyConfig(tiers=[{"name": "a", "base_url": "http://a.invalid"}]))
+    body = b'{"model": "m", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}"
+    with pytest.raises(ProxyError) as exc:
+        policy.parse_body("/v1/completions", "POST", b"application/json", body)
+    assert exc.value.status == 400 and exc.value.code == "invalid_json"
+    assert "too many digits" in exc.value.message
+    assert "sys." not in exc.value.message and "int_max_str_digits" not in exc.value.message
