@@ -128,9 +128,10 @@ async def attempt(tier: Tier, req: ProxyRequest) -> Opened:
     ureq = tier.upstream_request(req)
     task = asyncio.current_task()
     assert task is not None
-    guard = _FirstByteGuard(loop, task, tier, req, ureq, tier.first_byte_deadline(req, started))
+    deadline = tier.first_byte_deadline(req, started)
+    guard = _FirstByteGuard(loop, task, tier, req, ureq, started, deadline)
     try:
-        return await _exchange(tier, req, started, ureq, guard)
+        return await _exchange(tier, started, ureq, guard)
     except asyncio.CancelledError:
         if not guard.expired or task.uncancel() > 0:
             raise  # the request is cancelled (its client went away)
@@ -159,6 +160,7 @@ class _FirstByteGuard:
         "expired",
         "off",
         "reason",
+        "started",
     )
 
     def __init__(
@@ -168,6 +170,7 @@ class _FirstByteGuard:
         tier: Tier,
         req: ProxyRequest,
         ureq: UpstreamRequest,
+        started: float,
         deadline: float,
     ) -> None:
         self.loop = loop
@@ -178,18 +181,11 @@ class _FirstByteGuard:
         self.deadline = deadline
         self.expired = False
         self.off = False
-        self.reason = "first_byte_timeout"  # what an expiry is: ``total_timeout`` once in body
+        # what an expiry is; ``total_timeout`` once a whole answer's head is in (then the
+        # timer, when it fires, moves on to the tier's total deadline: no re-arm before)
+        self.reason = "first_byte_timeout"
+        self.started = started
         self.timer: asyncio.Handle | None = loop.call_at(deadline, self._passes, 0)
-
-    def body(self, total: float) -> None:
-        """The head is in: the first-byte deadline is met. What follows (a whole body,
-        read before the answer is committed) is due by ``total``, the tier's total
-        deadline; its expiry is a ``total_timeout``."""
-        if self.timer is not None:
-            self.timer.cancel()
-        self.reason = "total_timeout"
-        self.deadline = total
-        self.timer = self.loop.call_at(total, self._passes, 0)
 
     def _passes(self, n: int) -> None:
         self.timer = None
@@ -198,10 +194,11 @@ class _FirstByteGuard:
         if n < DEADLINE_GRACE_PASSES:
             self.timer = self.loop.call_soon(self._passes, n + 1)
             return
-        sent = self.ureq.sent_at
-        later = self.deadline
-        if sent is not None and self.reason == "first_byte_timeout":
-            later = self.tier.first_byte_deadline(self.req, sent)
+        if self.reason == "total_timeout":  # a whole body, after its head: due by total_s
+            later = self.tier.total_deadline(self.req, self.started)
+        else:
+            sent = self.ureq.sent_at
+            later = self.deadline if sent is None else self.tier.first_byte_deadline(self.req, sent)
         if later > self.deadline and self.loop.time() < later:
             self.deadline = later
             self.timer = self.loop.call_at(later, self._passes, 0)
@@ -218,7 +215,7 @@ class _FirstByteGuard:
 
 
 async def _exchange(
-    tier: Tier, req: ProxyRequest, started: float, ureq: UpstreamRequest, guard: _FirstByteGuard
+    tier: Tier, started: float, ureq: UpstreamRequest, guard: _FirstByteGuard
 ) -> Opened:
     resp: UpstreamResponse | None = None
     try:
@@ -234,7 +231,7 @@ async def _exchange(
             )
         if kind == "whole":
             # the head is in: the body is read under the total deadline only
-            guard.body(tier.total_deadline(req, started))
+            guard.reason = "total_timeout"
             first = await resp.read()
             resp.release()
             return Opened(tier, resp, first, None, True, started)

@@ -46,14 +46,10 @@ def meta_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
 
 
 def relayed_headers(headers: list[tuple[bytes, bytes]], ex: Exchange) -> list[tuple[bytes, bytes]]:
-    """The upstream's headers fit for the client (not ``DROP_RESPONSE_HEADERS``, nor
-    those its ``Connection`` header names: hop-by-hop), and Sentinel's own."""
+    """The upstream's headers fit for the client (not ``DROP_RESPONSE_HEADERS``; those
+    its ``Connection`` header names are gone already: ``UpstreamConnection``), and
+    Sentinel's own."""
     out = [(k, v) for k, v in headers if k not in DROP_RESPONSE_HEADERS]
-    if len(out) < len(headers):  # something was dropped: perhaps a Connection header
-        named = [v for k, v in headers if k == b"connection"]
-        if named:
-            hop = {n.strip().lower() for n in b",".join(named).split(b",")}
-            out = [(k, v) for k, v in out if k not in hop]
     out += meta_headers(ex)
     return out
 

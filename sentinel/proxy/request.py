@@ -60,7 +60,7 @@ DROP_REQUEST_HEADERS = frozenset(
 )
 # upstream response headers never relayed to the client: hop-by-hop and framing (ours),
 # and what an upstream sets about its own account or session (the headers an upstream's
-# ``Connection`` header names are hop-by-hop too: ``relay.relayed_headers``)
+# ``Connection`` header names are hop-by-hop too: ``UpstreamConnection``)
 DROP_RESPONSE_HEADERS = frozenset(
     {
         b"connection",

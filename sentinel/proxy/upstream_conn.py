@@ -41,6 +41,9 @@ log = get_logger(__name__)
 # an upstream's response head (status line, headers, interim answers before it) larger
 # than this is refused as malformed: its bytes are neither kept nor relayed
 MAX_UPSTREAM_HEAD_BYTES = 64 * 1024
+# headers the framing of an answer rests on: kept (and then dropped at the relay) even
+# when the upstream's Connection header names them
+FRAMING_HEADERS = frozenset({b"connection", b"content-length", b"transfer-encoding"})
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -148,6 +151,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         resp.status = status
         self.head_n = 0
+        hop: bytes | None = None
         for k, v in resp.headers:
             if k == b"content-length":
                 resp.content_length = int(v)
@@ -155,6 +159,11 @@ class UpstreamConnection(asyncio.Protocol):
                 resp.content_type = v.decode("latin-1")
             elif k == b"transfer-encoding" and b"chunked" in v.lower():
                 resp.chunked = True
+            elif k == b"connection":
+                hop = v if hop is None else hop + b"," + v
+        if hop is not None:  # the headers it names are hop-by-hop: never relayed
+            named = {n.strip().lower() for n in hop.split(b",")} - FRAMING_HEADERS
+            resp.headers = [(k, v) for k, v in resp.headers if k not in named]
         resp.got_headers = True
         if not resp.head_fut.done():
             resp.head_fut.set_result(None)
