@@ -242,3 +242,41 @@ def test_head_gets_a_head_only(px: ProxyHarness) -> None:
     assert head.startswith(b"HTTP/1.1 405")
     assert b"content-length: " in head
     assert rest == b""
+
+
+H2C = (
+    b"connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\n"
+    b"http2-settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-read", "body-later"])
+def test_a_post_offering_h2c_is_served_as_http11_with_its_body(
+    px: ProxyHarness, up: FakeOpenAI, split: bool
+) -> None:
+    """What `curl --http2 http://...` sends: the offer is ignored (RFC 9110 allows it),
+    the request is answered as HTTP/1.1 with its body, and the connection closes."""
+    n = len(up.requests)
+    raw = post(extra=H2C)
+    s = connect(px)
+    if split:
+        s.sendall(raw[: -len(BODY)])
+        time.sleep(0.1)
+        s.sendall(BODY)
+    else:
+        s.sendall(raw)
+    out = read_all(s, 5)
+    assert statuses(out) == [b"HTTP/1.1 200 OK"], out[:300]
+    assert len(up.requests) == n + 1
+    assert up.requests[-1]["body"]["prompt"] == "hi"
+
+
+def test_a_chunked_post_offering_an_upgrade_gets_a_clear_400(px: ProxyHarness) -> None:
+    s = connect(px)
+    s.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"transfer-encoding: chunked\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (H2C, len(BODY), BODY)
+    )
+    out = read_all(s, 5)
+    assert out.startswith(b"HTTP/1.1 400"), out[:200]
+    assert b"upgrade_not_supported" in out

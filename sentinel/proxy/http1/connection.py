@@ -63,6 +63,9 @@ class HttpConnection(asyncio.Protocol):
         self._body_left = 0  # a Content-Length body's bytes not yet fed
         self._body_fed = 0  # bytes fed since the end of the head (body, framing, trailers)
         self._pending = b""  # read while reading was paused: fed on resume
+        # an Upgrade offer's body (llhttp skips it): read here, then the offer is ignored
+        self._raw_req: Request | None = None
+        self._raw_left = 0
         self._queue: deque[Request | Refusal] = deque()
         self._queued_bytes = 0
         self._read_paused = False
@@ -184,6 +187,9 @@ class HttpConnection(asyncio.Protocol):
         if self._pending:
             data = self._pending + data
             self._pending = b""
+        if self._raw_req is not None:
+            self._raw_body(data)
+            return
         limits = self.limits
         max_head = limits.max_request_line_bytes + limits.max_header_bytes
         max_fed = limits.max_body_bytes + FRAMING_ALLOWANCE
@@ -216,10 +222,14 @@ class HttpConnection(asyncio.Protocol):
                     return
             try:
                 self.parser.feed_data(part)
-            except httptools.HttpParserUpgrade:
+            except httptools.HttpParserUpgrade as exc:
                 # an Upgrade (h2c, websocket) is not offered: the request is answered
-                # as HTTP/1.1, and the connection closes after it
-                self._stop_reading()
+                # as HTTP/1.1 (its body read here: llhttp leaves it), and the
+                # connection closes after it
+                if self._raw_req is not None:
+                    self._raw_body(part[exc.args[0] :] + data)
+                else:
+                    self._stop_reading()
                 return
             except httptools.HttpParserCallbackError as exc:
                 cause = exc.__context__
@@ -235,6 +245,19 @@ class HttpConnection(asyncio.Protocol):
             if self._in_head and self._head_size >= max_head:
                 self._refuse(refusals.header_too_large(self.limits))
                 return
+
+    def _raw_body(self, data: bytes) -> None:
+        req = self._raw_req
+        assert req is not None
+        take = data[: self._raw_left]
+        self._raw_left -= len(take)
+        req._size += len(take)
+        req._parts.append(take)
+        if self._raw_left == 0:  # whole: handled as HTTP/1.1, what follows is dropped
+            self._raw_req = None
+            self._req = req
+            self.on_message_complete()
+            self._stop_reading()
 
     def eof_received(self) -> bool | None:
         # a half-closed client is a gone client: the transport closes (once what it
@@ -294,6 +317,11 @@ class HttpConnection(asyncio.Protocol):
                 expect = True
         # (llhttp refuses a message with both; if it did not, the total cap bounds it)
         self._body_left = 0 if chunked else length
+        if parser.should_upgrade() and req.method != "CONNECT":
+            # an Upgrade offer (curl --http2 sends h2c): llhttp would skip its body
+            if chunked:
+                raise Refused(refusals.upgrade_not_supported())
+            self._raw_left = length
         self._continue_due = expect
         if not expect:
             self._arm("body", self.limits.body_timeout_s)
@@ -320,6 +348,10 @@ class HttpConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         req = self._req
         assert req is not None
+        if self._raw_left:  # an Upgrade offer: its body is still to come (_raw_body)
+            self._raw_req = req
+            self._req = None
+            return
         self._req = None
         parts = req._parts
         req.body = parts[0] if len(parts) == 1 else b"".join(parts)
