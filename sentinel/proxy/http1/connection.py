@@ -372,6 +372,11 @@ class HttpConnection(asyncio.Protocol):
         if not self._read_paused and self.transport is not None:
             self._read_paused = True
             self.transport.pause_reading()
+            if self._phase in ("head", "body"):
+                # a request cut by the pause waits on us, not on the client: its timer
+                # starts again on resume (a client that does not read meets the send
+                # deadline instead)
+                self._phase = None
 
     def _stop_reading(self) -> None:
         self.closing = True
@@ -414,6 +419,11 @@ class HttpConnection(asyncio.Protocol):
         if self._read_paused and not self.closing and len(self._queue) < MAX_PIPELINED // 2:
             self._read_paused = False
             self.transport.resume_reading()
+            if self._req is not None:
+                if self._in_head:
+                    self._arm("head", self.limits.header_timeout_s)
+                elif not self._continue_due:
+                    self._arm("body", self.limits.body_timeout_s)
             if self._pending:  # (not from inside a feed: on the next pass)
                 self.loop.call_soon(self._feed_pending)
         resp = Response(self, item)
@@ -482,6 +492,9 @@ class HttpConnection(asyncio.Protocol):
 
     # ---- the timer --------------------------------------------------------------------
     def _arm(self, phase: str, timeout: float) -> None:
+        if self._read_paused and phase in ("head", "body"):
+            self._phase = None  # (reading paused by us: armed again on resume)
+            return
         self._phase = phase
         deadline = self.loop.time() + timeout
         self._deadline = deadline
