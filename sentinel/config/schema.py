@@ -177,6 +177,7 @@ class ProxyLimitsConfig(_Section):
     header_timeout_s: float = Field(10.0, gt=0)
     body_timeout_s: float = Field(30.0, gt=0)
     keepalive_timeout_s: float = Field(75.0, gt=0)
+    send_timeout_s: float = Field(30.0, gt=0)
     max_connections: int = Field(2048, ge=1)
     max_json_depth: int = Field(64, ge=2)
 

@@ -154,7 +154,7 @@ class ProxyMetrics:
             "sentinel_proxy_client_refusals",
             "Requests or connections the traffic port ended itself, by reason "
             "(header_too_large, too_many_headers, uri_too_long, body_too_large, "
-            "header_timeout, body_timeout, idle_timeout, bad_request).",
+            "header_timeout, body_timeout, idle_timeout, send_timeout, bad_request).",
             ["reason"],
             registry=r,
         )

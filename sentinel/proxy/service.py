@@ -115,6 +115,7 @@ class ProxyService:
             header_timeout_s=lim.header_timeout_s,
             body_timeout_s=lim.body_timeout_s,
             keepalive_timeout_s=lim.keepalive_timeout_s,
+            send_timeout_s=lim.send_timeout_s,
             max_connections=lim.max_connections,
         )
         self._server: HttpServer | None = None

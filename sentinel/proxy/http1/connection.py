@@ -38,6 +38,12 @@ log = get_logger(__name__)
 WRITE_HIGH_WATER = 64 * 1024
 LINGER_S = 2.0  # after a refusal: the client's further bytes are dropped this long
 MAX_PIPELINED = 16  # whole requests waiting behind the one being handled, then reading pauses
+# the shortest request llhttp completes ("GET / HTTP/1.1\n\n"): head bytes are fed in
+# slices of at most (room left in the queue) x this, so one feed cannot complete more
+# requests than the queue may still take
+MIN_REQUEST_BYTES = 16
+# a chunked body's framing (chunk sizes, extensions, trailers) beyond max_body_bytes
+FRAMING_ALLOWANCE = 64 * 1024
 
 
 class HttpConnection(asyncio.Protocol):
@@ -54,6 +60,12 @@ class HttpConnection(asyncio.Protocol):
         self._url_size = 0
         self._head_size = 0
         self._in_head = True
+        self._body_left = 0  # a Content-Length body's bytes not yet fed
+        self._body_fed = 0  # bytes fed since the end of the head (body, framing, trailers)
+        self._pending = b""  # read while reading was paused: fed on resume
+        # an Upgrade offer's body (llhttp skips it): read here, then the offer is ignored
+        self._raw_req: Request | None = None
+        self._raw_left = 0
         self._queue: deque[Request | Refusal] = deque()
         self._queued_bytes = 0
         self._read_paused = False
@@ -67,6 +79,9 @@ class HttpConnection(asyncio.Protocol):
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        # the client takes none of the bytes held for it by then: abort (0: not due)
+        self._send_deadline = 0.0
+        self._send_mark = 0  # bytes held for the client when the deadline was set
 
     # ---- the connection ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -111,9 +126,13 @@ class HttpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self._await_send()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        t = self.transport
+        if t is None or not t.is_closing():  # (a close's flush stays bounded)
+            self._send_deadline = 0.0
         waiter = self._drain_waiter
         if waiter is not None:
             self._drain_waiter = None
@@ -140,33 +159,77 @@ class HttpConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closing = True
-        if self.transport is not None:
-            self.transport.close()
+        t = self.transport
+        if t is not None:
+            t.close()  # waits for what the client has not taken yet: bounded
+            if t.get_write_buffer_size():
+                self._await_send()
+
+    def _await_send(self) -> None:
+        """Bytes wait for the client: unless it takes some within ``send_timeout_s``,
+        the connection is aborted (a client that stops reading holds nothing for good)."""
+        t = self.transport
+        if self._send_deadline or t is None:
+            return
+        self._send_mark = t.get_write_buffer_size()
+        self._send_deadline = self.loop.time() + self.limits.send_timeout_s
+        self._schedule(self._send_deadline)
+
+    @property
+    def queued(self) -> bool:
+        """Requests (or a refusal) wait behind the answer being made."""
+        return bool(self._queue)
 
     # ---- reading ----------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        max_head = self.limits.max_request_line_bytes + self.limits.max_header_bytes
+        if self._pending:
+            data = self._pending + data
+            self._pending = b""
+        if self._raw_req is not None:
+            self._raw_body(data)
+            return
+        limits = self.limits
+        max_head = limits.max_request_line_bytes + limits.max_header_bytes
+        max_fed = limits.max_body_bytes + FRAMING_ALLOWANCE
         while data:
-            part = data
+            if self._read_paused:
+                # no more requests are parsed while reading pauses: what was read is
+                # kept (one read at most) and fed on resume
+                self._pending = data
+                return
             if self._in_head:
                 # never hand llhttp more head than the limits allow: bytes beyond them
-                # are refused unread (httptools would gather them all in memory)
-                room = max_head - self._head_size
-                if len(data) > room:
-                    part, data = data[:room], data[room:]
-                else:
-                    data = b""
+                # are refused unread (httptools would gather them all in memory); nor
+                # more than could complete the requests the queue may still take
+                room = min(
+                    max_head - self._head_size,
+                    max(1, MAX_PIPELINED - len(self._queue)) * MIN_REQUEST_BYTES,
+                )
+                part, data = data[:room], data[room:]
                 self._head_size += len(part)
+            elif self._body_left:
+                # a Content-Length body (on_body counts it down): fed up to its end, so
+                # the next head is counted from its first byte
+                part, data = data[: self._body_left], data[self._body_left :]
             else:
-                data = b""
+                # chunked: body, framing and trailers together are bounded
+                part, data = data, b""
+                self._body_fed += len(part)
+                if self._body_fed > max_fed:
+                    self._refuse(refusals.body_too_large(self._body_fed, limits.max_body_bytes))
+                    return
             try:
                 self.parser.feed_data(part)
-            except httptools.HttpParserUpgrade:
+            except httptools.HttpParserUpgrade as exc:
                 # an Upgrade (h2c, websocket) is not offered: the request is answered
-                # as HTTP/1.1, and the connection closes after it
-                self._stop_reading()
+                # as HTTP/1.1 (its body read here: llhttp leaves it), and the
+                # connection closes after it
+                if self._raw_req is not None:
+                    self._raw_body(part[exc.args[0] :] + data)
+                else:
+                    self._stop_reading()
                 return
             except httptools.HttpParserCallbackError as exc:
                 cause = exc.__context__
@@ -183,11 +246,27 @@ class HttpConnection(asyncio.Protocol):
                 self._refuse(refusals.header_too_large(self.limits))
                 return
 
+    def _raw_body(self, data: bytes) -> None:
+        req = self._raw_req
+        assert req is not None
+        take = data[: self._raw_left]
+        self._raw_left -= len(take)
+        req._size += len(take)
+        req._parts.append(take)
+        if self._raw_left == 0:  # whole: handled as HTTP/1.1, what follows is dropped
+            self._raw_req = None
+            self._req = req
+            self.on_message_complete()
+            self._stop_reading()
+
     def eof_received(self) -> bool | None:
         # a half-closed client is a gone client: the transport closes (once what it
         # holds for the client is flushed, which may be never for a client that stopped
         # reading), and the answer in progress is cancelled at once
         self._abandon()
+        t = self.transport
+        if t is not None and t.get_write_buffer_size():
+            self._await_send()  # (the flush is bounded by send_timeout_s)
         return None
 
     def on_message_begin(self) -> None:
@@ -206,6 +285,8 @@ class HttpConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self._req
         assert req is not None
+        if not self._in_head:
+            return  # a chunked body's trailer: dropped (its bytes count against the body)
         if len(req.headers) >= self.limits.max_headers:
             raise Refused(refusals.too_many_headers(self.limits))
         req.headers.append((name.lower(), value))
@@ -220,27 +301,46 @@ class HttpConnection(asyncio.Protocol):
         req.version = parser.get_http_version()
         req.keep_alive = parser.should_keep_alive()
         self._in_head = False
+        self._body_fed = 0
         limit = self.limits.max_body_bytes
-        expect = False
+        expect = chunked = False
+        length = 0
         for k, v in req.headers:
             if k == b"content-length":
-                if v.isdigit() and int(v) > limit:
-                    raise Refused(refusals.body_too_large(int(v), limit))
+                if v.isdigit():
+                    length = int(v)
+                    if length > limit:
+                        raise Refused(refusals.body_too_large(length, limit))
+            elif k == b"transfer-encoding":
+                chunked = True
             elif k == b"expect" and v.lower() == b"100-continue":
                 expect = True
+        # (llhttp refuses a message with both; if it did not, the total cap bounds it)
+        self._body_left = 0 if chunked else length
+        if parser.should_upgrade() and req.method != "CONNECT":
+            # an Upgrade offer (curl --http2 sends h2c): llhttp would skip its body
+            if chunked:
+                raise Refused(refusals.upgrade_not_supported())
+            self._raw_left = length
         self._continue_due = expect
-        if expect and self._active is None and not self._queue:
+        if not expect:
+            self._arm("body", self.limits.body_timeout_s)
+        elif self._active is None and not self._queue:
             self._send_continue()
-        self._arm("body", self.limits.body_timeout_s)
+        else:
+            self._phase = None  # the body is awaited once the 100 is sent, in its turn
 
     def _send_continue(self) -> None:
         self._continue_due = False
         self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._arm("body", self.limits.body_timeout_s)
 
     def on_body(self, body: bytes) -> None:
         req = self._req
         assert req is not None
         req._size += len(body)
+        if self._body_left:
+            self._body_left -= len(body)
         if req._size > self.limits.max_body_bytes:
             raise Refused(refusals.body_too_large(req._size, self.limits.max_body_bytes))
         req._parts.append(body)
@@ -248,12 +348,18 @@ class HttpConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         req = self._req
         assert req is not None
+        if self._raw_left:  # an Upgrade offer: its body is still to come (_raw_body)
+            self._raw_req = req
+            self._req = None
+            return
         self._req = None
         parts = req._parts
         req.body = parts[0] if len(parts) == 1 else b"".join(parts)
         req._parts = []
         self._in_head = True
         self._head_size = 0
+        self._body_left = 0
+        self._continue_due = False
         self._phase = None
         self._queue.append(req)
         self._queued_bytes += req._size
@@ -266,6 +372,11 @@ class HttpConnection(asyncio.Protocol):
         if not self._read_paused and self.transport is not None:
             self._read_paused = True
             self.transport.pause_reading()
+            if self._phase in ("head", "body"):
+                # a request cut by the pause waits on us, not on the client: its timer
+                # starts again on resume (a client that does not read meets the send
+                # deadline instead)
+                self._phase = None
 
     def _stop_reading(self) -> None:
         self.closing = True
@@ -308,11 +419,22 @@ class HttpConnection(asyncio.Protocol):
         if self._read_paused and not self.closing and len(self._queue) < MAX_PIPELINED // 2:
             self._read_paused = False
             self.transport.resume_reading()
+            if self._req is not None:
+                if self._in_head:
+                    self._arm("head", self.limits.header_timeout_s)
+                elif not self._continue_due:
+                    self._arm("body", self.limits.body_timeout_s)
+            if self._pending:  # (not from inside a feed: on the next pass)
+                self.loop.call_soon(self._feed_pending)
         resp = Response(self, item)
         self._active_resp = resp
         task = self.loop.create_task(self.server.handler(item, resp))
         self._active = task
         task.add_done_callback(self._handled)
+
+    def _feed_pending(self) -> None:
+        if self._pending and not self._read_paused:
+            self.data_received(b"")
 
     def _handled(self, task: asyncio.Task[None]) -> None:
         resp = self._active_resp
@@ -370,9 +492,15 @@ class HttpConnection(asyncio.Protocol):
 
     # ---- the timer --------------------------------------------------------------------
     def _arm(self, phase: str, timeout: float) -> None:
+        if self._read_paused and phase in ("head", "body"):
+            self._phase = None  # (reading paused by us: armed again on resume)
+            return
         self._phase = phase
         deadline = self.loop.time() + timeout
         self._deadline = deadline
+        self._schedule(deadline)
+
+    def _schedule(self, deadline: float) -> None:
         timer = self._timer
         if timer is None or deadline < self._timer_at:
             if timer is not None:
@@ -382,12 +510,34 @@ class HttpConnection(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
+        t = self.transport
+        if t is None:
+            return
+        now = self.loop.time()
+        send = self._send_deadline
+        if send and now >= send:
+            held = t.get_write_buffer_size()
+            if held and held >= self._send_mark:
+                # nothing taken for send_timeout_s: the unsent bytes are dropped
+                self._send_deadline = 0.0
+                self.server.events.client_refused("send_timeout")
+                self.closing = True
+                t.abort()
+                return
+            # the client took some (or all): a new deadline while bytes still wait
+            self._send_deadline = 0.0
+            if held and (self.write_paused or t.is_closing()):
+                self._await_send()
+        self._on_phase(now)
+        if self._send_deadline:
+            self._schedule(self._send_deadline)
+
+    def _on_phase(self, now: float) -> None:
         phase = self._phase
         if phase is None or (self.closing and phase != "linger"):
             return
-        if self.loop.time() < self._deadline:
-            self._timer_at = self._deadline
-            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+        if now < self._deadline:
+            self._schedule(self._deadline)
             return
         self._phase = None
         if phase == "linger":

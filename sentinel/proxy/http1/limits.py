@@ -14,4 +14,5 @@ class HttpLimits:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     keepalive_timeout_s: float = 75.0
+    send_timeout_s: float = 30.0
     max_connections: int = 2048

@@ -34,6 +34,15 @@ def malformed(exc: Exception) -> Refusal:
     return Refusal(400, "bad_request", f"Malformed HTTP request: {exc}")
 
 
+def upgrade_not_supported() -> Refusal:
+    return Refusal(
+        400,
+        "upgrade_not_supported",
+        "A chunked request body with an Upgrade offer is not supported: send it without "
+        "the Upgrade header (HTTP/1.1), or with a Content-Length",
+    )
+
+
 def header_too_large(limits: HttpLimits) -> Refusal:
     return Refusal(
         431,

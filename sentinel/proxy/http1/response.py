@@ -51,13 +51,23 @@ class Response:
     (a stream, chunked for HTTP/1.1 clients; for HTTP/1.0 the body runs to the close).
     A writer of a stream awaits ``drain`` when ``paused`` (the client is behind)."""
 
-    __slots__ = ("_conn", "_keep_alive", "_chunked", "started", "ended", "gone", "on_writable")
+    __slots__ = (
+        "_conn",
+        "_keep_alive",
+        "_chunked",
+        "_bodiless",
+        "started",
+        "ended",
+        "gone",
+        "on_writable",
+    )
 
     def __init__(self, conn: HttpConnection, req: Request) -> None:
         self._conn = conn
         # a HEAD request's answer is closed after (its body would be read as the next)
         self._keep_alive = req.keep_alive and req.method != "HEAD"
         self._chunked = req.version == "1.1"
+        self._bodiless = req.method == "HEAD"  # (a whole answer's head only)
         self.started = False
         self.ended = False
         self.gone = False  # the client went away before the response ended
@@ -70,7 +80,10 @@ class Response:
         for k, v in headers:
             parts.append(k + b": " + v + b"\r\n")
         parts.append(framing)
-        if not self._keep_alive or self._conn.closing:
+        # the connection closes after its last answer: one that has answers queued
+        # behind it (a refusal, read before the close) does not carry the close
+        conn = self._conn
+        if not self._keep_alive or (conn.closing and not conn.queued):
             self._keep_alive = False
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
@@ -81,7 +94,7 @@ class Response:
             raise RuntimeError("response already started")
         self.started = self.ended = True
         head = self._head(status, headers, b"content-length: %d\r\n" % len(body))
-        self._conn.write(head + body)
+        self._conn.write(head if self._bodiless else head + body)
 
     def start(self, status: int, headers: list[tuple[bytes, bytes]], first: bytes) -> None:
         if self.started:
