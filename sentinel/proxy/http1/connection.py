@@ -27,8 +27,10 @@ import httptools
 from sentinel.logs import get_logger
 from sentinel.proxy.errors import error_body
 from sentinel.proxy.http1 import refusals
+from sentinel.proxy.http1.parsing import MAX_PIPELINED, RequestParsing
 from sentinel.proxy.http1.refusals import Refusal, Refused
 from sentinel.proxy.http1.response import STATUS_LINES, Request, Response, status_line
+from sentinel.proxy.http1.timer import ConnectionTimer
 
 if TYPE_CHECKING:
     from sentinel.proxy.http1.server import HttpServer
@@ -37,7 +39,6 @@ log = get_logger(__name__)
 
 WRITE_HIGH_WATER = 64 * 1024
 LINGER_S = 2.0  # after a refusal: the client's further bytes are dropped this long
-MAX_PIPELINED = 16  # whole requests waiting behind the one being handled, then reading pauses
 # the shortest request llhttp completes ("GET / HTTP/1.1\n\n"): head bytes are fed in
 # slices of at most (room left in the queue) x this, so one feed cannot complete more
 # requests than the queue may still take
@@ -46,7 +47,7 @@ MIN_REQUEST_BYTES = 16
 FRAMING_ALLOWANCE = 64 * 1024
 
 
-class HttpConnection(asyncio.Protocol):
+class HttpConnection(RequestParsing, ConnectionTimer, asyncio.Protocol):
     def __init__(self, server: HttpServer) -> None:
         self.server = server
         self.limits = server.limits
@@ -165,16 +166,6 @@ class HttpConnection(asyncio.Protocol):
             if t.get_write_buffer_size():
                 self._await_send()
 
-    def _await_send(self) -> None:
-        """Bytes wait for the client: unless it takes some within ``send_timeout_s``,
-        the connection is aborted (a client that stops reading holds nothing for good)."""
-        t = self.transport
-        if self._send_deadline or t is None:
-            return
-        self._send_mark = t.get_write_buffer_size()
-        self._send_deadline = self.loop.time() + self.limits.send_timeout_s
-        self._schedule(self._send_deadline)
-
     @property
     def queued(self) -> bool:
         """Requests (or a refusal) wait behind the answer being made."""
@@ -203,11 +194,20 @@ class HttpConnection(asyncio.Protocol):
                 # never hand llhttp more head than the limits allow: bytes beyond them
                 # are refused unread (httptools would gather them all in memory); nor
                 # more than could complete the requests the queue may still take
-                room = min(
-                    max_head - self._head_size,
-                    max(1, MAX_PIPELINED - len(self._queue)) * MIN_REQUEST_BYTES,
-                )
-                part, data = data[:room], data[room:]
+                head_room = max_head - self._head_size
+                queue_room = MAX_PIPELINED - len(self._queue)
+                # every head ends with a blank line (CRLF CRLF, or LF LF where llhttp is
+                # lenient): a read holds at least as many of them as requests it completes
+                ends = data.count(b"\n\r\n") + data.count(b"\n\n")
+                if len(data) <= head_room and ends < queue_room:
+                    # the usual read (one request, or a few): within the head limit and
+                    # holding fewer head ends than the queue has room for, so it is fed
+                    # whole (a head that begins in it is counted from the next read on:
+                    # at most the limit again)
+                    part, data = data, b""
+                else:
+                    room = min(head_room, max(1, queue_room) * MIN_REQUEST_BYTES)
+                    part, data = data[:room], data[room:]
                 self._head_size += len(part)
             elif self._body_left:
                 # a Content-Length body (on_body counts it down): fed up to its end, so
@@ -246,19 +246,6 @@ class HttpConnection(asyncio.Protocol):
                 self._refuse(refusals.header_too_large(self.limits))
                 return
 
-    def _raw_body(self, data: bytes) -> None:
-        req = self._raw_req
-        assert req is not None
-        take = data[: self._raw_left]
-        self._raw_left -= len(take)
-        req._size += len(take)
-        req._parts.append(take)
-        if self._raw_left == 0:  # whole: handled as HTTP/1.1, what follows is dropped
-            self._raw_req = None
-            self._req = req
-            self.on_message_complete()
-            self._stop_reading()
-
     def eof_received(self) -> bool | None:
         # a half-closed client is a gone client: the transport closes (once what it
         # holds for the client is flushed, which may be never for a client that stopped
@@ -268,105 +255,6 @@ class HttpConnection(asyncio.Protocol):
         if t is not None and t.get_write_buffer_size():
             self._await_send()  # (the flush is bounded by send_timeout_s)
         return None
-
-    def on_message_begin(self) -> None:
-        self._req = Request()
-        self._url_size = 0
-        self._arm("head", self.limits.header_timeout_s)
-
-    def on_url(self, url: bytes) -> None:
-        req = self._req
-        assert req is not None
-        self._url_size += len(url)
-        if self._url_size > self.limits.max_request_line_bytes:
-            raise Refused(refusals.uri_too_long(self.limits))
-        req._parts.append(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        req = self._req
-        assert req is not None
-        if not self._in_head:
-            return  # a chunked body's trailer: dropped (its bytes count against the body)
-        if len(req.headers) >= self.limits.max_headers:
-            raise Refused(refusals.too_many_headers(self.limits))
-        req.headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        req = self._req
-        assert req is not None
-        parser = self.parser
-        req.target = b"".join(req._parts)
-        req._parts = []
-        req.method = parser.get_method().decode("ascii", "replace")
-        req.version = parser.get_http_version()
-        req.keep_alive = parser.should_keep_alive()
-        self._in_head = False
-        self._body_fed = 0
-        limit = self.limits.max_body_bytes
-        expect = chunked = False
-        length = 0
-        for k, v in req.headers:
-            if k == b"content-length":
-                if v.isdigit():
-                    length = int(v)
-                    if length > limit:
-                        raise Refused(refusals.body_too_large(length, limit))
-            elif k == b"transfer-encoding":
-                chunked = True
-            elif k == b"expect" and v.lower() == b"100-continue":
-                expect = True
-        # (llhttp refuses a message with both; if it did not, the total cap bounds it)
-        self._body_left = 0 if chunked else length
-        if parser.should_upgrade() and req.method != "CONNECT":
-            # an Upgrade offer (curl --http2 sends h2c): llhttp would skip its body
-            if chunked:
-                raise Refused(refusals.upgrade_not_supported())
-            self._raw_left = length
-        self._continue_due = expect
-        if not expect:
-            self._arm("body", self.limits.body_timeout_s)
-        elif self._active is None and not self._queue:
-            self._send_continue()
-        else:
-            self._phase = None  # the body is awaited once the 100 is sent, in its turn
-
-    def _send_continue(self) -> None:
-        self._continue_due = False
-        self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self._arm("body", self.limits.body_timeout_s)
-
-    def on_body(self, body: bytes) -> None:
-        req = self._req
-        assert req is not None
-        req._size += len(body)
-        if self._body_left:
-            self._body_left -= len(body)
-        if req._size > self.limits.max_body_bytes:
-            raise Refused(refusals.body_too_large(req._size, self.limits.max_body_bytes))
-        req._parts.append(body)
-
-    def on_message_complete(self) -> None:
-        req = self._req
-        assert req is not None
-        if self._raw_left:  # an Upgrade offer: its body is still to come (_raw_body)
-            self._raw_req = req
-            self._req = None
-            return
-        self._req = None
-        parts = req._parts
-        req.body = parts[0] if len(parts) == 1 else b"".join(parts)
-        req._parts = []
-        self._in_head = True
-        self._head_size = 0
-        self._body_left = 0
-        self._continue_due = False
-        self._phase = None
-        self._queue.append(req)
-        self._queued_bytes += req._size
-        if self._active is None:
-            self._next()
-        if len(self._queue) >= MAX_PIPELINED or self._queued_bytes > self.limits.max_body_bytes:
-            self._pause_reading()
 
     def _pause_reading(self) -> None:
         if not self._read_paused and self.transport is not None:
@@ -489,64 +377,3 @@ class HttpConnection(asyncio.Protocol):
             self._read_paused = False
             t.resume_reading()
         self._arm("linger", LINGER_S)
-
-    # ---- the timer --------------------------------------------------------------------
-    def _arm(self, phase: str, timeout: float) -> None:
-        if self._read_paused and phase in ("head", "body"):
-            self._phase = None  # (reading paused by us: armed again on resume)
-            return
-        self._phase = phase
-        deadline = self.loop.time() + timeout
-        self._deadline = deadline
-        self._schedule(deadline)
-
-    def _schedule(self, deadline: float) -> None:
-        timer = self._timer
-        if timer is None or deadline < self._timer_at:
-            if timer is not None:
-                timer.cancel()
-            self._timer_at = deadline
-            self._timer = self.loop.call_at(deadline, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        t = self.transport
-        if t is None:
-            return
-        now = self.loop.time()
-        send = self._send_deadline
-        if send and now >= send:
-            held = t.get_write_buffer_size()
-            if held and held >= self._send_mark:
-                # nothing taken for send_timeout_s: the unsent bytes are dropped
-                self._send_deadline = 0.0
-                self.server.events.client_refused("send_timeout")
-                self.closing = True
-                t.abort()
-                return
-            # the client took some (or all): a new deadline while bytes still wait
-            self._send_deadline = 0.0
-            if held and (self.write_paused or t.is_closing()):
-                self._await_send()
-        self._on_phase(now)
-        if self._send_deadline:
-            self._schedule(self._send_deadline)
-
-    def _on_phase(self, now: float) -> None:
-        phase = self._phase
-        if phase is None or (self.closing and phase != "linger"):
-            return
-        if now < self._deadline:
-            self._schedule(self._deadline)
-            return
-        self._phase = None
-        if phase == "linger":
-            if self.transport is not None:
-                self.transport.abort()
-        elif phase == "idle":
-            self.server.events.client_refused("idle_timeout")
-            self.close()
-        elif phase == "head":
-            self._refuse(refusals.header_timeout(self.limits))
-        else:
-            self._refuse(refusals.body_timeout(self.limits))
