@@ -46,6 +46,7 @@ DROP_REQUEST_HEADERS = frozenset(
         b"te",
         b"trailer",
         b"upgrade",
+        b"http2-settings",
         b"content-length",
         b"accept-encoding",
         b"x-request-id",
@@ -200,14 +201,21 @@ class RequestPolicy:
         return path
 
     def forwarded_headers(self, headers: list[tuple[bytes, bytes]]) -> tuple[dict[str, str], bytes]:
-        """The headers fit to forward, and the content type."""
+        """The headers fit to forward, and the content type. Hop-by-hop headers are not
+        forwarded: the fixed ones, and those the client's ``Connection`` header names."""
         fwd: dict[str, str] = {}
         ctype = b""
+        hop: list[bytes] | None = None
         for k, v in headers:
             if k == b"content-type":
                 ctype = v
+            elif k == b"connection":
+                hop = (hop or []) + v.split(b",")
             if k not in DROP_REQUEST_HEADERS:
                 fwd[k.decode("latin-1")] = v.decode("latin-1")
+        if hop is not None:
+            for name in hop:
+                fwd.pop(name.strip().lower().decode("latin-1"), None)
         return fwd, ctype
 
     def parse_body(

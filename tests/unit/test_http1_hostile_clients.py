@@ -280,3 +280,27 @@ def test_a_chunked_post_offering_an_upgrade_gets_a_clear_400(px: ProxyHarness) -
     out = read_all(s, 5)
     assert out.startswith(b"HTTP/1.1 400"), out[:200]
     assert b"upgrade_not_supported" in out
+
+
+def test_a_204_or_304_is_relayed_without_length_or_body() -> None:
+    """An upstream's 204 (or 304) reaches the client with no Content-Length and no body,
+    even where the upstream sent one (RFC 9110: a 204 never carries Content-Length)."""
+    from sentinel.proxy.http1.response import Request, Response
+
+    class Conn:
+        closing = False
+        queued = False
+
+        def __init__(self) -> None:
+            self.out: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.out.append(data)
+
+    for status in (204, 304):
+        conn = Conn()
+        Response(conn, Request()).whole(status, [(b"x-a", b"1")], b"stray")  # type: ignore[arg-type]
+        (raw,) = conn.out
+        head, sep, rest = raw.partition(b"\r\n\r\n")
+        assert sep and rest == b"", raw
+        assert b"content-length" not in head and b"x-a: 1" in head

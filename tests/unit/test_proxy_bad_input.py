@@ -96,3 +96,23 @@ def test_a_number_with_too_many_digits_is_named_without_python_internals() -> No
     assert exc.value.status == 400 and exc.value.code == "invalid_json"
     assert "too many digits" in exc.value.message
     assert "sys." not in exc.value.message and "int_max_str_digits" not in exc.value.message
+
+
+def test_hop_by_hop_request_headers_are_not_forwarded() -> None:
+    """Headers the client's Connection header names, and an h2c offer's HTTP2-Settings,
+    are for this hop only: no tier receives them."""
+    from sentinel.config.schema import ProxyConfig
+    from sentinel.proxy.request import RequestPolicy
+
+    policy = RequestPolicy(ProxyConfig(tiers=[{"name": "a", "base_url": "http://a.invalid"}]))
+    headers = [
+        (b"x-hop-secret", b"1"),
+        (b"connection", b"Upgrade, HTTP2-Settings, X-Hop-Secret"),
+        (b"upgrade", b"h2c"),
+        (b"http2-settings", b"AAMAAABkAAQAAP__"),
+        (b"x-kept", b"2"),
+        (b"content-type", b"application/json"),
+    ]
+    fwd, ctype = policy.forwarded_headers(headers)
+    assert fwd == {"x-kept": "2", "content-type": "application/json"}
+    assert ctype == b"application/json"

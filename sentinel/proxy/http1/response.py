@@ -43,6 +43,8 @@ def status_line(status: int) -> bytes:
 
 
 STATUS_LINES = {s.value: status_line(s.value) for s in HTTPStatus}
+# answers that never have a body: no Content-Length is sent for them, nor any body
+NO_BODY_STATUSES = frozenset({204, 304})
 
 
 class Response:
@@ -93,6 +95,9 @@ class Response:
         if self.started:
             raise RuntimeError("response already started")
         self.started = self.ended = True
+        if status in NO_BODY_STATUSES:  # no length, no body (RFC 9110 8.6, 15.4.5)
+            self._conn.write(self._head(status, headers, b""))
+            return
         head = self._head(status, headers, b"content-length: %d\r\n" % len(body))
         self._conn.write(head if self._bodiless else head + body)
 
