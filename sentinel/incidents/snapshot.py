@@ -289,18 +289,18 @@ class SnapshotBuilder:
         }
         parts["manifest.json"] = _json(manifest)
         path = self.store.new_file_path("snapshot", reason, ".tar.gz")
-        tmp = path.with_name("." + path.name + ".tmp")
         prefix = path.name[: -len(".tar.gz")]
-        with tarfile.open(tmp, "w:gz") as tar:
-            for name, text in sorted(parts.items()):
-                data = text.encode()
-                info = tarfile.TarInfo(f"{prefix}/{name}")
-                info.size = len(data)
-                info.mtime = int(time.time())
-                info.mode = 0o600
-                tar.addfile(info, io.BytesIO(data))
-        os.chmod(tmp, 0o600)
-        tmp.rename(path)
+        with self.store.writing(path) as tmp:  # a failed write leaves no partial file
+            with tarfile.open(tmp, "w:gz") as tar:
+                for name, text in sorted(parts.items()):
+                    data = text.encode()
+                    info = tarfile.TarInfo(f"{prefix}/{name}")
+                    info.size = len(data)
+                    info.mtime = int(time.time())
+                    info.mode = 0o600
+                    tar.addfile(info, io.BytesIO(data))
+            os.chmod(tmp, 0o600)
+            tmp.rename(path)
         self.store.enforce_budget(keep=path)
         return path
 

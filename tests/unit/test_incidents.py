@@ -216,3 +216,45 @@ def test_snapshot_is_bounded(tmp_path: Path) -> None:
         )
     assert total <= 128 * 1024
     assert "logs" in manifest["missing_or_cut"]
+
+
+def test_budget_touches_only_sentinels_own_entries(tmp_path: Path) -> None:
+    (tmp_path / "00-not-an-incident" / "sub").mkdir(parents=True)
+    (tmp_path / "00-not-an-incident" / "sub" / "data.bin").write_text("x")
+    (tmp_path / "README").write_text("someone else's file")
+    (tmp_path / ".other-tool.tmp").write_text("not ours")
+    store = IncidentStore(IncidentsConfig(dir=tmp_path, max_count=1))
+    first = store.new_dir("dump", "operator")
+    kept = store.new_dir("dump", "operator")
+    assert store.enforce_budget(keep=kept) == [first]
+    assert store.entries() == [kept] and store.summary()["count"] == 1
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([".other-tool.tmp", "00-not-an-incident", "README", kept.name])
+    assert (tmp_path / "00-not-an-incident" / "sub" / "data.bin").read_text() == "x"
+
+
+def test_failed_snapshot_write_leaves_no_partial_file(tmp_path: Path, monkeypatch) -> None:
+    cfg = SentinelConfig.model_validate({"incidents": {"dir": str(tmp_path)}})
+    stale = tmp_path / ".20260101T000000.000Z-snapshot-operator-1.tar.gz.tmp"
+    stale.write_bytes(b"partial from a crash")
+    (tmp_path / ".foreign.tar.gz.tmp").write_bytes(b"not ours")
+    store = IncidentStore(cfg.incidents)
+    assert not stale.exists()  # a crash's leftover goes when the store starts
+    builder = SnapshotBuilder(
+        cfg, store, status=dict, metrics=bytes, engine_log=list, sentinel_log=list, restarts=dict
+    )
+    real_addfile = tarfile.TarFile.addfile
+
+    def disk_full(self, info, fileobj=None):  # write a little, then fail like a full disk
+        real_addfile(self, info, fileobj)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", disk_full)
+    with pytest.raises(OSError):
+        builder.build("operator", None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".foreign.tar.gz.tmp"]
+    monkeypatch.undo()
+    stale.write_bytes(b"partial")
+    path = builder.build("operator", None)
+    assert not stale.exists()  # enforcing the budget removes it too
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".foreign.tar.gz.tmp", path.name]
