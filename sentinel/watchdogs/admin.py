@@ -36,6 +36,8 @@ async def _body(request: Request) -> dict[str, Any] | JSONResponse:
         body = json.loads(raw)
     except ValueError as exc:
         return _bad(f"body is not JSON: {exc}")
+    except RecursionError:  # "[[[[..." deeper than Python's parser goes
+        return _bad("body is not JSON this API accepts: it is nested too deeply")
     if not isinstance(body, dict):
         return _bad("body must be a JSON object")
     return body

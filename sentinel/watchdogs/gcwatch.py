@@ -140,7 +140,7 @@ class GcWatch:
             msg = json.loads(data)
             pid = int(msg["pid"])
             kind = str(msg["t"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             self._drop("malformed")
             return
         now = self._clock()

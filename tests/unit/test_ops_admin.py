@@ -116,3 +116,23 @@ def test_only_one_token_source(tmp_path):
 
     with pytest.raises(ConfigError, match="only one of token_file and token_env"):
         load_config(None, sets=[f"ops.admin.token_file={tmp_path}/t", "ops.admin.token_env=X"])
+
+
+def test_a_malformed_or_deeply_nested_admin_body_is_a_clear_400(ops):
+    from sentinel.watchdogs.admin import _body
+
+    async def echo(request: Request) -> Response:
+        body = await _body(request)
+        return body if isinstance(body, Response) else JSONResponse({"got": body})
+
+    ops.stack.admin.add("/admin/echo", echo, methods=["POST"])
+    ops.stack.auth.set_token(TOKEN)
+    assert _post(ops, "/admin/echo", token=TOKEN, content=b'{"a": 1}').json() == {"got": {"a": 1}}
+    for body, said in (
+        (b"[" * 3000, "nested too deeply"),
+        (b'{"a":[' * 600, "nested too deeply"),
+        (b"{not json", "not JSON"),
+        (b"[1]", "JSON object"),
+    ):
+        r = _post(ops, "/admin/echo", token=TOKEN, content=body)
+        assert r.status_code == 400 and said in r.json()["error"], (body[:10], r.text[:200])

@@ -179,9 +179,10 @@ def test_hostile_datagrams_are_dropped_and_cannot_invent_roles() -> None:
         b'{"t":"report"}',
         b'{"t":"report","pid":10,"pauses":[[7,1,1]]}',
         b'{"t":"report","pid":10,"pauses":[[0,-1,0]]}',
+        b"[" * 3000,  # deeper than Python's parser goes
     ):
         watch.handle(data)
-    assert watch.dropped["malformed"] == 5
+    assert watch.dropped["malformed"] == 6
     watch.handle(b'{"t":"report","pid":11,"hint":"evil role","pauses":[[0,0.001,3]]}')
     watch.handle(b'{"t":"report","pid":10,"hint":"api_server","pauses":[[2,0.002,0]]}')
     roles = {p["pid"]: p["role"] for p in watch.describe()["processes"]}
