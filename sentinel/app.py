@@ -92,7 +92,7 @@ class Sentinel:
             self.registry,
             request_restart=self.supervisor.request_restart,
             gpu_snapshot=(lambda: self.gpu.snapshot) if cfg.gpu.mode != "off" else None,
-            status_doc=lambda: self.ops.report.build(log_lines=0),
+            status_doc=lambda: self.ops.report.build(log_lines=0, authenticated=True),
             metrics_text=self.ops.metrics.render,
             engine_log=self.supervisor.log_tail,
             sentinel_log=log_ring.lines if log_ring is not None else list,

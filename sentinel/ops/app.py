@@ -83,11 +83,16 @@ def build_ops_app(deps: OpsDeps) -> Starlette:
             lines = min(max(int(raw), 0), _MAX_LOG_LINES)
         except ValueError:
             return json_response({"error": f"log_tail must be an integer, got {raw!r}"}, 400)
-        if lines and deps.auth is not None:  # the engine's log lines are admin-only
+        # the engine's log lines (log_tail, last_exit.log_tail) are admin-only; a token
+        # sent without log_tail is checked (and a wrong one counted) all the same
+        sent = "authorization" in request.headers
+        authenticated = deps.auth is None
+        if deps.auth is not None and (lines or (sent and deps.auth.enabled)):
             refused = deps.auth.check(request)
             if refused is not None:
                 return refused
-        return json_response(deps.report.build(log_lines=lines))
+            authenticated = True
+        return json_response(deps.report.build(log_lines=lines, authenticated=authenticated))
 
     async def metrics(_: Request) -> Response:
         return Response(deps.metrics.render(), media_type=CONTENT_TYPE)

@@ -108,10 +108,23 @@ class StatusReport:
         # more top-level sections of /status, by name (e.g. "watchdogs", issue 17)
         self.sections: dict[str, Callable[[], Any]] = {}
 
-    def build(self, log_lines: int = 0) -> dict[str, Any]:
+    def build(self, log_lines: int = 0, *, authenticated: bool = False) -> dict[str, Any]:
+        """The /status document; engine log lines (``log_tail`` and ``last_exit.log_tail``)
+        only for an ``authenticated`` caller (the admin token): the open /status says how
+        many lines it holds back instead."""
         st = self._status
         now = self._clock()
         doc = st.snapshot()
+        last_exit = doc.get("last_exit")
+        if isinstance(last_exit, dict) and "log_tail" in last_exit:
+            tail = list(last_exit.pop("log_tail") or [])
+            if authenticated:
+                last_exit["log_tail"] = [redact_text(line) for line in tail]
+            elif tail:
+                last_exit["log_tail_hidden"] = (
+                    f"{len(tail)} engine log lines, admin-only: send the admin token "
+                    "(sentinel status --json --log-tail N)"
+                )
         doc["now"] = now
         doc["engine_metrics"] = {
             k: st.engine_metrics[k] for k in ENGINE_VALUES if k in st.engine_metrics

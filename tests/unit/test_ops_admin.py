@@ -136,3 +136,28 @@ def test_a_malformed_or_deeply_nested_admin_body_is_a_clear_400(ops):
     ):
         r = _post(ops, "/admin/echo", token=TOKEN, content=body)
         assert r.status_code == 400 and said in r.json()["error"], (body[:10], r.text[:200])
+
+
+def test_last_exit_log_lines_need_the_token_too(ops):
+    import time
+
+    from sentinel.state import ExitInfo
+
+    lines = ["ERROR user prompt was: 'my SSN is 123-45-6789'", "RuntimeError: CUDA error"]
+    info = ExitInfo(1, 7, 1, None, time.time(), "the engine crashed", "crashed", lines)
+    ops.call(lambda: ops.status.record_exit(info))
+    ops.stack.auth.set_token(TOKEN)
+    wrong0 = _failures(ops, "wrong")
+    opened = ops.get("/status")
+    assert opened.status_code == 200 and "SSN" not in opened.text
+    last = opened.json()["last_exit"]
+    assert last["reason"] == "crashed" and "log_tail" not in last
+    assert "2 engine log lines" in last["log_tail_hidden"] and "token" in last["log_tail_hidden"]
+    authed = ops.get("/status", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert authed.json()["last_exit"]["log_tail"] == lines
+    wrong = ops.get("/status", headers={"Authorization": f"Bearer {TOKEN}x"})
+    assert wrong.status_code == 401 and "SSN" not in wrong.text
+    assert _failures(ops, "wrong") == wrong0 + 1
+    ops.stack.auth.set_token(None)  # admin API off: the lines stay hidden, the status open
+    off = ops.get("/status", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert off.status_code == 200 and "log_tail" not in off.json()["last_exit"]
