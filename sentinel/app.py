@@ -14,11 +14,10 @@ import signal
 import sys
 from contextlib import suppress
 
-from prometheus_client import CollectorRegistry
-
 from sentinel.config import SentinelConfig
 from sentinel.incidents.logring import LogRing
 from sentinel.logs import configure_logging, get_logger
+from sentinel.ops.metrics import SentinelRegistry
 from sentinel.runtime import tune_gc
 from sentinel.state import EngineStatus
 
@@ -35,7 +34,7 @@ class Sentinel:
 
         self.cfg = cfg
         self.status = EngineStatus()
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = SentinelRegistry()  # its custom collectors never fail a scrape
         # the GPU helper (issue 4) may set self.supervisor.gpu_processes to its lister
         self.supervisor: Supervisor | AttachedEngine
         if cfg.engine.mode == "attach":  # issue 18: an engine Sentinel did not launch

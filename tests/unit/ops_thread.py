@@ -6,9 +6,9 @@ import asyncio
 from typing import Any
 
 import httpx
-from prometheus_client import CollectorRegistry
 
 from sentinel.config import SentinelConfig
+from sentinel.ops.metrics import SentinelRegistry
 from sentinel.ops.stack import OpsStack, build_ops_stack
 from sentinel.state import EngineStatus
 from tests.helpers import wait_for
@@ -37,7 +37,7 @@ class OpsThread:
             base[k] = {**base.get(k, {}), **v}
         self.cfg = SentinelConfig.model_validate(base)
         self.status = EngineStatus()
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = SentinelRegistry()
         self.control = Control(engine_url)
         self.stack: OpsStack = build_ops_stack(
             self.cfg, self.status, self.registry, self.control, log_tail=self.control.log_tail

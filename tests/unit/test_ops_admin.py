@@ -161,3 +161,30 @@ def test_last_exit_log_lines_need_the_token_too(ops):
     ops.stack.auth.set_token(None)  # admin API off: the lines stay hidden, the status open
     off = ops.get("/status", headers={"Authorization": f"Bearer {TOKEN}"})
     assert off.status_code == 200 and "log_tail" not in off.json()["last_exit"]
+
+
+def test_a_collector_that_raises_loses_only_its_own_series(ops):
+    class Broken:
+        def describe(self):
+            return []
+
+        def collect(self):
+            raise RuntimeError("NVML: GPU is lost")
+
+    def errors(name):
+        return ops.registry.get_sample_value(
+            "sentinel_metrics_collector_errors_total", {"collector": name}
+        )
+
+    assert errors("EngineStatusCollector") == 0  # every guarded collector starts at 0
+    broken = Broken()
+    ops.registry.register(broken)
+    try:
+        for _ in range(2):
+            r = ops.get("/metrics")
+            assert r.status_code == 200 and "sentinel_admin_auth_failures_total" in r.text
+            assert "sentinel_engine_restarts_total" in r.text  # another custom collector
+        assert errors("Broken") >= 2
+        assert 'sentinel_metrics_collector_errors_total{collector="Broken"}' in r.text
+    finally:
+        ops.registry.unregister(broken)
