@@ -188,3 +188,29 @@ def test_a_collector_that_raises_loses_only_its_own_series(ops):
         assert 'sentinel_metrics_collector_errors_total{collector="Broken"}' in r.text
     finally:
         ops.registry.unregister(broken)
+
+
+def test_a_failing_collector_is_logged_at_most_once_a_minute(capsys):
+    from prometheus_client import generate_latest
+
+    from sentinel.ops.metrics import SentinelRegistry
+
+    now = [1000.0]
+    registry = SentinelRegistry(clock=lambda: now[0])
+
+    class Flaky:
+        def describe(self):
+            return []
+
+        def collect(self):
+            raise ValueError("boom")
+
+    registry.register(Flaky())
+    for t in (1000.0, 1010.0, 1059.0, 1061.0):
+        now[0] = t
+        assert b"sentinel_metrics_collector_errors_total" in generate_latest(registry)
+    errors = registry.get_sample_value(
+        "sentinel_metrics_collector_errors_total", {"collector": "Flaky"}
+    )
+    assert errors == 4  # one per scrape (the counter is read before Flaky runs again)
+    assert capsys.readouterr().out.count("a metrics collector failed") == 2
