@@ -61,3 +61,35 @@ def test_unreachable_ops_server_is_a_clear_error():
     assert res.returncode == 2
     assert f"cannot reach Sentinel's ops server at {url}" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def _rendered(doc: dict) -> str:
+    import io
+
+    from rich.console import Console
+
+    from sentinel.cli.status import render
+
+    buf = io.StringIO()
+    render(doc, Console(file=buf, width=400, force_terminal=True, color_system="truecolor"))
+    return buf.getvalue()
+
+
+def test_engine_text_is_shown_as_itself_not_as_rich_markup():
+    # an engine error body quoted in a probe detail: `[/...]` used to crash Rich (MarkupError)
+    body = 'HTTP 404 {"detail":"Not Found [/v1/completions]"}'
+    link = "[link=https://evil.example]click me[/link] [reverse]x"
+    doc = {
+        "state": "failed",
+        "failure_reason": f"engine said {link}",
+        "degraded_reasons": {"probe": body},
+        "ready_checks": {"inference_probe": {"ok": False, "detail": body}},
+        "probes": {"inference": {"ok": False, "latency_s": 0.1, "age_s": 1.0, "detail": link}},
+        "restarts": [{"at": 1.0, "generation": 1, "reason": "stalled", "detail": body}],
+        "last_exit": {"generation": 1, "pid": 7, "returncode": 1, "at": 1.0, "cause": link},
+        "attach": {"base_url": "http://e", "pids": {}, "problem": body, "last_refusal": link},
+    }
+    out = _rendered(doc)
+    assert "Not Found [/v1/completions]" in out
+    assert "[link=https://evil.example]click me[/link]" in out
+    assert "\x1b]8;" not in out  # no terminal hyperlink was made
