@@ -10,6 +10,7 @@ import typer
 
 from sentinel.cli.admin_client import (
     AdminCallError,
+    AdminClient,
     ConfigOpt,
     TimeoutOpt,
     TokenFileOpt,
@@ -98,27 +99,5 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"downloaded to {output}")
 
 
-def _download(client: object, name: str, output: Path) -> None:
-    import httpx
-
-    from sentinel.cli.admin_client import AdminClient
-
-    assert isinstance(client, AdminClient)
-    try:
-        with httpx.stream(
-            "GET",
-            client.url + "/admin/snapshot",
-            params={"name": name},
-            headers=client.headers,
-            timeout=60,
-            trust_env=False,
-        ) as resp:
-            if resp.status_code != 200:
-                raise AdminCallError(f"download failed (HTTP {resp.status_code})", code=1)
-            with open(output, "wb") as f:
-                for chunk in resp.iter_bytes():
-                    f.write(chunk)
-    except OSError as exc:
-        raise AdminCallError(f"cannot write {output}: {exc}") from None
-    except httpx.HTTPError as exc:
-        raise AdminCallError(f"download failed: {exc}") from None
+def _download(client: AdminClient, name: str, output: Path) -> None:
+    client.download("/admin/snapshot", output, params={"name": name})

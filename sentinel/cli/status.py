@@ -39,18 +39,26 @@ def fetch_status(
     target = url.rstrip("/") + "/status"
     params = {"log_tail": str(log_tail)} if log_tail else None
     try:
-        resp = httpx.get(target, params=params, timeout=timeout, trust_env=False, headers=headers)
-    except httpx.HTTPError as exc:
+        with httpx.Client(trust_env=False) as client:
+            code, raw = admin_client.bounded_request(
+                client, "GET", target, timeout=timeout, params=params, headers=headers
+            )
+    except httpx.TimeoutException:
+        raise StatusUnavailable(
+            f"Sentinel at {url} did not answer GET /status in time (--timeout {timeout:g})"
+        ) from None
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise StatusUnavailable(
             f"cannot reach Sentinel's ops server at {url} ({type(exc).__name__}: {exc}). "
             "Is `sentinel run` up, and is this its ops.host/ops.port? (use --url)"
         ) from None
-    if resp.status_code != 200:
-        raise StatusUnavailable(f"{target} answered HTTP {resp.status_code}: {resp.text[:200]}")
+    text = raw[:200].decode(errors="replace")
+    if code != 200:
+        raise StatusUnavailable(f"{target} answered HTTP {code}: {text}")
     try:
-        body = resp.json()
+        body = json.loads(raw)
     except ValueError:
-        raise StatusUnavailable(f"{target} did not answer JSON: {resp.text[:200]!r}") from None
+        raise StatusUnavailable(f"{target} did not answer JSON: {text!r}") from None
     if not isinstance(body, dict) or "state" not in body:
         raise StatusUnavailable(f"{target} answered JSON that is not a Sentinel status")
     return body

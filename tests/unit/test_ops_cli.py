@@ -93,3 +93,89 @@ def test_engine_text_is_shown_as_itself_not_as_rich_markup():
     assert "Not Found [/v1/completions]" in out
     assert "[link=https://evil.example]click me[/link]" in out
     assert "\x1b]8;" not in out  # no terminal hyperlink was made
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status"],
+        ["status", "--log-tail", "5"],
+        ["drain"],
+        ["resume"],
+        ["restart"],
+        ["dump"],
+        ["snapshot"],
+    ],
+)
+def test_malformed_url_is_bad_input_named_without_a_traceback(args, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("x" * 32)
+    res = sentinel_cli(*args, "--url", "http://127.0.0.1:8090x", "--token-file", str(token))
+    assert res.returncode == 2, res
+    assert "bad --url 'http://127.0.0.1:8090x'" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_malformed_env_url_is_named():
+    res = subprocess.run(
+        [sys.executable, "-m", "sentinel", "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin", "SENTINEL_OPS_URL": "127.0.0.1:8090"},
+    )
+    assert res.returncode == 2, res
+    assert "bad SENTINEL_OPS_URL '127.0.0.1:8090'" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.fixture
+def trickler():
+    """A server that answers 200 with a long body, one byte every 0.3 s."""
+    import socket
+    import threading
+    import time
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                try:
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 100000\r\n\r\n"
+                    )
+                    while not stop.is_set():
+                        conn.sendall(b" ")
+                        time.sleep(0.3)
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.getsockname()[1]}"
+    stop.set()
+    srv.close()
+
+
+def test_status_timeout_bounds_the_whole_answer_not_each_read(trickler):
+    res = sentinel_cli("status", "--url", trickler, "--timeout", "1")
+    assert res.returncode == 2, res
+    assert "did not answer GET /status in time" in res.stderr
+
+
+def test_admin_client_timeout_bounds_the_whole_answer(trickler, tmp_path):
+    from sentinel.cli.admin_client import AdminCallError, AdminClient
+
+    with AdminClient(trickler, "x" * 32, timeout=1) as client:
+        with pytest.raises(AdminCallError, match="did not answer POST /admin/drain in time"):
+            client.request("POST", "/admin/drain")
+        with pytest.raises(AdminCallError, match="did not send GET /admin/snapshot in time"):
+            client.download("/admin/snapshot", tmp_path / "bundle.tar.gz")
+    assert not (tmp_path / "bundle.tar.gz").exists()
