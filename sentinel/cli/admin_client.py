@@ -24,6 +24,7 @@ import httpx
 import typer
 
 from sentinel.config import ConfigError, load_config
+from sentinel.logs import strip_terminal_controls
 from sentinel.net import local_url
 from sentinel.ops.admin import AdminTokenError, read_token
 
@@ -220,5 +221,5 @@ def admin_client(
 
 
 def fail(command: str, exc: AdminCallError) -> typer.Exit:
-    typer.echo(f"sentinel {command}: {exc}", err=True)
+    typer.echo(f"sentinel {command}: {strip_terminal_controls(str(exc))}", err=True)
     return typer.Exit(exc.code)

@@ -18,8 +18,14 @@ from sentinel.cli.admin_client import (
     admin_client,
     fail,
 )
+from sentinel.logs import strip_terminal_controls
 
 ROLES = ("api_server", "engine_core", "worker")
+
+
+def _echo(text: str) -> None:
+    """Print what the server sent (stacks, errors) without anything a terminal obeys."""
+    typer.echo(strip_terminal_controls(text))
 
 
 def register(app: typer.Typer) -> None:
@@ -64,13 +70,13 @@ def register(app: typer.Typer) -> None:
         for proc in doc.get("processes", []):
             key = f"{proc['role']}-{proc['pid']}"
             head = f"== {proc['role']} pid {proc['pid']}: {proc['outcome']} ({proc['seconds']}s)"
-            typer.echo(head)
+            _echo(head)
             if proc.get("error"):
-                typer.echo(f"   {proc['error']}")
+                _echo(f"   {proc['error']}")
             if stacks.get(key):
-                typer.echo(stacks[key].rstrip())
+                _echo(stacks[key].rstrip())
             typer.echo("")
-        typer.echo(f"saved: {doc.get('path')}")
+        _echo(f"saved: {doc.get('path')}")
         if not all(p.get("ok") for p in doc.get("processes", [])):
             raise typer.Exit(1)
 

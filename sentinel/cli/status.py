@@ -15,6 +15,7 @@ from rich.table import Table
 
 from sentinel.cli import admin_client
 from sentinel.config.schema import OpsConfig
+from sentinel.logs import strip_terminal_controls
 
 DEFAULT_URL = f"http://127.0.0.1:{OpsConfig.model_fields['port'].default}"
 _STATE_STYLE = {
@@ -66,7 +67,7 @@ def fetch_status(
 
 def _e(value: object) -> str:
     """Text from the server (engine error bodies, log lines) shown as itself, never as markup."""
-    return escape(str(value))
+    return escape(strip_terminal_controls(str(value)))
 
 
 def _ts(at: float | None) -> str:
@@ -213,7 +214,7 @@ def render(doc: dict[str, Any], console: Console) -> None:
             f"{_e(last_exit.get('reason'))}: {_e(last_exit.get('cause'))}"
         )
     for line in doc.get("log_tail") or []:
-        console.print(line, markup=False, highlight=False)
+        console.print(strip_terminal_controls(str(line)), markup=False, highlight=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -243,7 +244,7 @@ def register(app: typer.Typer) -> None:
         except admin_client.AdminCallError as exc:
             raise admin_client.fail("status", exc) from None
         except StatusUnavailable as exc:
-            typer.echo(f"sentinel status: {exc}", err=True)
+            typer.echo(f"sentinel status: {strip_terminal_controls(str(exc))}", err=True)
             raise typer.Exit(2) from None
         if as_json:
             typer.echo(json.dumps(doc, indent=2))

@@ -13,19 +13,8 @@ import re
 from collections import deque
 from dataclasses import dataclass
 
-from sentinel.logs import redact_text
+from sentinel.logs import redact_text, strip_terminal_controls
 
-# terminal control in an engine line, dropped at ingest so that no reader's terminal (`sentinel
-# status --log-tail`, incident bundles viewed with cat) obeys it: OSC (title, OSC 8 links,
-# OSC 52 clipboard writes) and DCS/SOS/PM/APC strings up to their terminator, CSI (colours,
-# cursor moves), other escapes, and the C0/C1 controls except tab
-_CONTROL = re.compile(
-    r"\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"
-    r"|\x1b[PX^_][^\x1b]*(?:\x1b\\)?"
-    r"|\x1b\[[0-?]*[ -/]*[@-~]"
-    r"|\x1b[ -~]?"
-    r"|[\x00-\x08\x0a-\x1a\x1c-\x1f\x7f-\x9f]"
-)
 _PREFIX = re.compile(
     r"^.{0,40}?\((?P<name>[A-Za-z][A-Za-z0-9]*)(?:[_-][A-Za-z0-9_-]+)? pid=(?P<pid>\d+)\)"
 )
@@ -81,10 +70,9 @@ class LineSplitter:
         return [line] if line is not None else []
 
     def _line(self, raw: bytes) -> EngineLine | None:
-        text = raw.decode("utf-8", errors="replace")
-        if not text.isprintable():  # the usual line has no control character at all
-            text = _CONTROL.sub("", text)
-        text = text.rstrip()
+        # dropped at ingest: no reader's terminal (`sentinel status --log-tail`, a bundle
+        # viewed with cat) obeys an engine line's escapes
+        text = strip_terminal_controls(raw.decode("utf-8", errors="replace")).rstrip()
         if not text:
             return None
         if len(text) > MAX_LINE_CHARS:

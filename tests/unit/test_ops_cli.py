@@ -179,3 +179,17 @@ def test_admin_client_timeout_bounds_the_whole_answer(trickler, tmp_path):
         with pytest.raises(AdminCallError, match="did not send GET /admin/snapshot in time"):
             client.download("/admin/snapshot", tmp_path / "bundle.tar.gz")
     assert not (tmp_path / "bundle.tar.gz").exists()
+
+
+def test_terminal_controls_from_the_server_never_reach_the_terminal():
+    # an engine error body quoted in a probe detail, a log line from an older Sentinel
+    osc = "\x1b]52;c;cm0gLXJmIH4K\x07\x1b]0;owned\x1b\\"
+    doc = {
+        "state": "failed",
+        "failure_reason": f"engine said {osc}bye",
+        "probes": {"inference": {"ok": False, "latency_s": 0.1, "age_s": 1.0, "detail": osc}},
+        "log_tail": [f"(APIServer pid=7) INFO {osc}hello"],
+    }
+    out = _rendered(doc)
+    assert "engine said bye" in out and "(APIServer pid=7) INFO hello" in out
+    assert "\x1b]" not in out and "\x07" not in out
