@@ -14,9 +14,13 @@ server that trickles its answer a byte at a time cannot keep a command waiting p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Annotated, Any
 
@@ -45,6 +49,37 @@ class AdminCallError(Exception):
         self.code = code
 
 
+class _DeadlinePassed(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _alarm(seconds: float) -> Iterator[None]:
+    """SIGALRM at the deadline, for what the check between chunks cannot see (a server that
+    trickles its status line and headers); only in a CLI's main thread, when no other alarm
+    is in use (a test runner's timeout, say)."""
+    usable = (
+        hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None)
+        and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    )
+    if not usable:
+        yield
+        return
+
+    def on_alarm(_signum: int, _frame: object) -> None:
+        raise _DeadlinePassed
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
 def bounded_request(
     client: httpx.Client,
     method: str,
@@ -57,21 +92,24 @@ def bounded_request(
     """Send a request; its status code and body (written to ``sink`` instead, when given).
 
     ``timeout`` bounds the whole exchange, reading included: the body is read chunk by chunk
-    and the clock checked between chunks (each read itself waits ``timeout`` at most), so a
-    trickling server is given up on. Raises ``httpx.TimeoutException`` past the deadline and
-    the other ``httpx.HTTPError`` as httpx does."""
+    and the clock checked between chunks (each read itself waits ``timeout`` at most), and in
+    a CLI's main thread an alarm covers the status line and headers too, so a trickling
+    server is given up on. Raises ``httpx.TimeoutException`` past the deadline and the other
+    ``httpx.HTTPError`` as httpx does."""
     deadline = time.monotonic() + timeout
     body = bytearray()
-    with client.stream(method, url, timeout=timeout, **kw) as resp:
-        for chunk in resp.iter_bytes():
-            if sink is not None:
-                sink.write(chunk)
-            else:
-                body += chunk
-            if time.monotonic() > deadline:
-                raise httpx.ReadTimeout(
-                    f"no whole answer within {timeout:g}s", request=resp.request
-                )
+    late = httpx.ReadTimeout(f"no whole answer within {timeout:g}s")
+    try:
+        with _alarm(timeout), client.stream(method, url, timeout=timeout, **kw) as resp:
+            for chunk in resp.iter_bytes():
+                if sink is not None:
+                    sink.write(chunk)
+                else:
+                    body += chunk
+                if time.monotonic() > deadline:
+                    raise late
+    except _DeadlinePassed:
+        raise late from None
     return resp.status_code, bytes(body)
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -129,13 +133,9 @@ def test_malformed_env_url_is_named():
     assert "Traceback" not in res.stderr
 
 
-@pytest.fixture
-def trickler():
-    """A server that answers 200 with a long body, one byte every 0.3 s."""
-    import socket
-    import threading
-    import time
-
+@contextlib.contextmanager
+def _trickling_server(head: bool):
+    """A server that answers 200 with a long body (or a long head), one byte every 0.3 s."""
     srv = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
@@ -148,24 +148,36 @@ def trickler():
             with conn:
                 conn.recv(65536)
                 try:
-                    conn.sendall(
-                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                        b"Content-Length: 100000\r\n\r\n"
-                    )
+                    conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                    if not head:
+                        conn.sendall(b"Content-Type: application/json\r\n")
+                        conn.sendall(b"Content-Length: 100000\r\n\r\n")
+                    else:
+                        conn.sendall(b"X-Slow: ")
                     while not stop.is_set():
-                        conn.sendall(b" ")
+                        conn.sendall(b"a" if head else b" ")
                         time.sleep(0.3)
                 except OSError:
                     pass
 
     threading.Thread(target=serve, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.getsockname()[1]}"
-    stop.set()
-    srv.close()
+    try:
+        yield f"http://127.0.0.1:{srv.getsockname()[1]}"
+    finally:
+        stop.set()
+        srv.close()
 
 
-def test_status_timeout_bounds_the_whole_answer_not_each_read(trickler):
-    res = sentinel_cli("status", "--url", trickler, "--timeout", "1")
+@pytest.fixture
+def trickler():
+    with _trickling_server(head=False) as url:
+        yield url
+
+
+@pytest.mark.parametrize("head", [False, True], ids=["trickled-body", "trickled-headers"])
+def test_status_timeout_bounds_the_whole_answer_not_each_read(head):
+    with _trickling_server(head) as url:
+        res = sentinel_cli("status", "--url", url, "--timeout", "1")
     assert res.returncode == 2, res
     assert "did not answer GET /status in time" in res.stderr
 
