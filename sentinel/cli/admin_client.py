@@ -59,7 +59,8 @@ def _alarm(seconds: float) -> Iterator[None]:
     trickles its status line and headers); only in a CLI's main thread, when no other alarm
     is in use (a test runner's timeout, say)."""
     usable = (
-        hasattr(signal, "setitimer")
+        seconds > 0
+        and hasattr(signal, "setitimer")
         and threading.current_thread() is threading.main_thread()
         and signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None)
         and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)

@@ -61,7 +61,9 @@ def register(app: typer.Typer) -> None:
         config: ConfigOpt = None,
         token_file: TokenFileOpt = None,
         wait: WaitOpt = True,
-        timeout: Annotated[float, typer.Option(help="Seconds to wait for an answer.")] = 120.0,
+        timeout: Annotated[
+            float, typer.Option(help="Seconds to wait for an answer.", min=0.1)
+        ] = 120.0,
         as_json: JsonOpt = False,
     ) -> None:
         """Stop taking traffic (readiness fails, new requests go to the next tier or get
@@ -77,7 +79,9 @@ def register(app: typer.Typer) -> None:
         url: UrlOpt = "",
         config: ConfigOpt = None,
         token_file: TokenFileOpt = None,
-        timeout: Annotated[float, typer.Option(help="Seconds to wait for an answer.")] = 10.0,
+        timeout: Annotated[
+            float, typer.Option(help="Seconds to wait for an answer.", min=0.1)
+        ] = 10.0,
         as_json: JsonOpt = False,
     ) -> None:
         """End a drain asked for by hand: take traffic again."""
@@ -93,7 +97,9 @@ def register(app: typer.Typer) -> None:
         config: ConfigOpt = None,
         token_file: TokenFileOpt = None,
         wait: WaitOpt = True,
-        timeout: Annotated[float, typer.Option(help="Seconds to wait for an answer.")] = 1200.0,
+        timeout: Annotated[
+            float, typer.Option(help="Seconds to wait for an answer.", min=0.1)
+        ] = 1200.0,
         as_json: JsonOpt = False,
     ) -> None:
         """Drain, replace the engine, wait until the new one serves, resume. With a backup

@@ -227,7 +227,9 @@ def register(app: typer.Typer) -> None:
         log_tail: Annotated[
             int, typer.Option(help="Also show this many engine log lines.", min=0)
         ] = 0,
-        timeout: Annotated[float, typer.Option(help="Seconds to wait for an answer.")] = 5.0,
+        timeout: Annotated[
+            float, typer.Option(help="Seconds to wait for an answer.", min=0.1)
+        ] = 5.0,
         config: admin_client.ConfigOpt = None,
         token_file: admin_client.TokenFileOpt = None,
     ) -> None:

@@ -205,3 +205,10 @@ def test_terminal_controls_from_the_server_never_reach_the_terminal():
     out = _rendered(doc)
     assert "engine said bye" in out and "(APIServer pid=7) INFO hello" in out
     assert "\x1b]" not in out and "\x07" not in out
+
+
+@pytest.mark.parametrize("cmd", ["status", "drain", "resume", "restart"])
+def test_a_timeout_below_a_tenth_of_a_second_is_bad_input(cmd):
+    res = sentinel_cli(cmd, "--timeout", "-1")
+    assert res.returncode == 2, res
+    assert "--timeout" in res.stderr and "Traceback" not in res.stderr
