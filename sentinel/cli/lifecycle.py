@@ -16,6 +16,7 @@ from sentinel.cli.admin_client import (
     admin_client,
     fail,
 )
+from sentinel.logs import strip_terminal_controls
 
 WaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until it is done.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")]
@@ -40,18 +41,23 @@ def _call(
         raise fail(name, exc) from None
 
 
+def _echo(text: str) -> None:
+    """Print what the server sent without anything a terminal obeys."""
+    typer.echo(strip_terminal_controls(text))
+
+
 def _show(doc: dict[str, Any], as_json: bool, headline: str) -> None:
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return
-    typer.echo(headline)
+    _echo(headline)
     last = doc.get("last_drain")
     if last:
-        typer.echo(
+        _echo(
             f"  last drain: {last['outcome']} in {last['seconds']}s "
             f"({last['left_in_flight']} requests still in flight at its end)"
         )
-    typer.echo(f"  state: {doc.get('state')}, generation {doc.get('generation')}")
+    _echo(f"  state: {doc.get('state')}, generation {doc.get('generation')}")
 
 
 def register(app: typer.Typer) -> None:

@@ -212,3 +212,11 @@ def test_a_timeout_below_a_tenth_of_a_second_is_bad_input(cmd):
     res = sentinel_cli(cmd, "--timeout", "-1")
     assert res.returncode == 2, res
     assert "--timeout" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_lifecycle_answer_is_printed_without_terminal_controls(capsys):
+    from sentinel.cli.lifecycle import _show
+
+    _show({"state": "draining\x1b]0;owned\x07", "generation": 2}, False, "draining (0 in flight)")
+    out = capsys.readouterr().out
+    assert "state: draining, generation 2" in out and "\x1b" not in out
