@@ -23,6 +23,24 @@ _SECRET_VALUES = [
     re.compile(r"(?i)(api[_-]?key|token|password|secret)=([^\s&\"']+)"),
 ]
 REDACTED = "[REDACTED]"
+# terminal control: OSC (title, OSC 8 links, OSC 52 clipboard writes) and DCS/SOS/PM/APC
+# strings up to their terminator, CSI (colours, cursor moves), other escapes, and the C0/C1
+# controls except tab and newline
+_TERMINAL_CONTROL = re.compile(
+    r"\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"
+    r"|\x1b[PX^_][^\x1b]*(?:\x1b\\)?"
+    r"|\x1b\[[0-?]*[ -/]*[@-~]"
+    r"|\x1b[ -~]?"
+    r"|[\x00-\x08\x0b-\x1a\x1c-\x1f\x7f-\x9f]"
+)
+
+
+def strip_terminal_controls(text: str) -> str:
+    """``text`` without anything a terminal would obey (escape sequences, controls but tab
+    and newline): for text from an engine or a server, before anyone's terminal shows it."""
+    if text.isprintable():  # the usual case: no control character at all, no regex
+        return text
+    return _TERMINAL_CONTROL.sub("", text)
 
 
 def redact_text(text: str) -> str:

@@ -10,6 +10,7 @@ import typer
 
 from sentinel.cli.admin_client import (
     AdminCallError,
+    AdminClient,
     ConfigOpt,
     TimeoutOpt,
     TokenFileOpt,
@@ -17,8 +18,14 @@ from sentinel.cli.admin_client import (
     admin_client,
     fail,
 )
+from sentinel.logs import strip_terminal_controls
 
 ROLES = ("api_server", "engine_core", "worker")
+
+
+def _echo(text: str) -> None:
+    """Print what the server sent (stacks, errors) without anything a terminal obeys."""
+    typer.echo(strip_terminal_controls(text))
 
 
 def register(app: typer.Typer) -> None:
@@ -63,13 +70,13 @@ def register(app: typer.Typer) -> None:
         for proc in doc.get("processes", []):
             key = f"{proc['role']}-{proc['pid']}"
             head = f"== {proc['role']} pid {proc['pid']}: {proc['outcome']} ({proc['seconds']}s)"
-            typer.echo(head)
+            _echo(head)
             if proc.get("error"):
-                typer.echo(f"   {proc['error']}")
+                _echo(f"   {proc['error']}")
             if stacks.get(key):
-                typer.echo(stacks[key].rstrip())
+                _echo(stacks[key].rstrip())
             typer.echo("")
-        typer.echo(f"saved: {doc.get('path')}")
+        _echo(f"saved: {doc.get('path')}")
         if not all(p.get("ok") for p in doc.get("processes", [])):
             raise typer.Exit(1)
 
@@ -98,27 +105,5 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"downloaded to {output}")
 
 
-def _download(client: object, name: str, output: Path) -> None:
-    import httpx
-
-    from sentinel.cli.admin_client import AdminClient
-
-    assert isinstance(client, AdminClient)
-    try:
-        with httpx.stream(
-            "GET",
-            client.url + "/admin/snapshot",
-            params={"name": name},
-            headers=client.headers,
-            timeout=60,
-            trust_env=False,
-        ) as resp:
-            if resp.status_code != 200:
-                raise AdminCallError(f"download failed (HTTP {resp.status_code})", code=1)
-            with open(output, "wb") as f:
-                for chunk in resp.iter_bytes():
-                    f.write(chunk)
-    except OSError as exc:
-        raise AdminCallError(f"cannot write {output}: {exc}") from None
-    except httpx.HTTPError as exc:
-        raise AdminCallError(f"download failed: {exc}") from None
+def _download(client: AdminClient, name: str, output: Path) -> None:
+    client.download("/admin/snapshot", output, params={"name": name})

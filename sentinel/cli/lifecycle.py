@@ -16,6 +16,7 @@ from sentinel.cli.admin_client import (
     admin_client,
     fail,
 )
+from sentinel.logs import strip_terminal_controls
 
 WaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until it is done.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")]
@@ -40,18 +41,23 @@ def _call(
         raise fail(name, exc) from None
 
 
+def _echo(text: str) -> None:
+    """Print what the server sent without anything a terminal obeys."""
+    typer.echo(strip_terminal_controls(text))
+
+
 def _show(doc: dict[str, Any], as_json: bool, headline: str) -> None:
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return
-    typer.echo(headline)
+    _echo(headline)
     last = doc.get("last_drain")
     if last:
-        typer.echo(
+        _echo(
             f"  last drain: {last['outcome']} in {last['seconds']}s "
             f"({last['left_in_flight']} requests still in flight at its end)"
         )
-    typer.echo(f"  state: {doc.get('state')}, generation {doc.get('generation')}")
+    _echo(f"  state: {doc.get('state')}, generation {doc.get('generation')}")
 
 
 def register(app: typer.Typer) -> None:
@@ -61,7 +67,9 @@ def register(app: typer.Typer) -> None:
         config: ConfigOpt = None,
         token_file: TokenFileOpt = None,
         wait: WaitOpt = True,
-        timeout: Annotated[float, typer.Option(help="Seconds to wait for an answer.")] = 120.0,
+        timeout: Annotated[
+            float, typer.Option(help="Seconds to wait for an answer.", min=0.1)
+        ] = 120.0,
         as_json: JsonOpt = False,
     ) -> None:
         """Stop taking traffic (readiness fails, new requests go to the next tier or get
@@ -77,7 +85,9 @@ def register(app: typer.Typer) -> None:
         url: UrlOpt = "",
         config: ConfigOpt = None,
         token_file: TokenFileOpt = None,
-        timeout: Annotated[float, typer.Option(help="Seconds to wait for an answer.")] = 10.0,
+        timeout: Annotated[
+            float, typer.Option(help="Seconds to wait for an answer.", min=0.1)
+        ] = 10.0,
         as_json: JsonOpt = False,
     ) -> None:
         """End a drain asked for by hand: take traffic again."""
@@ -93,7 +103,9 @@ def register(app: typer.Typer) -> None:
         config: ConfigOpt = None,
         token_file: TokenFileOpt = None,
         wait: WaitOpt = True,
-        timeout: Annotated[float, typer.Option(help="Seconds to wait for an answer.")] = 1200.0,
+        timeout: Annotated[
+            float, typer.Option(help="Seconds to wait for an answer.", min=0.1)
+        ] = 1200.0,
         as_json: JsonOpt = False,
     ) -> None:
         """Drain, replace the engine, wait until the new one serves, resume. With a backup

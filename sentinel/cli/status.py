@@ -10,10 +10,12 @@ from typing import Annotated, Any
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sentinel.cli import admin_client
 from sentinel.config.schema import OpsConfig
+from sentinel.logs import strip_terminal_controls
 
 DEFAULT_URL = f"http://127.0.0.1:{OpsConfig.model_fields['port'].default}"
 _STATE_STYLE = {
@@ -38,21 +40,34 @@ def fetch_status(
     target = url.rstrip("/") + "/status"
     params = {"log_tail": str(log_tail)} if log_tail else None
     try:
-        resp = httpx.get(target, params=params, timeout=timeout, trust_env=False, headers=headers)
-    except httpx.HTTPError as exc:
+        with httpx.Client(trust_env=False) as client:
+            code, raw = admin_client.bounded_request(
+                client, "GET", target, timeout=timeout, params=params, headers=headers
+            )
+    except httpx.TimeoutException:
+        raise StatusUnavailable(
+            f"Sentinel at {url} did not answer GET /status in time (--timeout {timeout:g})"
+        ) from None
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise StatusUnavailable(
             f"cannot reach Sentinel's ops server at {url} ({type(exc).__name__}: {exc}). "
             "Is `sentinel run` up, and is this its ops.host/ops.port? (use --url)"
         ) from None
-    if resp.status_code != 200:
-        raise StatusUnavailable(f"{target} answered HTTP {resp.status_code}: {resp.text[:200]}")
+    text = raw[:200].decode(errors="replace")
+    if code != 200:
+        raise StatusUnavailable(f"{target} answered HTTP {code}: {text}")
     try:
-        body = resp.json()
+        body = json.loads(raw)
     except ValueError:
-        raise StatusUnavailable(f"{target} did not answer JSON: {resp.text[:200]!r}") from None
+        raise StatusUnavailable(f"{target} did not answer JSON: {text!r}") from None
     if not isinstance(body, dict) or "state" not in body:
         raise StatusUnavailable(f"{target} answered JSON that is not a Sentinel status")
     return body
+
+
+def _e(value: object) -> str:
+    """Text from the server (engine error bodies, log lines) shown as itself, never as markup."""
+    return escape(strip_terminal_controls(str(value)))
 
 
 def _ts(at: float | None) -> str:
@@ -73,16 +88,16 @@ def _ok(ok: bool) -> str:
 
 def _attach_line(attach: dict[str, Any]) -> str:
     pids = ", ".join(f"{role} {' '.join(map(str, p))}" for role, p in attach["pids"].items())
-    line = f"attach to {attach.get('base_url')}; pids: {pids or 'none found'}; "
+    line = f"attach to {_e(attach.get('base_url'))}; pids: {_e(pids or 'none found')}; "
     line += f"recovery {'on' if attach.get('recovery') else 'off'}"
     if attach["pids"] and not attach.get("verified", True):
         line += " [yellow](engine not verified on its port: never signalled)[/]"
     if attach.get("recoveries"):
-        line += f", done {attach['recoveries']}"
+        line += f", done {_e(attach['recoveries'])}"
     if attach.get("last_refusal"):
-        line += f", last not done: {attach['last_refusal']}"
+        line += f", last not done: {_e(attach['last_refusal'])}"
     if attach.get("problem"):
-        line += f"\n[red]{attach['problem']}[/]"
+        line += f"\n[red]{_e(attach['problem'])}[/]"
     return line
 
 
@@ -92,26 +107,30 @@ def render(doc: dict[str, Any], console: Console) -> None:
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")
     summary.add_column()
-    summary.add_row("state", f"[{_STATE_STYLE.get(state, 'bold')}]{state}[/]")
+    summary.add_row("state", f"[{_STATE_STYLE.get(state, 'bold')}]{_e(state)}[/]")
     summary.add_row("ready", _ok(bool(doc.get("ready"))))
     summary.add_row(
-        "lifecycle", f"{doc.get('lifecycle')} since {_ago(doc.get('lifecycle_since'), now)}"
+        "lifecycle", f"{_e(doc.get('lifecycle'))} since {_ago(doc.get('lifecycle_since'), now)}"
     )
     summary.add_row(
         "generation",
-        f"{doc.get('generation')} (started {_ago(doc.get('generation_started_at'), now)})",
+        f"{_e(doc.get('generation'))} (started {_ago(doc.get('generation_started_at'), now)})",
     )
     summary.add_row("loaded", _ts(doc.get("loaded_at")))
     for key in ("failure_reason", "stalled_reason"):
         if doc.get(key):
-            summary.add_row(key.replace("_", " "), f"[red]{doc[key]}[/]")
+            summary.add_row(key.replace("_", " "), f"[red]{_e(doc[key])}[/]")
     for source, reason in (doc.get("degraded_reasons") or {}).items():
-        summary.add_row(f"degraded ({source})", f"[yellow]{reason}[/]")
+        summary.add_row(f"degraded ({_e(source)})", f"[yellow]{_e(reason)}[/]")
     metrics = doc.get("engine_metrics") or {}
     if metrics:
         summary.add_row(
             "engine",
-            ", ".join(f"{k.split(':', 1)[-1]}={v:g}" for k, v in metrics.items() if v is not None),
+            _e(
+                ", ".join(
+                    f"{k.split(':', 1)[-1]}={v:g}" for k, v in metrics.items() if v is not None
+                )
+            ),
         )
     attach = doc.get("attach")  # issue 18: an engine Sentinel did not launch
     if attach:
@@ -120,8 +139,10 @@ def render(doc: dict[str, Any], console: Console) -> None:
     if sentinel:
         summary.add_row(
             "sentinel",
-            f"pid {sentinel.get('pid')}, up {sentinel.get('uptime_s')}s, "
-            f"version {sentinel.get('version')}",
+            _e(
+                f"pid {sentinel.get('pid')}, up {sentinel.get('uptime_s')}s, "
+                f"version {sentinel.get('version')}"
+            ),
         )
     console.print(summary)
 
@@ -131,7 +152,7 @@ def render(doc: dict[str, Any], console: Console) -> None:
         for col in ("check", "result", "detail"):
             table.add_column(col)
         for name, check in checks.items():
-            table.add_row(name, _ok(bool(check.get("ok"))), str(check.get("detail", "")))
+            table.add_row(_e(name), _ok(bool(check.get("ok"))), _e(check.get("detail", "")))
         console.print(table)
 
     procs = doc.get("processes") or []
@@ -141,9 +162,9 @@ def render(doc: dict[str, Any], console: Console) -> None:
             table.add_column(col)
         for p in procs:
             table.add_row(
-                str(p.get("role")),
-                str(p.get("pid")),
-                str(p.get("generation")),
+                _e(p.get("role")),
+                _e(p.get("pid")),
+                _e(p.get("generation")),
                 _ts(p.get("create_time")),
             )
         console.print(table)
@@ -156,44 +177,44 @@ def render(doc: dict[str, Any], console: Console) -> None:
         for name, pr in probes.items():
             lat = pr.get("latency_s")
             table.add_row(
-                name,
+                _e(name),
                 _ok(bool(pr.get("ok"))),
                 f"{lat * 1000:.0f} ms" if lat is not None else "-",
                 f"{pr.get('age_s', 0):.1f}s",
-                str(pr.get("detail") or ""),
+                _e(pr.get("detail") or ""),
             )
         console.print(table)
 
     restarts = doc.get("restarts") or []
     if restarts:
         table = Table(
-            title=f"Restarts (by reason: {doc.get('restart_counts')})", title_justify="left"
+            title=f"Restarts (by reason: {_e(doc.get('restart_counts'))})", title_justify="left"
         )
         for col in ("when", "generation", "reason", "detail"):
             table.add_column(col)
         for r in restarts[-10:]:
             table.add_row(
                 _ts(r.get("at")),
-                str(r.get("generation")),
-                str(r.get("reason")),
-                str(r.get("detail") or ""),
+                _e(r.get("generation")),
+                _e(r.get("reason")),
+                _e(r.get("detail") or ""),
             )
         console.print(table)
 
     last_exit = doc.get("last_exit")
     if last_exit:
         how = (
-            f"signal {last_exit['signal']}"
+            f"signal {_e(last_exit['signal'])}"
             if last_exit.get("signal")
-            else f"exit code {last_exit.get('returncode')}"
+            else f"exit code {_e(last_exit.get('returncode'))}"
         )
         console.print(
-            f"[bold]Last exit[/]: generation {last_exit.get('generation')}, pid "
-            f"{last_exit.get('pid')}, {how}, {_ago(last_exit.get('at'), now)}: "
-            f"{last_exit.get('reason')}: {last_exit.get('cause')}"
+            f"[bold]Last exit[/]: generation {_e(last_exit.get('generation'))}, pid "
+            f"{_e(last_exit.get('pid'))}, {how}, {_ago(last_exit.get('at'), now)}: "
+            f"{_e(last_exit.get('reason'))}: {_e(last_exit.get('cause'))}"
         )
     for line in doc.get("log_tail") or []:
-        console.print(line, markup=False, highlight=False)
+        console.print(strip_terminal_controls(str(line)), markup=False, highlight=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -206,7 +227,9 @@ def register(app: typer.Typer) -> None:
         log_tail: Annotated[
             int, typer.Option(help="Also show this many engine log lines.", min=0)
         ] = 0,
-        timeout: Annotated[float, typer.Option(help="Seconds to wait for an answer.")] = 5.0,
+        timeout: Annotated[
+            float, typer.Option(help="Seconds to wait for an answer.", min=0.1)
+        ] = 5.0,
         config: admin_client.ConfigOpt = None,
         token_file: admin_client.TokenFileOpt = None,
     ) -> None:
@@ -223,7 +246,7 @@ def register(app: typer.Typer) -> None:
         except admin_client.AdminCallError as exc:
             raise admin_client.fail("status", exc) from None
         except StatusUnavailable as exc:
-            typer.echo(f"sentinel status: {exc}", err=True)
+            typer.echo(f"sentinel status: {strip_terminal_controls(str(exc))}", err=True)
             raise typer.Exit(2) from None
         if as_json:
             typer.echo(json.dumps(doc, indent=2))

@@ -13,9 +13,8 @@ import re
 from collections import deque
 from dataclasses import dataclass
 
-from sentinel.logs import redact_text
+from sentinel.logs import redact_text, strip_terminal_controls
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _PREFIX = re.compile(
     r"^.{0,40}?\((?P<name>[A-Za-z][A-Za-z0-9]*)(?:[_-][A-Za-z0-9_-]+)? pid=(?P<pid>\d+)\)"
 )
@@ -71,7 +70,9 @@ class LineSplitter:
         return [line] if line is not None else []
 
     def _line(self, raw: bytes) -> EngineLine | None:
-        text = _ANSI.sub("", raw.decode("utf-8", errors="replace")).rstrip()
+        # dropped at ingest: no reader's terminal (`sentinel status --log-tail`, a bundle
+        # viewed with cat) obeys an engine line's escapes
+        text = strip_terminal_controls(raw.decode("utf-8", errors="replace")).rstrip()
         if not text:
             return None
         if len(text) > MAX_LINE_CHARS:

@@ -18,10 +18,14 @@ from sentinel.logs import REDACTED, redact_text
 SECRET_HEADERS = frozenset(
     {"authorization", "proxy-authorization", "api-key", "x-api-key", "cookie", "set-cookie"}
 )
-# a JSON member whose name says it holds a secret: "api_key": "...", "password": "..."
+# any other header whose name says it holds a secret: X-Goog-Api-Key, X-Auth-Token, ...
+_SECRET_HEADER = re.compile(r"key|token|secret|auth|passw|credential|cookie", re.I)
+# a JSON member whose name says it holds a secret: "api_key": "...", "password": "...";
+# the value is a whole JSON string (escaped quotes included), or the rest of a cut body
 _JSON_SECRET = re.compile(
-    r'("(?:[A-Za-z_-]*(?:api[_-]?key|token|secret|password|authorization))"\s*:\s*)"[^"]*"',
-    re.I,
+    r'("[A-Za-z0-9_.-]*(?:api[_-]?key|access[_-]?key|private[_-]?key|token|secret|passw(?:or)?d'
+    r'|authorization|credentials?)"\s*:\s*)"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)',
+    re.I | re.S,
 )
 _USAGE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*\})')
 _USAGE_KEYS = re.compile(rb'"(prompt_tokens|completion_tokens|total_tokens)"\s*:\s*(\d+)[,}\s]')
@@ -52,7 +56,11 @@ class Redactor:
 
     def headers(self, headers: dict[str, str]) -> dict[str, str]:
         return {
-            k: (REDACTED if k.lower() in SECRET_HEADERS else self.text(v))
+            k: (
+                REDACTED
+                if k.lower() in SECRET_HEADERS or _SECRET_HEADER.search(k)
+                else self.text(v)
+            )
             for k, v in headers.items()
         }
 

@@ -91,3 +91,17 @@ def test_log_tail_is_bounded_and_filters_by_generation() -> None:
     assert tail.lines() == ["l2", "l3", "l4"]
     assert tail.lines(generation=2) == ["l3", "l4"]
     assert tail.lines(last=1) == ["l4"]
+
+
+def test_terminal_control_sequences_are_stripped() -> None:
+    # OSC 52 (write the clipboard), OSC 0 (window title), OSC 8 (link) with both terminators,
+    # a DCS string, a cursor move, a bell and a backspace: none reaches a reader's terminal
+    s = LineSplitter("stdout")
+    raw = (
+        b"(APIServer pid=7) INFO prompt: \x1b]52;c;cm0gLXJmIH4K\x1b\\ \x1b]0;owned\x07"
+        b"\x1b]8;;https://evil.example\x1b\\click\x1b]8;;\x1b\\ \x1bPq#0\x1b\\\x1b[?25l"
+        b"\x07\x08\ttab kept\xc2\x9b\n"  # the last: U+009B, the one-byte CSI
+    )
+    (line,) = s.feed(raw)
+    assert line.text == "(APIServer pid=7) INFO prompt:  click \ttab kept"
+    assert line.role == "api_server"

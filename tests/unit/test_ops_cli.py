@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -61,3 +65,158 @@ def test_unreachable_ops_server_is_a_clear_error():
     assert res.returncode == 2
     assert f"cannot reach Sentinel's ops server at {url}" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def _rendered(doc: dict) -> str:
+    import io
+
+    from rich.console import Console
+
+    from sentinel.cli.status import render
+
+    buf = io.StringIO()
+    render(doc, Console(file=buf, width=400, force_terminal=True, color_system="truecolor"))
+    return buf.getvalue()
+
+
+def test_engine_text_is_shown_as_itself_not_as_rich_markup():
+    # an engine error body quoted in a probe detail: `[/...]` used to crash Rich (MarkupError)
+    body = 'HTTP 404 {"detail":"Not Found [/v1/completions]"}'
+    link = "[link=https://evil.example]click me[/link] [reverse]x"
+    doc = {
+        "state": "failed",
+        "failure_reason": f"engine said {link}",
+        "degraded_reasons": {"probe": body},
+        "ready_checks": {"inference_probe": {"ok": False, "detail": body}},
+        "probes": {"inference": {"ok": False, "latency_s": 0.1, "age_s": 1.0, "detail": link}},
+        "restarts": [{"at": 1.0, "generation": 1, "reason": "stalled", "detail": body}],
+        "last_exit": {"generation": 1, "pid": 7, "returncode": 1, "at": 1.0, "cause": link},
+        "attach": {"base_url": "http://e", "pids": {}, "problem": body, "last_refusal": link},
+    }
+    out = _rendered(doc)
+    assert "Not Found [/v1/completions]" in out
+    assert "[link=https://evil.example]click me[/link]" in out
+    assert "\x1b]8;" not in out  # no terminal hyperlink was made
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status"],
+        ["status", "--log-tail", "5"],
+        ["drain"],
+        ["resume"],
+        ["restart"],
+        ["dump"],
+        ["snapshot"],
+    ],
+)
+def test_malformed_url_is_bad_input_named_without_a_traceback(args, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("x" * 32)
+    res = sentinel_cli(*args, "--url", "http://127.0.0.1:8090x", "--token-file", str(token))
+    assert res.returncode == 2, res
+    assert "bad --url 'http://127.0.0.1:8090x'" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_malformed_env_url_is_named():
+    res = subprocess.run(
+        [sys.executable, "-m", "sentinel", "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin", "SENTINEL_OPS_URL": "127.0.0.1:8090"},
+    )
+    assert res.returncode == 2, res
+    assert "bad SENTINEL_OPS_URL '127.0.0.1:8090'" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@contextlib.contextmanager
+def _trickling_server(head: bool):
+    """A server that answers 200 with a long body (or a long head), one byte every 0.3 s."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                try:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                    if not head:
+                        conn.sendall(b"Content-Type: application/json\r\n")
+                        conn.sendall(b"Content-Length: 100000\r\n\r\n")
+                    else:
+                        conn.sendall(b"X-Slow: ")
+                    while not stop.is_set():
+                        conn.sendall(b"a" if head else b" ")
+                        time.sleep(0.3)
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.getsockname()[1]}"
+    finally:
+        stop.set()
+        srv.close()
+
+
+@pytest.fixture
+def trickler():
+    with _trickling_server(head=False) as url:
+        yield url
+
+
+@pytest.mark.parametrize("head", [False, True], ids=["trickled-body", "trickled-headers"])
+def test_status_timeout_bounds_the_whole_answer_not_each_read(head):
+    with _trickling_server(head) as url:
+        res = sentinel_cli("status", "--url", url, "--timeout", "1")
+    assert res.returncode == 2, res
+    assert "did not answer GET /status in time" in res.stderr
+
+
+def test_admin_client_timeout_bounds_the_whole_answer(trickler, tmp_path):
+    from sentinel.cli.admin_client import AdminCallError, AdminClient
+
+    with AdminClient(trickler, "x" * 32, timeout=1) as client:
+        with pytest.raises(AdminCallError, match="did not answer POST /admin/drain in time"):
+            client.request("POST", "/admin/drain")
+        with pytest.raises(AdminCallError, match="did not send GET /admin/snapshot in time"):
+            client.download("/admin/snapshot", tmp_path / "bundle.tar.gz")
+    assert not (tmp_path / "bundle.tar.gz").exists()
+
+
+def test_terminal_controls_from_the_server_never_reach_the_terminal():
+    # an engine error body quoted in a probe detail, a log line from an older Sentinel
+    osc = "\x1b]52;c;cm0gLXJmIH4K\x07\x1b]0;owned\x1b\\"
+    doc = {
+        "state": "failed",
+        "failure_reason": f"engine said {osc}bye",
+        "probes": {"inference": {"ok": False, "latency_s": 0.1, "age_s": 1.0, "detail": osc}},
+        "log_tail": [f"(APIServer pid=7) INFO {osc}hello"],
+    }
+    out = _rendered(doc)
+    assert "engine said bye" in out and "(APIServer pid=7) INFO hello" in out
+    assert "\x1b]" not in out and "\x07" not in out
+
+
+@pytest.mark.parametrize("cmd", ["status", "drain", "resume", "restart"])
+def test_a_timeout_below_a_tenth_of_a_second_is_bad_input(cmd):
+    res = sentinel_cli(cmd, "--timeout", "-1")
+    assert res.returncode == 2, res
+    assert "--timeout" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_lifecycle_answer_is_printed_without_terminal_controls(capsys):
+    from sentinel.cli.lifecycle import _show
+
+    _show({"state": "draining\x1b]0;owned\x07", "generation": 2}, False, "draining (0 in flight)")
+    out = capsys.readouterr().out
+    assert "state: draining, generation 2" in out and "\x1b" not in out

@@ -102,6 +102,36 @@ def test_redaction_of_headers_keys_and_patterns(tmp_path: Path) -> None:
     assert "[REDACTED]" in r["request_body"]
 
 
+def test_redaction_of_any_secret_named_header_and_member() -> None:
+    from sentinel.payloads.record import Redactor
+
+    r = Redactor([])
+    headers = r.headers(
+        {"X-Goog-Api-Key": "AIzaSy-secret-1", "X-Auth-Token": "tok-2", "OpenAI-Organization": "o"}
+    )
+    assert headers == {
+        "X-Goog-Api-Key": "[REDACTED]",
+        "X-Auth-Token": "[REDACTED]",
+        "OpenAI-Organization": "o",
+    }
+    body = json.dumps(
+        {
+            "api_key": 'abc"SECRETTAIL-987654',  # an escaped quote inside the secret
+            "credentials": "AKIAIOSFODNN7EXAMPLE",
+            "aws_access_key": "wJalrXUtnFEMI/K7MDENG",
+            "password": "ends with a backslash \\",
+            "max_tokens": 5,
+            "prompt": "hello",
+        }
+    )
+    out = r.text(body)
+    for secret in ("SECRETTAIL", "AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI", "backslash"):
+        assert secret not in out
+    assert json.loads(out)["max_tokens"] == 5 and json.loads(out)["prompt"] == "hello"
+    # a body cut inside the secret: the rest of it is masked too
+    assert "supersecr" not in r.text('{"prompt": "x", "api_key": "supersecr')
+
+
 def test_record_size_cap(tmp_path: Path) -> None:
     log, reg = make(tmp_path, max_record_bytes=4096)
     log.start()
