@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter
 from sentinel.config.schema import AuthConfig, TierConfig, TierKind
 from sentinel.proxy.errors import ProxyError
 from sentinel.proxy.secrets import SecretError, check_header_value
+from sentinel.proxy.tally import CounterTally
 
 ANONYMOUS = "anonymous"
 MIN_KEY_LENGTH = 16
@@ -89,14 +90,13 @@ class Authenticator:
         self.tiers = tiers
         self._keys: list[tuple[bytes, str]] = []
         self._required = False
-        self._counted: dict[str, Counter] = {}
         self.failures = Counter(
             "sentinel_proxy_auth_failures",
             "Requests refused with 401, by reason (missing_api_key, invalid_api_key).",
             ["reason"],
             registry=registry,
         )
-        self.accepted = Counter(
+        self.accepted = CounterTally(
             "sentinel_proxy_client_requests",
             "Requests accepted on the traffic port, by client key id ('anonymous' without a key).",
             ["client"],
@@ -139,7 +139,8 @@ class Authenticator:
             )
         self._keys = [(digest, key_id) for key_id, digest in keys.items()]
         self._required = bool(keys) and not cfg.allow_anonymous
-        self._counted = {key_id: self.accepted.labels(key_id) for key_id in (*keys, ANONYMOUS)}
+        for key_id in (*keys, ANONYMOUS):  # exported from 0 on
+            self.accepted.add((key_id,), 0)
 
     @property
     def enabled(self) -> bool:
@@ -180,7 +181,4 @@ class Authenticator:
         return found
 
     def _count(self, key_id: str) -> None:
-        child = self._counted.get(key_id)
-        if child is None:
-            child = self._counted[key_id] = self.accepted.labels(key_id)
-        child.inc()
+        self.accepted.add((key_id,))

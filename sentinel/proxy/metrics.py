@@ -1,7 +1,9 @@
 """The proxy's Prometheus series, registered in the registry passed in.
 
-Label children are resolved once per (tier, ...) and cached, so the per-request
-cost is a few attribute look-ups and adds.
+What every request counts (``request``: its tier and status, its time to first byte and
+duration) is kept as plain numbers and exported at scrape time (``sentinel.proxy.tally``):
+a few additions per request. Series of rarer events (fallbacks, breakers, refusals) are
+``prometheus_client`` metrics, their label children resolved once and cached.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from sentinel.proxy.tally import CounterTally, HistogramTally
 
 _LATENCY_BUCKETS = (
     0.005,
@@ -59,7 +63,7 @@ REJECT_REASONS = ("capacity",)
 class ProxyMetrics:
     def __init__(self, registry: CollectorRegistry, tiers: Sequence[str] = ()) -> None:
         r = registry
-        self.requests = Counter(
+        self.requests = CounterTally(
             "sentinel_proxy_requests",
             "Client requests answered, by serving tier ('none' when Sentinel answered "
             "itself) and HTTP status.",
@@ -115,19 +119,19 @@ class ProxyMetrics:
             ["reason"],
             registry=r,
         )
-        self.ttft = Histogram(
+        self.ttft = HistogramTally(
             "sentinel_proxy_time_to_first_byte_seconds",
             "Time from the request's arrival to the first response byte relayed "
             "(time to first token for streams), per tier.",
-            ["tier"],
-            buckets=_LATENCY_BUCKETS,
+            "tier",
+            _LATENCY_BUCKETS,
             registry=r,
         )
-        self.latency = Histogram(
+        self.latency = HistogramTally(
             "sentinel_proxy_request_duration_seconds",
             "Time from the request's arrival to the end of its response, per tier.",
-            ["tier"],
-            buckets=_LATENCY_BUCKETS,
+            "tier",
+            _LATENCY_BUCKETS,
             registry=r,
         )
         self.client_disconnects = Counter(
@@ -169,24 +173,17 @@ class ProxyMetrics:
             for reason in FALLBACK_REASONS:
                 self.fallbacks.labels(tier, reason)
             self.client_disconnects.labels(tier)
-        self._req: dict[tuple[str, int], Counter] = {}
         self._fb: dict[tuple[str, str], Counter] = {}
-        self._ttft: dict[str, Histogram] = {}
-        self._lat: dict[str, Histogram] = {}
+        self._status: dict[int, str] = {}
 
     def request(self, tier: str, status: int, ttft_s: float | None, latency_s: float) -> None:
-        key = (tier, status)
-        c = self._req.get(key)
-        if c is None:
-            c = self._req[key] = self.requests.labels(tier, str(status))
-        c.inc()
-        h = self._lat.get(tier)
-        if h is None:
-            h = self._lat[tier] = self.latency.labels(tier)
-            self._ttft[tier] = self.ttft.labels(tier)
-        h.observe(latency_s)
+        code = self._status.get(status)
+        if code is None:
+            code = self._status[status] = str(status)
+        self.requests.add((tier, code))
+        self.latency.observe(tier, latency_s)
         if ttft_s is not None:
-            self._ttft[tier].observe(ttft_s)
+            self.ttft.observe(tier, ttft_s)
 
     # ServerEvents (sentinel.proxy.http1.server)
     def connection_refused(self) -> None:

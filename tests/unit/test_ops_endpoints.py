@@ -144,6 +144,10 @@ def test_status_has_state_processes_probes_and_no_secrets(ops):
 
 
 def test_metrics_have_sentinel_series_and_the_engines(ops):
+    # the engine's series are those of its last scrape (every 0.1 s here): ready can
+    # come before it, and the engine is shared with modules that set other values
+    running = 'vllm_num_requests_running{engine="0",model_name="tiny"} 1'
+    wait_for(lambda: running in ops.get("/metrics").text, 10, what="the engine's series")
     r = ops.get("/metrics")
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
