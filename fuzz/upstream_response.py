@@ -154,7 +154,7 @@ class Target:
     def request(self, payload: dict[str, Any]) -> ProxyRequest:
         body = json.dumps(payload).encode()
         deadline = self.loop.time() + 5.0
-        return ProxyRequest("fz", "POST", "/v1/completions", {}, body, payload, "m", deadline)
+        return ProxyRequest("fz", "POST", "/v1/completions", [], body, payload, "m", deadline)
 
     async def one(self, parts: list[bytes], reset: bool) -> None:
         self.parts, self.reset = parts, reset

@@ -68,7 +68,7 @@ class Exchange:
 def exchange_record(
     ex: Exchange,
     model: str | None,
-    headers: dict[str, str] | None,
+    headers: list[tuple[bytes, bytes]] | None,
     body: bytes | None,
     log_errors: bool,
     latency: float,
@@ -106,10 +106,20 @@ def exchange_record(
     answer = b"".join(ex.captured) if ex.captured else None
     return PayloadRecord(
         meta,
-        headers if with_bodies else None,
+        _header_dict(headers) if with_bodies and headers is not None else None,
         body if with_bodies else None,
         answer if with_bodies else None,
         answer,
         ex.streamed,
         with_bodies,
     )
+
+
+def _header_dict(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The record's request headers: a name sent more than once has its values joined
+    with ", " (as HTTP folds them)."""
+    out: dict[str, str] = {}
+    for k, v in headers:
+        name, value = k.decode("latin-1"), v.decode("latin-1")
+        out[name] = f"{out[name]}, {value}" if name in out else value
+    return out

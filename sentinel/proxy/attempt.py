@@ -123,11 +123,11 @@ async def attempt(tier: Tier, req: ProxyRequest) -> Opened:
     passes, the loop first gets a few passes to read what the socket holds (see
     ``DEADLINE_GRACE_PASSES``) and only an exchange that still has nothing is cancelled,
     as a ``first_byte_timeout``. The caller holds the tier's slot."""
-    loop = asyncio.get_running_loop()
+    task = req.task or asyncio.current_task()
+    assert task is not None
+    loop = task.get_loop()
     started = loop.time()
     ureq = tier.upstream_request(req)
-    task = asyncio.current_task()
-    assert task is not None
     deadline = tier.first_byte_deadline(req, started)
     guard = _FirstByteGuard(loop, task, tier, req, ureq, started, deadline)
     try:

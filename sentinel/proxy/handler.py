@@ -115,6 +115,11 @@ class ProxyHandler:
         ex = Exchange(
             request_id(request.headers), time.perf_counter(), sample, request.method, target
         )
+        # the task and its loop, looked up once (each lookup of the running loop is a
+        # getpid() system call in CPython 3.11)
+        task = asyncio.current_task()
+        assert task is not None
+        loop = task.get_loop()
         req: ProxyRequest | None = None
         self.in_flight += 1
         if self.in_flight == 1:
@@ -129,8 +134,9 @@ class ProxyHandler:
                     request.target,
                     request.headers,
                     request.body,
-                    asyncio.get_running_loop().time(),
+                    loop.time(),
                 )
+                req.task = task
                 ex.streamed = stream
                 ex.hops = req.hops  # the chain appends to it as it walks
                 chain = self._drain_chain(req) if self.draining else self.chain
@@ -147,8 +153,7 @@ class ProxyHandler:
                 return
             await relay(opened, out, ex, req, self.stream_idle_s, self.metrics, self.on_stream_idle)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if out.gone and task is not None and task.uncancel() == 0:
+            if out.gone and task.uncancel() == 0:
                 ex.gone = True
                 ex.status = ex.status or 499
                 ex.error = "client disconnected"

@@ -15,7 +15,6 @@ per-request CPU (see bench/proxy.py): the proxy's added latency is mostly this c
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from urllib.parse import urlsplit
 
@@ -53,12 +52,11 @@ class RawTransport:
         return got
 
     def _head(self, request: UpstreamRequest, pool: ConnectionPool, prefix: str) -> bytes:
-        text = "".join([f"{k}: {v}\r\n" for k, v in request.headers.items()])
         lines = [
             f"{request.method} {prefix}{request.target} HTTP/1.1\r\n".encode("latin-1"),
             b"host: " + pool.host_header + b"\r\n",
-            text.encode("latin-1"),
         ]
+        lines += [k + b": " + v + b"\r\n" for k, v in request.headers]
         body = request.body
         if body or request.method in ("POST", "PUT", "PATCH"):
             lines.append(b"content-length: %d\r\n" % len(body))
@@ -69,12 +67,12 @@ class RawTransport:
         pool, prefix = self._pool(request.base_url)
         body = request.body
         head = self._head(request, pool, prefix)
-        loop = asyncio.get_running_loop()
         for attempt in (0, 1):
             conn = pool.get() if attempt == 0 else None
             reused = conn is not None
             if conn is None:
                 conn = await pool.connect(request.connect_timeout_s)
+            loop = conn.loop
             resp = RawResponse(conn, request.method, loop)
             conn.resp = resp
             assert conn.transport is not None

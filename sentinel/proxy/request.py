@@ -200,22 +200,22 @@ class RequestPolicy:
         self._checked[key] = path
         return path
 
-    def forwarded_headers(self, headers: list[tuple[bytes, bytes]]) -> tuple[dict[str, str], bytes]:
-        """The headers fit to forward, and the content type. Hop-by-hop headers are not
-        forwarded: the fixed ones, and those the client's ``Connection`` header names."""
-        fwd: dict[str, str] = {}
+    def forwarded_headers(
+        self, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        """The headers fit to forward (in order, repeated ones kept), and the content
+        type. Hop-by-hop headers are not forwarded: the fixed ones, and those the
+        client's ``Connection`` header names."""
+        fwd = [(k, v) for k, v in headers if k not in DROP_REQUEST_HEADERS]
         ctype = b""
-        hop: list[bytes] | None = None
+        hop: set[bytes] | None = None
         for k, v in headers:
             if k == b"content-type":
                 ctype = v
             elif k == b"connection":
-                hop = (hop or []) + v.split(b",")
-            if k not in DROP_REQUEST_HEADERS:
-                fwd[k.decode("latin-1")] = v.decode("latin-1")
+                hop = (hop or set()) | {n.strip().lower() for n in v.split(b",")}
         if hop is not None:
-            for name in hop:
-                fwd.pop(name.strip().lower().decode("latin-1"), None)
+            fwd = [(k, v) for k, v in fwd if k not in hop]
         return fwd, ctype
 
     def parse_body(

@@ -18,13 +18,20 @@ class SecretError(ValueError):
 
 
 class Secret:
-    __slots__ = ("_value",)
+    __slots__ = ("_value", "_bearer")
 
     def __init__(self, value: str) -> None:
         self._value = value
+        self._bearer: bytes | None = None
 
     def reveal(self) -> str:
         return self._value
+
+    def bearer(self) -> bytes:
+        """The ``Authorization`` header value that sends it (``Bearer <key>``)."""
+        if self._bearer is None:
+            self._bearer = b"Bearer " + self._value.encode("latin-1")
+        return self._bearer
 
     def __repr__(self) -> str:
         return "Secret(****)"

@@ -11,6 +11,7 @@ party).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,12 +34,14 @@ class ProxyRequest:
     request_id: str
     method: str
     target: str  # raw path + query string, forwarded as is
-    headers: dict[str, str]  # client headers fit to forward
+    headers: list[tuple[bytes, bytes]]  # client headers fit to forward (lower-case names)
     body: bytes
     payload: dict[str, Any] | None  # the parsed JSON body, when it is JSON
     model: str | None
     deadline: float  # loop.time() by which the whole request must end
     hops: list[tuple[str, str]] = field(default_factory=list)
+    # the request's task (the handler's): its loop and cancellation, looked up once
+    task: asyncio.Task[Any] | None = None
 
 
 class Tier:
@@ -107,13 +110,15 @@ class Tier:
             return req.body
         return json.dumps({**req.payload, "model": mapped}).encode()
 
-    def headers_for(self, req: ProxyRequest) -> dict[str, str]:
-        headers = dict(req.headers)
-        if self.api_key is not None:
-            headers["authorization"] = "Bearer " + self.api_key.reveal()
-        elif not self.local:
-            headers.pop("authorization", None)  # never hand a client's key to a third party
-        headers["x-request-id"] = req.request_id
+    def headers_for(self, req: ProxyRequest) -> list[tuple[bytes, bytes]]:
+        if self.api_key is not None or not self.local:
+            # the tier's own key, or none: never hand a client's key to a third party
+            headers = [(k, v) for k, v in req.headers if k != b"authorization"]
+            if self.api_key is not None:
+                headers.append((b"authorization", self.api_key.bearer()))
+        else:
+            headers = req.headers.copy()
+        headers.append((b"x-request-id", req.request_id.encode()))
         return headers
 
     def upstream_request(self, req: ProxyRequest) -> UpstreamRequest:

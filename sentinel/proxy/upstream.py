@@ -37,7 +37,7 @@ class UpstreamRequest:
     method: str
     base_url: str  # scheme://host[:port][/prefix], no trailing slash
     target: str  # path and query, as the client sent them
-    headers: dict[str, str]
+    headers: list[tuple[bytes, bytes]]  # lower-case names; no host or content-length
     body: bytes
     connect_timeout_s: float
     # loop.time() when the transport wrote the request (the first-byte clock starts

@@ -52,6 +52,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         "pool",
+        "loop",
         "transport",
         "parser",
         "resp",
@@ -63,8 +64,9 @@ class UpstreamConnection(asyncio.Protocol):
         "head_n",
     )
 
-    def __init__(self, pool: ConnectionPool) -> None:
+    def __init__(self, pool: ConnectionPool, loop: asyncio.AbstractEventLoop) -> None:
         self.pool = pool
+        self.loop = loop  # the loop it was made on (one look-up per connection)
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.resp: RawResponse | None = None
@@ -301,7 +303,7 @@ class ConnectionPool:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await connect_socket(sock, addr, started + timeout)
             _, conn = await loop.create_connection(
-                lambda: UpstreamConnection(self),
+                lambda: UpstreamConnection(self, loop),
                 sock=sock,
                 ssl=self.tls,
                 server_hostname=self.host if self.tls else None,

@@ -55,4 +55,4 @@ def request(
     payload: dict[str, Any] = {"model": model, "prompt": "hi", "stream": stream}
     body = json.dumps(payload).encode()
     deadline = asyncio.get_running_loop().time() + timeout_s
-    return ProxyRequest(rid, "POST", "/v1/completions", {}, body, payload, model, deadline)
+    return ProxyRequest(rid, "POST", "/v1/completions", [], body, payload, model, deadline)

@@ -114,5 +114,40 @@ def test_hop_by_hop_request_headers_are_not_forwarded() -> None:
         (b"content-type", b"application/json"),
     ]
     fwd, ctype = policy.forwarded_headers(headers)
-    assert fwd == {"x-kept": "2", "content-type": "application/json"}
+    assert fwd == [(b"x-kept", b"2"), (b"content-type", b"application/json")]
     assert ctype == b"application/json"
+
+
+def test_a_repeated_request_header_reaches_the_tier_with_every_value() -> None:
+    """A header sent twice (``x-tag: a`` and ``x-tag: b``) is forwarded twice, in order,
+    not folded into its last value; the client's key goes to the local tier only."""
+    from sentinel.config.schema import ProxyConfig
+    from sentinel.proxy.request import RequestPolicy
+    from sentinel.proxy.tier import ProxyRequest
+
+    policy = RequestPolicy(ProxyConfig(tiers=[{"name": "a", "base_url": "http://a.invalid"}]))
+    headers = [
+        (b"x-tag", b"a"),
+        (b"authorization", b"Bearer client-key"),
+        (b"x-tag", b"b"),
+        (b"x-request-id", b"client-id"),
+    ]
+    fwd, _ = policy.forwarded_headers(headers)
+    assert fwd == [(b"x-tag", b"a"), (b"authorization", b"Bearer client-key"), (b"x-tag", b"b")]
+    req = ProxyRequest("rid-1", "POST", "/v1/completions", fwd, b"{}", {}, "m", 0.0)
+
+    class _Tier:  # Tier.headers_for reads only these
+        api_key = None
+        local = False
+
+    from sentinel.proxy.tier import Tier
+
+    sent = Tier.headers_for(_Tier(), req)  # type: ignore[arg-type]
+    assert sent == [(b"x-tag", b"a"), (b"x-tag", b"b"), (b"x-request-id", b"rid-1")]
+    _Tier.local = True
+    sent = Tier.headers_for(_Tier(), req)  # type: ignore[arg-type]
+    assert (b"authorization", b"Bearer client-key") in sent and sent[-1] == (
+        b"x-request-id",
+        b"rid-1",
+    )
+    assert fwd == [(b"x-tag", b"a"), (b"authorization", b"Bearer client-key"), (b"x-tag", b"b")]

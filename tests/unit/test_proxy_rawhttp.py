@@ -15,7 +15,7 @@ from tests.helpers import free_port
 
 
 def req(port: int, target: str = "/v1/x", body: bytes = b"{}") -> UpstreamRequest:
-    return UpstreamRequest("POST", f"http://127.0.0.1:{port}", target, {"a": "b"}, body, 1.0)
+    return UpstreamRequest("POST", f"http://127.0.0.1:{port}", target, [(b"a", b"b")], body, 1.0)
 
 
 async def serve(handler):  # type: ignore[no-untyped-def]

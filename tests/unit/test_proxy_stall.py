@@ -49,7 +49,7 @@ async def wait_requests(fake: FakeOpenAI, n: int) -> None:
 def test_a_connect_completed_during_a_stall_is_used(a: FakeOpenAI, loop: str) -> None:
     async def main() -> None:
         t = RawTransport()
-        req = UpstreamRequest("GET", a.url, "/v1/models", {}, b"", 0.5)
+        req = UpstreamRequest("GET", a.url, "/v1/models", [], b"", 0.5)
         sending = asyncio.ensure_future(t.send(req))
         await asyncio.sleep(0)  # the connect is under way
         time.sleep(STALL_S)  # Sentinel's loop blocked past the connect deadline
