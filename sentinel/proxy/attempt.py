@@ -123,9 +123,9 @@ async def attempt(tier: Tier, req: ProxyRequest) -> Opened:
     passes, the loop first gets a few passes to read what the socket holds (see
     ``DEADLINE_GRACE_PASSES``) and only an exchange that still has nothing is cancelled,
     as a ``first_byte_timeout``. The caller holds the tier's slot."""
-    task = req.task or asyncio.current_task()
+    loop = req.loop or asyncio.get_running_loop()
+    task = asyncio.current_task(loop)
     assert task is not None
-    loop = task.get_loop()
     started = loop.time()
     ureq = tier.upstream_request(req)
     deadline = tier.first_byte_deadline(req, started)

@@ -136,7 +136,7 @@ class ProxyHandler:
                     request.body,
                     loop.time(),
                 )
-                req.task = task
+                req.loop = loop
                 ex.streamed = stream
                 ex.hops = req.hops  # the chain appends to it as it walks
                 chain = self._drain_chain(req) if self.draining else self.chain

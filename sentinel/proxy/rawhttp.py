@@ -54,9 +54,12 @@ class RawTransport:
     def _head(self, request: UpstreamRequest, pool: ConnectionPool, prefix: str) -> bytes:
         lines = [
             f"{request.method} {prefix}{request.target} HTTP/1.1\r\n".encode("latin-1"),
-            b"host: " + pool.host_header + b"\r\n",
+            b"host: ",
+            pool.host_header,
+            b"\r\n",
         ]
-        lines += [k + b": " + v + b"\r\n" for k, v in request.headers]
+        for k, v in request.headers:
+            lines += (k, b": ", v, b"\r\n")
         body = request.body
         if body or request.method in ("POST", "PUT", "PATCH"):
             lines.append(b"content-length: %d\r\n" % len(body))

@@ -195,9 +195,9 @@ async def relay(
         out.start(resp.status, relayed_headers(resp.headers, ex), first)
         ex.ttft = time.perf_counter() - ex.t0
         ex.capture(first)
-        task = req.task or asyncio.current_task()
+        loop = req.loop or asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         assert task is not None
-        loop = task.get_loop()
         dog = _Watchdog(loop, task, tier.total_deadline(req, opened.started), idle_s)
         tail: tuple[str, str, int] | None = None
         pipe = _Pipe(out, ex, resp, dog, loop)

@@ -206,14 +206,17 @@ class RequestPolicy:
         """The headers fit to forward (in order, repeated ones kept), and the content
         type. Hop-by-hop headers are not forwarded: the fixed ones, and those the
         client's ``Connection`` header names."""
-        fwd = [(k, v) for k, v in headers if k not in DROP_REQUEST_HEADERS]
+        fwd = []
         ctype = b""
         hop: set[bytes] | None = None
-        for k, v in headers:
-            if k == b"content-type":
-                ctype = v
+        for kv in headers:
+            k = kv[0]
+            if k not in DROP_REQUEST_HEADERS:
+                fwd.append(kv)
+                if k == b"content-type":
+                    ctype = kv[1]
             elif k == b"connection":
-                hop = (hop or set()) | {n.strip().lower() for n in v.split(b",")}
+                hop = (hop or set()) | {n.strip().lower() for n in kv[1].split(b",")}
         if hop is not None:
             fwd = [(k, v) for k, v in fwd if k not in hop]
         return fwd, ctype

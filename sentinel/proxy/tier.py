@@ -40,8 +40,9 @@ class ProxyRequest:
     model: str | None
     deadline: float  # loop.time() by which the whole request must end
     hops: list[tuple[str, str]] = field(default_factory=list)
-    # the request's task (the handler's): its loop and cancellation, looked up once
-    task: asyncio.Task[Any] | None = None
+    # the loop the request runs on, looked up once (not its task: a task held here
+    # would make a reference cycle through its own frame, left to the cyclic GC)
+    loop: asyncio.AbstractEventLoop | None = None
 
 
 class Tier:
