@@ -17,6 +17,8 @@ import re
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+import msgspec
+
 from sentinel.config.schema import ProxyConfig
 from sentinel.proxy.errors import ProxyError
 from sentinel.proxy.tier import ProxyRequest
@@ -83,6 +85,8 @@ DROP_RESPONSE_HEADERS = frozenset(
 MAX_REQUEST_ID = 128
 _BAD_PATH_BYTES = re.compile(rb"[\x00-\x1f\x7f\\]")
 _PATH_CACHE_MAX = 1024
+
+_decode_json = msgspec.json.Decoder().decode
 
 _ID_PREFIX = os.urandom(6).hex()
 _ID_COUNTER = itertools.count(1)
@@ -230,27 +234,12 @@ class RequestPolicy:
         stream = False
         if body and (not ctype or b"json" in ctype or b"text/" in ctype):
             try:
-                text = body.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ProxyError(
-                    400,
-                    f"Request body is not valid UTF-8 (bad byte at offset {exc.start})",
-                    "invalid_utf8",
-                ) from None
-            try:
-                parsed = json.loads(text)
-            except RecursionError:
-                raise self._too_deep() from None
-            except json.JSONDecodeError as exc:
-                raise ProxyError(
-                    400, f"Request body is not valid JSON: {exc}", "invalid_json"
-                ) from None
-            except ValueError:  # an integer too long to convert (a bound of Python's)
-                raise ProxyError(
-                    400,
-                    "Request body is not valid JSON: a number in it has too many digits",
-                    "invalid_json",
-                ) from None
+                # strict JSON in one C call (a tenth of the json module's time); what it
+                # refuses goes the json module's way: its exact error for the client,
+                # and what that module accepts beyond strict JSON (NaN) accepted as before
+                parsed = _decode_json(body)
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+                parsed = self._parse_json(body)
             # a body with fewer brackets than the limit cannot nest deeper than it
             if (
                 isinstance(parsed, (dict, list))
@@ -278,6 +267,32 @@ class RequestPolicy:
                     param="model",
                 )
         return payload, model, stream
+
+    def _parse_json(self, body: bytes) -> Any:
+        """The json module's reading of a body (UTF-8 first), or the error naming what is
+        wrong with it."""
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProxyError(
+                400,
+                f"Request body is not valid UTF-8 (bad byte at offset {exc.start})",
+                "invalid_utf8",
+            ) from None
+        try:
+            return json.loads(text)
+        except RecursionError:
+            raise self._too_deep() from None
+        except json.JSONDecodeError as exc:
+            raise ProxyError(
+                400, f"Request body is not valid JSON: {exc}", "invalid_json"
+            ) from None
+        except ValueError:  # an integer too long to convert (a bound of Python's)
+            raise ProxyError(
+                400,
+                "Request body is not valid JSON: a number in it has too many digits",
+                "invalid_json",
+            ) from None
 
     def _too_deep(self) -> ProxyError:
         return ProxyError(

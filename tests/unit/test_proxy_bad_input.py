@@ -151,3 +151,52 @@ def test_a_repeated_request_header_reaches_the_tier_with_every_value() -> None:
         b"rid-1",
     )
     assert fwd == [(b"x-tag", b"a"), (b"authorization", b"Bearer client-key"), (b"x-tag", b"b")]
+
+
+def test_the_fast_json_reading_matches_the_json_module() -> None:
+    """Bodies are read by msgspec first and by the json module where msgspec refuses:
+    every body reads as the json module reads it, and every refusal is the json
+    module's (NaN and a lone surrogate are accepted, as they always were)."""
+    import json
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from sentinel.config.schema import ProxyConfig
+    from sentinel.proxy.errors import ProxyError
+    from sentinel.proxy.request import RequestPolicy
+
+    policy = RequestPolicy(ProxyConfig(tiers=[{"name": "a", "base_url": "http://a.invalid"}]))
+    scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text()
+    values = st.recursive(
+        scalars,
+        lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(), kids, max_size=4),
+        max_leaves=20,
+    )
+
+    @settings(max_examples=300, deadline=None)
+    @given(values, st.booleans())
+    def check(value: object, ascii_only: bool) -> None:
+        body = json.dumps({"model": "m", "v": value}, ensure_ascii=ascii_only).encode(
+            "utf-8", "surrogatepass"
+        )
+        try:
+            expected = json.loads(body.decode("utf-8"))
+        except UnicodeDecodeError:
+            return  # a lone surrogate written raw: not UTF-8 (refused, as before)
+        payload, model, _ = policy.parse_body("/v1/completions", "POST", b"", body)
+        assert json.dumps(payload, sort_keys=True) == json.dumps(expected, sort_keys=True)
+        assert model == "m"
+
+    check()
+    for body in (b'{"model": "m", "t": NaN}', b'{"model": "m", "s": "\\ud800"}'):
+        payload, _, _ = policy.parse_body("/v1/completions", "POST", b"", body)
+        assert payload is not None and payload["model"] == "m"
+    for body, words in (
+        (b'{"model": "m", "a": 01}', "Expecting ',' delimiter"),
+        (b'{"model": "m"} x', "Extra data"),
+        (b'{"model": "\xff"}', "not valid UTF-8 (bad byte at offset 11)"),
+    ):
+        with pytest.raises(ProxyError) as exc:
+            policy.parse_body("/v1/completions", "POST", b"", body)
+        assert exc.value.status == 400 and words in exc.value.message
