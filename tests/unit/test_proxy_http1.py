@@ -201,6 +201,31 @@ def test_an_http10_client_gets_a_stream_ended_by_the_close(px: ProxyHarness) -> 
     s.close()
 
 
+def test_an_http10_keep_alive_client_is_told_and_served_twice(px: ProxyHarness) -> None:
+    """An HTTP/1.0 client keeps its connection only when the answer says so (``ab -k``)."""
+    body = b'{"model": "m", "prompt": "hi", "max_tokens": 3}'
+    req = (
+        b"POST /v1/completions HTTP/1.0\r\nconnection: keep-alive\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    s = connect(px)
+    for _ in range(2):
+        s.sendall(req)
+        head, length, rest = b"", 0, b""
+        while b"\r\n\r\n" not in rest:
+            rest += s.recv(65536)
+        head, _, rest = rest.partition(b"\r\n\r\n")
+        lines = head.lower().split(b"\r\n")
+        assert lines[0].startswith(b"http/1.1 200") and b"connection: keep-alive" in lines
+        length = int(
+            next(v for k, _, v in (x.partition(b": ") for x in lines) if k == b"content-length")
+        )
+        while len(rest) < length:
+            rest += s.recv(65536)
+        assert b'"choices"' in rest
+    s.close()
+
+
 def test_a_client_leaving_mid_stream_cancels_its_upstream_request(
     px: ProxyHarness, up: FakeOpenAI
 ) -> None:

@@ -88,6 +88,9 @@ class Response:
         if not self._keep_alive or (conn.closing and not conn.queued):
             self._keep_alive = False
             parts.append(b"connection: close\r\n")
+        elif not self._chunked:
+            # an HTTP/1.0 client asked to keep the connection: it closes unless told yes
+            parts.append(b"connection: keep-alive\r\n")
         parts.append(b"\r\n")
         return b"".join(parts)
 
