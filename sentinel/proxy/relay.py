@@ -25,7 +25,7 @@ from collections.abc import Callable
 from sentinel.payloads.exchange import Exchange
 from sentinel.proxy.attempt import Opened
 from sentinel.proxy.errors import sse_error_event
-from sentinel.proxy.http1.response import Response
+from sentinel.proxy.http1.response import BEHIND, GONE, Response
 from sentinel.proxy.metrics import ProxyMetrics
 from sentinel.proxy.request import DROP_RESPONSE_HEADERS
 from sentinel.proxy.tier import ProxyRequest, Tier
@@ -128,8 +128,8 @@ class _Pipe:
         self.last = b""  # the last part relayed (whether it ended an event: ``ended``)
 
     def data(self, data: bytes) -> None:
-        out = self.out
-        if not out.write_part(data):
+        said = self.out.write_part(data)
+        if said == GONE:
             # the client has gone: its connection's loss cancels the relay; the
             # upstream stops now, not after what it still sends
             self.upstream.abort()
@@ -137,7 +137,7 @@ class _Pipe:
         self.last = data  # one store per part: the check waits for a failure (``ended``)
         self.ex.capture(data)
         self.dog.last = self.loop.time()
-        if out.paused:
+        if said == BEHIND:
             self.behind()
 
     def behind(self) -> None:

@@ -101,8 +101,15 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(UpstreamError("reset", "malformed upstream response: unsolicited bytes"))
             self.close()
         if resp is not None:
-            if resp.sink is not None:
-                resp.push()  # a piped body: what this read brought, in one piece
+            sink = resp.sink
+            if sink is not None:
+                # a piped body: what this read brought, in one piece (``RawResponse.push``,
+                # inlined: this runs once per part of every stream)
+                parts = resp.parts
+                if parts:
+                    data = parts.popleft() if len(parts) == 1 else b"".join(parts)
+                    parts.clear()
+                    sink.data(data)
             elif not resp.got_headers and self.resp is resp:
                 self.head_n += len(data)  # the head is still incomplete: all of it is head
                 if self.head_n > MAX_UPSTREAM_HEAD_BYTES:

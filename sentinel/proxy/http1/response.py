@@ -45,6 +45,9 @@ def status_line(status: int) -> bytes:
 STATUS_LINES = {s.value: status_line(s.value) for s in HTTPStatus}
 # answers that never have a body: no Content-Length is sent for them, nor any body
 NO_BODY_STATUSES = frozenset({204, 304})
+# what ``Response.write_part`` says: the client has gone (nothing written), the part is
+# written, or it is written and the client is behind (its transport paused writing)
+GONE, WRITTEN, BEHIND = 0, 1, 2
 
 
 class Response:
@@ -121,15 +124,18 @@ class Response:
         if data:
             self._conn.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
 
-    def write_part(self, data: bytes) -> bool:
-        """``write`` for a piped stream's part, in one call: False (nothing written)
-        when the client's connection is closing or closed."""
-        t = self._conn.transport
+    def write_part(self, data: bytes) -> int:
+        """``write`` for a piped stream's part, in one call (a stream's per-part cost):
+        ``GONE`` (nothing written) when the client's connection is closing or closed,
+        else ``BEHIND`` when the client is behind after it (``paused``), else
+        ``WRITTEN``."""
+        conn = self._conn
+        t = conn.transport
         if t is None or t.is_closing():
-            return False
+            return GONE
         if data:
             t.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
-        return True
+        return BEHIND if conn.write_paused else WRITTEN
 
     def end(self) -> None:
         if not self.ended:
