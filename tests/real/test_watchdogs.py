@@ -277,6 +277,31 @@ def test_dump_needs_the_admin_token_and_returns_every_role(watched: Watched, tmp
     assert watched.admin("/admin/dump", json={"pid": "x"}).status_code == 400
 
 
+def test_a_flood_of_refused_admin_requests_keeps_the_log_ring(watched: Watched, tmp_path) -> None:
+    """700 wrong tokens (more than the 500-line log ring): each is counted, few are logged,
+    and a snapshot taken after the flood still holds Sentinel's lines from before it."""
+    s = watched.s
+    before = watched.metric("sentinel_admin_auth_failures_total", reason="wrong") or 0
+    started = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    logged0 = len(s.log_records())
+    with httpx.Client(timeout=30) as c:
+        for i in range(700):
+            r = c.post(s.ops_url + "/admin/dump", headers={"Authorization": f"Bearer bad-{i}"})
+            assert r.status_code == 401
+    assert watched.metric("sentinel_admin_auth_failures_total", reason="wrong") == before + 700
+    new = s.log_records()[logged0:]
+    assert sum(r.get("event") == "admin request refused" for r in new) <= 1, new[-3:]
+    out = tmp_path / "snap.tar.gz"
+    res = watched.cli("snapshot", "--output", str(out), token_file=watched.token_file)
+    assert res.returncode == 0, res.stderr
+    with tarfile.open(out) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("logs/sentinel.log"))
+        lines = tar.extractfile(member).read().decode().splitlines()  # type: ignore[union-attr]
+    stamps = [json.loads(line).get("timestamp", "") for line in lines if line.startswith("{")]
+    assert any(t and t < started for t in stamps), lines[:3]
+    assert sum("admin request refused" in line for line in lines) <= 2
+
+
 def test_snapshot_holds_every_part_and_no_secret(watched: Watched, tmp_path) -> None:
     out = tmp_path / "snap.tar.gz"
     res = watched.cli("snapshot", "--output", str(out), token_file=watched.token_file)
