@@ -282,3 +282,50 @@ def test_sentinel_status_shows_a_status_with_odd_values_without_a_traceback():
         res = sentinel_cli("status", "--url", url)
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr and "lots" in res.stdout and "fast" in res.stdout
+
+
+@pytest.mark.parametrize(
+    ("cmd", "says", "least"),
+    [
+        ("drain", {"lifecycle": {"drain_timeout_s": 500}}, 500),
+        (
+            "restart",
+            {
+                "lifecycle": {"drain_timeout_s": 500},
+                "supervisor": {"startup_timeout_s": 900, "stop_grace_s": 20},
+            },
+            1420,
+        ),
+        ("drain", {}, 120),  # a server that does not say: the fixed default
+    ],
+)
+def test_drain_and_restart_wait_as_long_as_the_server_may_take(
+    monkeypatch, tmp_path, cmd, says, least
+):
+    """Without --timeout, `sentinel drain`/`restart` wait as long as the server's own
+    limits allow (lifecycle.drain_timeout_s, and for a restart the engine's stop and
+    start), read from its /status, plus a margin: never giving up on a drain that is
+    still legitimately running."""
+    import typer
+    from typer.testing import CliRunner
+
+    from sentinel.cli import admin_client
+    from sentinel.cli.lifecycle import register
+
+    app = typer.Typer()
+    register(app)
+    seen: list[tuple[str, str, float]] = []
+    real = admin_client.bounded_request
+
+    def spy(client, method, url, *, timeout, **kw):
+        seen.append((method, str(url), timeout))
+        return real(client, method, url, timeout=timeout, **kw)
+
+    monkeypatch.setattr(admin_client, "bounded_request", spy)
+    token = tmp_path / "token"
+    token.write_text("t" * 20)
+    with _json_server({"state": "serving", "generation": 1, "config": says}) as url:
+        res = CliRunner().invoke(app, [cmd, "--url", url, "--token-file", str(token), "--json"])
+    assert res.exit_code == 0, res.output
+    waited = [t for method, path, t in seen if method == "POST" and f"/admin/{cmd}" in path]
+    assert len(waited) == 1 and least <= waited[0] <= least + 120, seen
