@@ -302,6 +302,26 @@ def test_a_flood_of_refused_admin_requests_keeps_the_log_ring(watched: Watched, 
     assert sum("admin request refused" in line for line in lines) <= 2
 
 
+def test_drain_and_status_from_the_cli_with_default_timeouts(watched: Watched) -> None:
+    """`sentinel drain` without --timeout reads how long it may wait from the server's
+    /status (lifecycle.drain_timeout_s) and drains; `sentinel status` draws the real
+    document; `sentinel resume` takes traffic again."""
+    s = watched.s
+    assert s.status()["config"]["lifecycle"]["drain_timeout_s"] > 0
+    res = watched.cli("drain", "--json", token_file=watched.token_file)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["draining"] is True
+    try:
+        assert s.get("/readyz").status_code == 503
+        shown = watched.cli("status")
+        assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+        assert "draining" in shown.stdout and "Probes" in shown.stdout, shown.stdout
+    finally:
+        res = watched.cli("resume", token_file=watched.token_file)
+    assert res.returncode == 0 and "taking traffic" in res.stdout, res.stderr
+    wait_for(lambda: s.get("/readyz").status_code == 200, 30, what="ready after resume")
+
+
 def test_snapshot_holds_every_part_and_no_secret(watched: Watched, tmp_path) -> None:
     out = tmp_path / "snap.tar.gz"
     res = watched.cli("snapshot", "--output", str(out), token_file=watched.token_file)
