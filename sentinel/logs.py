@@ -53,13 +53,37 @@ def redact_text(text: str) -> str:
     return text
 
 
+_MAX_DEPTH = 8
+_LEFT_ALONE = frozenset({"exc_info", "stack_info"})  # read by structlog's later processors
+
+
+def _redact_value(val: Any, depth: int = 0) -> Any:
+    """``val`` with secret-looking text redacted and every secret-named key's value masked
+    whole (whatever its type), through nested dicts and lists."""
+    if isinstance(val, str):
+        return redact_text(val)
+    if depth >= _MAX_DEPTH and isinstance(val, dict | list):
+        return REDACTED  # deeper than any event Sentinel logs: nothing is let through
+    if isinstance(val, dict):
+        return {
+            k: REDACTED
+            if isinstance(k, str) and _SECRET_KEYS.search(k) and v is not None
+            else _redact_value(v, depth + 1)
+            for k, v in val.items()
+        }
+    if isinstance(val, list):
+        return [_redact_value(v, depth + 1) for v in val]
+    return val
+
+
 def redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """structlog processor: blank secret-named keys and secret-looking values."""
+    """structlog processor: blank secret-named keys (whatever the value's type) and
+    secret-looking values, in nested dicts and lists too."""
     for key, val in list(event.items()):
         if key != "event" and _SECRET_KEYS.search(key) and val is not None:
             event[key] = REDACTED
-        elif isinstance(val, str):
-            event[key] = redact_text(val)
+        elif isinstance(val, str | dict | list) and key not in _LEFT_ALONE:
+            event[key] = _redact_value(val)
     return event
 
 
