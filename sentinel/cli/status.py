@@ -139,7 +139,7 @@ def render(doc: dict[str, Any], console: Console) -> None:
     summary.add_column(style="bold")
     summary.add_column()
     summary.add_row("state", f"[{_STATE_STYLE.get(state, 'bold')}]{_e(state)}[/]")
-    summary.add_row("ready", _ok(bool(doc.get("ready"))))
+    summary.add_row("ready", _ok(doc.get("ready") is True))
     summary.add_row(
         "lifecycle", f"{_e(doc.get('lifecycle'))} since {_ago(doc.get('lifecycle_since'), now)}"
     )
@@ -209,11 +209,11 @@ def render(doc: dict[str, Any], console: Console) -> None:
             table.add_column(col)
         for name, pr in probes.items():
             pr = pr if isinstance(pr, dict) else {"detail": pr}
-            lat = pr.get("latency_s")
+            lat, lat_s = pr.get("latency_s"), _num(pr.get("latency_s"))
             table.add_row(
                 _e(name),
                 _ok(pr.get("ok") is True),
-                _shown(_num(lat) * 1000 if _num(lat) is not None else lat, "{:.0f} ms"),
+                _shown(lat if lat_s is None else lat_s * 1000, "{:.0f} ms"),
                 _shown(pr.get("age_s"), "{:.1f}s"),
                 _e(pr.get("detail") or ""),
             )
