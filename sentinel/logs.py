@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
+import time
+from collections.abc import Callable, Hashable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -52,14 +53,75 @@ def redact_text(text: str) -> str:
     return text
 
 
+_MAX_DEPTH = 8
+_LEFT_ALONE = frozenset({"exc_info", "stack_info"})  # read by structlog's later processors
+
+
+def _redact_value(val: Any, depth: int = 0) -> Any:
+    """``val`` with secret-looking text redacted and every secret-named key's value masked
+    whole (whatever its type), through nested dicts and lists."""
+    if isinstance(val, str):
+        return redact_text(val)
+    if depth >= _MAX_DEPTH and isinstance(val, dict | list):
+        return REDACTED  # deeper than any event Sentinel logs: nothing is let through
+    if isinstance(val, dict):
+        return {
+            k: REDACTED
+            if isinstance(k, str) and _SECRET_KEYS.search(k) and v is not None
+            else _redact_value(v, depth + 1)
+            for k, v in val.items()
+        }
+    if isinstance(val, list):
+        return [_redact_value(v, depth + 1) for v in val]
+    return val
+
+
 def redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """structlog processor: blank secret-named keys and secret-looking values."""
+    """structlog processor: blank secret-named keys (whatever the value's type) and
+    secret-looking values, in nested dicts and lists too."""
     for key, val in list(event.items()):
         if key != "event" and _SECRET_KEYS.search(key) and val is not None:
             event[key] = REDACTED
-        elif isinstance(val, str):
-            event[key] = redact_text(val)
+        elif isinstance(val, str | dict | list) and key not in _LEFT_ALONE:
+            event[key] = _redact_value(val)
     return event
+
+
+class LogThrottle:
+    """At most one log line per ``key`` per ``every_s`` seconds, for lines a client can cause
+    at will (a refused request): a flood of them must not push the evidence of what happened
+    before out of the in-memory log ring (``incidents.log_lines``). Count every event in a
+    metric; log only when ``allow`` says so.
+
+    ``allow(key)`` is None for a line to leave out, else the fields to add to the line:
+    ``{}``, or ``suppressed`` (how many were left out since the key's last line) and
+    ``suppressed_over_s`` (over how many seconds). Keys are few (reasons, not clients); past
+    ``max_keys`` the oldest is forgotten."""
+
+    def __init__(
+        self,
+        every_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = 256,
+    ) -> None:
+        self.every_s = every_s
+        self._clock = clock
+        self._max_keys = max_keys
+        self._keys: dict[Hashable, list[float]] = {}  # key -> [logged at, left out since]
+
+    def allow(self, key: Hashable = None) -> dict[str, float] | None:
+        now = self._clock()
+        slot = self._keys.get(key)
+        if slot is not None and now - slot[0] < self.every_s:
+            slot[1] += 1
+            return None
+        extra: dict[str, float] = {}
+        if slot is not None and slot[1]:
+            extra = {"suppressed": int(slot[1]), "suppressed_over_s": round(now - slot[0], 1)}
+        elif slot is None and len(self._keys) >= self._max_keys:
+            self._keys.pop(next(iter(self._keys)))
+        self._keys[key] = [now, 0]
+        return extra
 
 
 def configure_logging(cfg: LoggingConfig, stream: TextIO | None = None) -> None:

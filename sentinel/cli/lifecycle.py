@@ -1,5 +1,11 @@
 """`sentinel drain`, `sentinel resume`, `sentinel restart`: the admin API's lifecycle
-operations (see sentinel.lifecycle.endpoints), authenticated with the admin token."""
+operations (see sentinel.lifecycle.endpoints), authenticated with the admin token.
+
+Without ``--timeout``, `drain` and `restart` wait as long as the server itself may take
+(its ``lifecycle.drain_timeout_s``, and for a restart ``supervisor.stop_grace_s`` and
+``supervisor.startup_timeout_s``, read from its /status) plus ``MARGIN_S``: a drain that
+is still legitimately running is never given up on. A server that does not say gets
+``FALLBACK_S``."""
 
 from __future__ import annotations
 
@@ -15,11 +21,50 @@ from sentinel.cli.admin_client import (
     UrlOpt,
     admin_client,
     fail,
+    resolve_url,
 )
 from sentinel.logs import strip_terminal_controls
 
+MARGIN_S = 30.0
+FALLBACK_S = {"drain": 120.0, "restart": 1200.0}
+NO_WAIT_S = 10.0
+StatusTimeoutOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Seconds to wait for the answer (default: as long as the server's own drain, "
+        "stop and start limits allow, from its /status, plus 30 s).",
+        min=0.1,
+    ),
+]
 WaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until it is done.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")]
+
+
+def _number(doc: Any, section: str, key: str) -> float | None:
+    value = doc.get(section, {}).get(key) if isinstance(doc.get(section), dict) else None
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+    return float(value) if ok and value != float("inf") else None
+
+
+def server_timeout(op: str, url: str, config: Any) -> float:
+    """How long ``op`` (drain or restart, waiting) may take on the server, plus MARGIN_S."""
+    from sentinel.cli.status import StatusUnavailable, fetch_status
+
+    try:
+        doc = fetch_status(resolve_url(url, config), NO_WAIT_S)
+    except (StatusUnavailable, AdminCallError):
+        return FALLBACK_S[op]  # the call itself says what is wrong
+    cfg = doc.get("config") if isinstance(doc.get("config"), dict) else {}
+    drain = _number(cfg, "lifecycle", "drain_timeout_s")
+    if drain is None:
+        return FALLBACK_S[op]
+    if op == "drain":
+        return drain + MARGIN_S
+    startup = _number(cfg, "supervisor", "startup_timeout_s")
+    if startup is None:
+        return max(FALLBACK_S[op], drain + MARGIN_S)
+    stop = _number(cfg, "supervisor", "stop_grace_s") or 0.0
+    return drain + stop + startup + MARGIN_S
 
 
 def _call(
@@ -30,10 +75,12 @@ def _call(
     url: str,
     config: Any,
     token_file: Any,
-    timeout: float,
+    timeout: float | None,
     wait: bool | None,
 ) -> dict[str, Any]:
     params = {} if wait is None else {"wait": "true" if wait else "false"}
+    if timeout is None:
+        timeout = server_timeout(name, url, config) if wait else NO_WAIT_S
     try:
         with admin_client(url, config, token_file, timeout) as client:
             return client.request(method, path, params=params)
@@ -67,9 +114,7 @@ def register(app: typer.Typer) -> None:
         config: ConfigOpt = None,
         token_file: TokenFileOpt = None,
         wait: WaitOpt = True,
-        timeout: Annotated[
-            float, typer.Option(help="Seconds to wait for an answer.", min=0.1)
-        ] = 120.0,
+        timeout: StatusTimeoutOpt = None,
         as_json: JsonOpt = False,
     ) -> None:
         """Stop taking traffic (readiness fails, new requests go to the next tier or get
@@ -103,9 +148,7 @@ def register(app: typer.Typer) -> None:
         config: ConfigOpt = None,
         token_file: TokenFileOpt = None,
         wait: WaitOpt = True,
-        timeout: Annotated[
-            float, typer.Option(help="Seconds to wait for an answer.", min=0.1)
-        ] = 1200.0,
+        timeout: StatusTimeoutOpt = None,
         as_json: JsonOpt = False,
     ) -> None:
         """Drain, replace the engine, wait until the new one serves, resume. With a backup

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -70,16 +71,44 @@ def _e(value: object) -> str:
     return escape(strip_terminal_controls(str(value)))
 
 
-def _ts(at: float | None) -> str:
-    if at is None:
-        return "-"
-    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+def _num(value: object) -> float | None:
+    """``value`` as a number when it is one (a server may send anything: never a TypeError)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
-def _ago(at: float | None, now: float) -> str:
-    if at is None:
-        return "-"
-    return f"{max(0.0, now - at):.1f}s ago"
+def _dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: object) -> list[Any]:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def _shown(value: object, fmt: str) -> str:
+    """A number formatted with ``fmt``; anything else as itself; nothing as "-"."""
+    n = _num(value)
+    if n is not None:
+        return fmt.format(n)
+    return "-" if value is None else _e(value)
+
+
+def _ts(at: object) -> str:
+    n = _num(at)
+    if n is None:
+        return _shown(at, "")
+    try:
+        return datetime.fromtimestamp(n, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, OSError, ValueError):
+        return _e(at)
+
+
+def _ago(at: object, now: float) -> str:
+    n = _num(at)
+    return _shown(at, "") if n is None else f"{max(0.0, now - n):.1f}s ago"
 
 
 def _ok(ok: bool) -> str:
@@ -87,10 +116,11 @@ def _ok(ok: bool) -> str:
 
 
 def _attach_line(attach: dict[str, Any]) -> str:
-    pids = ", ".join(f"{role} {' '.join(map(str, p))}" for role, p in attach["pids"].items())
+    found = _dict(attach.get("pids"))
+    pids = ", ".join(f"{role} {' '.join(map(str, _list(p)))}" for role, p in found.items())
     line = f"attach to {_e(attach.get('base_url'))}; pids: {_e(pids or 'none found')}; "
     line += f"recovery {'on' if attach.get('recovery') else 'off'}"
-    if attach["pids"] and not attach.get("verified", True):
+    if found and not attach.get("verified", True):
         line += " [yellow](engine not verified on its port: never signalled)[/]"
     if attach.get("recoveries"):
         line += f", done {_e(attach['recoveries'])}"
@@ -102,13 +132,14 @@ def _attach_line(attach: dict[str, Any]) -> str:
 
 
 def render(doc: dict[str, Any], console: Console) -> None:
-    now = float(doc.get("now") or time.time())
+    """The status document as tables; a value of an unexpected type is shown as itself."""
+    now = _num(doc.get("now")) or time.time()
     state = str(doc.get("state", "?"))
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")
     summary.add_column()
     summary.add_row("state", f"[{_STATE_STYLE.get(state, 'bold')}]{_e(state)}[/]")
-    summary.add_row("ready", _ok(bool(doc.get("ready"))))
+    summary.add_row("ready", _ok(doc.get("ready") is True))
     summary.add_row(
         "lifecycle", f"{_e(doc.get('lifecycle'))} since {_ago(doc.get('lifecycle_since'), now)}"
     )
@@ -120,22 +151,22 @@ def render(doc: dict[str, Any], console: Console) -> None:
     for key in ("failure_reason", "stalled_reason"):
         if doc.get(key):
             summary.add_row(key.replace("_", " "), f"[red]{_e(doc[key])}[/]")
-    for source, reason in (doc.get("degraded_reasons") or {}).items():
+    for source, reason in _dict(doc.get("degraded_reasons")).items():
         summary.add_row(f"degraded ({_e(source)})", f"[yellow]{_e(reason)}[/]")
-    metrics = doc.get("engine_metrics") or {}
+    metrics = _dict(doc.get("engine_metrics"))
     if metrics:
         summary.add_row(
             "engine",
-            _e(
-                ", ".join(
-                    f"{k.split(':', 1)[-1]}={v:g}" for k, v in metrics.items() if v is not None
-                )
+            ", ".join(
+                f"{_e(k.split(':', 1)[-1])}={_shown(v, '{:g}')}"
+                for k, v in metrics.items()
+                if v is not None
             ),
         )
-    attach = doc.get("attach")  # issue 18: an engine Sentinel did not launch
+    attach = _dict(doc.get("attach"))  # issue 18: an engine Sentinel did not launch
     if attach:
         summary.add_row("mode", _attach_line(attach))
-    sentinel = doc.get("sentinel") or {}
+    sentinel = _dict(doc.get("sentinel"))
     if sentinel:
         summary.add_row(
             "sentinel",
@@ -146,21 +177,23 @@ def render(doc: dict[str, Any], console: Console) -> None:
         )
     console.print(summary)
 
-    checks = doc.get("ready_checks") or {}
+    checks = _dict(doc.get("ready_checks"))
     if checks:
         table = Table(title="Readiness checks", title_justify="left")
         for col in ("check", "result", "detail"):
             table.add_column(col)
         for name, check in checks.items():
-            table.add_row(_e(name), _ok(bool(check.get("ok"))), _e(check.get("detail", "")))
+            check = check if isinstance(check, dict) else {"detail": check}
+            table.add_row(_e(name), _ok(check.get("ok") is True), _e(check.get("detail", "")))
         console.print(table)
 
-    procs = doc.get("processes") or []
+    procs = _list(doc.get("processes"))
     if procs:
         table = Table(title="Engine processes", title_justify="left")
         for col in ("role", "pid", "generation", "started"):
             table.add_column(col)
         for p in procs:
+            p = p if isinstance(p, dict) else {"role": p}
             table.add_row(
                 _e(p.get("role")),
                 _e(p.get("pid")),
@@ -169,23 +202,24 @@ def render(doc: dict[str, Any], console: Console) -> None:
             )
         console.print(table)
 
-    probes = doc.get("probes") or {}
+    probes = _dict(doc.get("probes"))
     if probes:
         table = Table(title="Probes", title_justify="left")
         for col in ("probe", "result", "latency", "age", "detail"):
             table.add_column(col)
         for name, pr in probes.items():
-            lat = pr.get("latency_s")
+            pr = pr if isinstance(pr, dict) else {"detail": pr}
+            lat, lat_s = pr.get("latency_s"), _num(pr.get("latency_s"))
             table.add_row(
                 _e(name),
-                _ok(bool(pr.get("ok"))),
-                f"{lat * 1000:.0f} ms" if lat is not None else "-",
-                f"{pr.get('age_s', 0):.1f}s",
+                _ok(pr.get("ok") is True),
+                _shown(lat if lat_s is None else lat_s * 1000, "{:.0f} ms"),
+                _shown(pr.get("age_s"), "{:.1f}s"),
                 _e(pr.get("detail") or ""),
             )
         console.print(table)
 
-    restarts = doc.get("restarts") or []
+    restarts = _list(doc.get("restarts"))
     if restarts:
         table = Table(
             title=f"Restarts (by reason: {_e(doc.get('restart_counts'))})", title_justify="left"
@@ -193,6 +227,7 @@ def render(doc: dict[str, Any], console: Console) -> None:
         for col in ("when", "generation", "reason", "detail"):
             table.add_column(col)
         for r in restarts[-10:]:
+            r = r if isinstance(r, dict) else {"detail": r}
             table.add_row(
                 _ts(r.get("at")),
                 _e(r.get("generation")),
@@ -201,10 +236,10 @@ def render(doc: dict[str, Any], console: Console) -> None:
             )
         console.print(table)
 
-    last_exit = doc.get("last_exit")
+    last_exit = _dict(doc.get("last_exit"))
     if last_exit:
         how = (
-            f"signal {_e(last_exit['signal'])}"
+            f"signal {_e(last_exit.get('signal'))}"
             if last_exit.get("signal")
             else f"exit code {_e(last_exit.get('returncode'))}"
         )
@@ -213,7 +248,7 @@ def render(doc: dict[str, Any], console: Console) -> None:
             f"{_e(last_exit.get('pid'))}, {how}, {_ago(last_exit.get('at'), now)}: "
             f"{_e(last_exit.get('reason'))}: {_e(last_exit.get('cause'))}"
         )
-    for line in doc.get("log_tail") or []:
+    for line in _list(doc.get("log_tail")):
         console.print(strip_terminal_controls(str(line)), markup=False, highlight=False)
 
 
@@ -251,4 +286,12 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(doc, indent=2))
             return
-        render(doc, Console())
+        try:
+            render(doc, Console())
+        except Exception as exc:  # noqa: BLE001 - an odd document is shown, never a traceback
+            typer.echo(
+                f"sentinel status: cannot draw this status as tables ({type(exc).__name__}); "
+                "here it is as JSON",
+                err=True,
+            )
+            typer.echo(json.dumps(doc, indent=2))

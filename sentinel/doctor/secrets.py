@@ -1,8 +1,8 @@
 """The key sources the config names (``engine.api_key_env``, each tier's ``api_key_env`` /
-``api_key_file``, ``proxy.auth.keys_file`` / ``keys_env``) are read the way ``sentinel
-run`` reads them at start-up, so a missing variable, an empty or unreadable file, a key
-that cannot go into a header or anonymous access to a paid tier is found before the
-engine is started. Results name the source, never a value."""
+``api_key_file``, ``proxy.auth.keys_file`` / ``keys_env``, the ``ops.admin`` token) are read
+the way ``sentinel run`` reads them at start-up, so a missing variable, an empty or
+unreadable file, a key that cannot go into a header or anonymous access to a paid tier is
+found before the engine is started. Results name the source, never a value."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from sentinel.config.schema import SentinelConfig
 from sentinel.doctor.base import Host, Result, Status
 from sentinel.engine.apikey import load_engine_key
+from sentinel.ops.admin import AdminTokenError, read_token
 from sentinel.proxy.auth import Authenticator
 from sentinel.proxy.secrets import SecretError, load_api_key
 
@@ -39,6 +40,12 @@ def check_secrets(cfg: SentinelConfig, host: Host) -> Result:
                 found.append("client keys")
         except SecretError as exc:
             problems.append(str(exc))
+    admin = cfg.ops.admin
+    try:
+        if read_token(admin.token_file, admin.token_env, env) is not None:
+            found.append("admin token")
+    except AdminTokenError as exc:
+        problems.append(str(exc))
     if problems:
         return Result(
             name,

@@ -17,8 +17,9 @@ A ``.tar.gz`` in the incidents directory holding::
 Secrets never reach it: the config is redacted by key name, every text passes
 ``redact_text``, and every secret value Sentinel knows (secret-named variables of
 its and the engine's environment, tier keys, the admin token) is searched for in
-every file and replaced. The bundle is bounded by ``incidents.max_bundle_bytes``:
-log lines are cut first.
+every file and replaced. The bundle file is bounded by ``incidents.max_bundle_bytes``
+(tar headers and gzip included, whatever the content): log lines are cut first, then the
+largest parts to their last bytes; the manifest names every cut.
 """
 
 from __future__ import annotations
@@ -264,45 +265,96 @@ class SnapshotBuilder:
         lines = self.cfg.incidents.log_lines
         eng = list(self.engine_log())
         own = list(self.sentinel_log())
-        budget = self.cfg.incidents.max_bundle_bytes - 64 * 1024  # room for the manifest
         parts = {k: scrub(v, secrets) for k, v in parts.items()}
-        fixed = sum(len(v.encode()) for v in parts.values())
-        eng_txt, own_txt, cut = _fit_logs(eng, own, lines, max(0, budget - fixed), secrets)
-        parts["logs/engine.log"] = eng_txt
-        parts["logs/sentinel.log"] = own_txt
-        if cut:
-            missing["logs"] = cut
-        for name, text in list(parts.items()):  # still too big: cut the largest parts
-            total = sum(len(v.encode()) for v in parts.values())
-            if total <= budget:
-                break
-            if len(text.encode()) > budget // 4:
-                parts[name] = text[-(budget // 4) :]
-                missing[name] = f"cut to its last {budget // 4} bytes (incidents.max_bundle_bytes)"
-        manifest = {
-            "reason": reason,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "sentinel_version": __version__,
-            "parts": sorted(parts),
-            "missing_or_cut": missing,
-            "build_seconds": round(time.monotonic() - t0, 3),
-        }
-        parts["manifest.json"] = _json(manifest)
+        limit = self.cfg.incidents.max_bundle_bytes
+        budget = _content_budget(limit, len(parts) + 3)  # + the two logs and the manifest
         path = self.store.new_file_path("snapshot", reason, ".tar.gz")
         prefix = path.name[: -len(".tar.gz")]
         with self.store.writing(path) as tmp:  # a failed write leaves no partial file
-            with tarfile.open(tmp, "w:gz") as tar:
-                for name, text in sorted(parts.items()):
-                    data = text.encode()
-                    info = tarfile.TarInfo(f"{prefix}/{name}")
-                    info.size = len(data)
-                    info.mtime = int(time.time())
-                    info.mode = 0o600
-                    tar.addfile(info, io.BytesIO(data))
+            # the bound is on the file: fit the parts, write, and cut more in the rare case
+            # the archive is still over it (tar headers of many parts, incompressible text)
+            for _ in range(FIT_ATTEMPTS):
+                body, cut = dict(parts), dict(missing)
+                fixed = sum(len(v.encode()) for v in body.values())
+                eng_txt, own_txt, why = _fit_logs(eng, own, lines, max(0, budget - fixed), secrets)
+                body["logs/engine.log"] = eng_txt
+                body["logs/sentinel.log"] = own_txt
+                if why:
+                    cut["logs"] = why
+                _cut_to_fit(body, budget, cut)
+                manifest = {
+                    "reason": reason,
+                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "sentinel_version": __version__,
+                    "parts": sorted(body),
+                    "missing_or_cut": {k: v[:MAX_NOTE_CHARS] for k, v in cut.items()},
+                    "build_seconds": round(time.monotonic() - t0, 3),
+                }
+                body["manifest.json"] = _json(manifest)
+                _write_tar(tmp, prefix, body)
+                over = tmp.stat().st_size - limit
+                if over <= 0:
+                    break
+                budget = max(0, budget - over - limit // 8)
+            else:  # the parts' names alone do not fit: the manifest says so, nothing else
+                note = {
+                    "reason": reason,
+                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "sentinel_version": __version__,
+                    "missing_or_cut": {
+                        "all": f"{len(parts) + 2} parts left out: they do not fit "
+                        f"incidents.max_bundle_bytes ({limit})"
+                    },
+                }
+                _write_tar(tmp, prefix, {"manifest.json": _json(note)})
             os.chmod(tmp, 0o600)
             tmp.rename(path)
         self.store.enforce_budget(keep=path)
         return path
+
+
+FIT_ATTEMPTS = 4
+MAX_NOTE_CHARS = 300
+_TAR_MEMBER_OVERHEAD = 1024  # a 512-byte header and up to 511 bytes of padding
+_TAR_END = 10240  # end-of-archive blocks, padded to a tar record
+
+
+def _content_budget(limit: int, members: int) -> int:
+    """Bytes of content that fit a ``limit``-byte .tar.gz of ``members`` files even when
+    the content does not compress (gzip's own overhead included), the manifest aside."""
+    overhead = members * _TAR_MEMBER_OVERHEAD + _TAR_END + 4096 + limit // 500 + 1024
+    return max(0, limit - overhead)
+
+
+def _cut_to_fit(parts: dict[str, str], budget: int, cut: dict[str, str]) -> None:
+    """Cut the largest parts to their last bytes (all to the same size) until the parts
+    together hold at most ``budget`` bytes; each cut is noted in ``cut``."""
+    sizes = {name: len(text.encode()) for name, text in parts.items()}
+    if sum(sizes.values()) <= budget:
+        return
+    remaining, ordered, cap = budget, sorted(sizes.values()), 0
+    for i, size in enumerate(ordered):
+        share = remaining // (len(ordered) - i)
+        if size > share:
+            cap = share
+            break
+        remaining -= size
+    for name, size in sizes.items():
+        if size > cap:
+            data = parts[name].encode()
+            parts[name] = data[len(data) - cap :].decode(errors="ignore")
+            cut[name] = f"cut to its last {cap} bytes (incidents.max_bundle_bytes)"
+
+
+def _write_tar(path: Path, prefix: str, parts: dict[str, str]) -> None:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in sorted(parts.items()):
+            data = text.encode()
+            info = tarfile.TarInfo(f"{prefix}/{name}")
+            info.size = len(data)
+            info.mtime = int(time.time())
+            info.mode = 0o600
+            tar.addfile(info, io.BytesIO(data))
 
 
 def _json(obj: Any) -> str:

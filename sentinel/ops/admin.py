@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hmac
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +26,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sentinel.logs import get_logger
+from sentinel.logs import LogThrottle, get_logger
+from sentinel.proxy.secrets import SecretError, check_header_value
 
 log = get_logger(__name__)
 
@@ -38,17 +39,26 @@ HOW_TO_ENABLE = (
     "variable holding it), restart Sentinel, and send 'Authorization: Bearer <token>'"
 )
 MIN_TOKEN_CHARS = 16
+# a refusal is logged once a minute per reason (the rest are counted, and summed up in the
+# next line): a client hammering /admin with wrong tokens cannot flush the log ring
+REFUSAL_LOG_EVERY_S = 60.0
 
 
 class AdminTokenError(Exception):
     """The configured token source cannot be read or holds no usable token."""
 
 
-def read_token(token_file: Path | str | None, token_env: str | None) -> str | None:
+def read_token(
+    token_file: Path | str | None,
+    token_env: str | None,
+    environ: Mapping[str, str] | None = None,
+) -> str | None:
     """The admin token from its configured source; None when none is configured.
 
     Raises ``AdminTokenError`` naming the config key when a source is configured but
-    missing, unreadable, empty or too short. Shared by the server and the CLI."""
+    missing, unreadable, empty, too short, or holding what cannot go into a header (a line
+    break inside, a control or non-ASCII character). Shared by the server, the CLI and
+    ``sentinel doctor``; ``environ``: where ``token_env`` is read (default: this process's)."""
     if token_file:
         path = Path(token_file).expanduser()
         try:
@@ -62,7 +72,7 @@ def read_token(token_file: Path | str | None, token_env: str | None) -> str | No
             ) from None
         where = f"ops.admin.token_file {str(path)!r}"
     elif token_env:
-        value = os.environ.get(token_env)
+        value = (os.environ if environ is None else environ).get(token_env)
         if value is None:
             raise AdminTokenError(
                 f"ops.admin.token_env names the environment variable {token_env!r}, "
@@ -74,6 +84,12 @@ def read_token(token_file: Path | str | None, token_env: str | None) -> str | No
         return None
     if not token:
         raise AdminTokenError(f"{where} is empty")
+    try:
+        check_header_value(token, where)
+    except SecretError as exc:
+        raise AdminTokenError(
+            f"{exc}: a token must be one line of printable ASCII (it is sent in a header)"
+        ) from None
     if len(token) < MIN_TOKEN_CHARS:
         raise AdminTokenError(
             f"{where} holds a token of {len(token)} characters; use at least "
@@ -85,8 +101,14 @@ def read_token(token_file: Path | str | None, token_env: str | None) -> str | No
 class AdminAuth:
     """Bearer-token check for admin endpoints, with its failure counter."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, token: str | None = None) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        token: str | None = None,
+        throttle: LogThrottle | None = None,
+    ) -> None:
         self._token: bytes | None = None
+        self._throttle = throttle or LogThrottle(REFUSAL_LOG_EVERY_S)
         self.set_token(token)
         self.failures = Counter(
             "sentinel_admin_auth_failures",
@@ -117,12 +139,15 @@ class AdminAuth:
         else:
             reason, msg = "wrong", "admin endpoint: the bearer token is not the admin token"
         self.failures.labels(reason).inc()
-        log.warning(
-            "admin request refused",
-            path=request.url.path,
-            reason=reason,
-            client=request.client.host if request.client else None,
-        )
+        extra = self._throttle.allow(reason)
+        if extra is not None:
+            log.warning(
+                "admin request refused",
+                path=request.url.path,
+                reason=reason,
+                client=request.client.host if request.client else None,
+                **extra,
+            )
         return JSONResponse(
             {"error": msg}, status_code=401, headers={"WWW-Authenticate": 'Bearer realm="sentinel"'}
         )

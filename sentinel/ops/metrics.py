@@ -22,7 +22,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 
-from sentinel.logs import get_logger
+from sentinel.logs import LogThrottle, get_logger
 
 log = get_logger(__name__)
 LOG_EVERY_S = 60.0
@@ -37,8 +37,7 @@ class _Guarded:
         self.inner = inner
         self.name = name
         self._errors = errors.labels(name)
-        self._clock = clock
-        self._logged_at: float | None = None
+        self._throttle = LogThrottle(LOG_EVERY_S, clock)
         if callable(getattr(inner, "describe", None)):
             self.describe = inner.describe  # the registry reads names from it
 
@@ -47,13 +46,13 @@ class _Guarded:
             families = list(self.inner.collect())
         except Exception as exc:  # noqa: BLE001 - one collector never fails a scrape
             self._errors.inc()
-            now = self._clock()
-            if self._logged_at is None or now - self._logged_at >= LOG_EVERY_S:
-                self._logged_at = now
+            extra = self._throttle.allow()
+            if extra is not None:
                 log.error(
                     "a metrics collector failed; its series are left out of this scrape",
                     collector=self.name,
                     error=f"{type(exc).__name__}: {exc}",
+                    **extra,
                 )
             return iter(())
         return iter(families)

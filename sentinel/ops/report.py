@@ -67,8 +67,10 @@ def config_summary(cfg: SentinelConfig, engine_base_url: str | None) -> dict[str
         },
         "probes": cfg.probes.model_dump(mode="json", exclude={"prompt"}),
         "ops": cfg.ops.model_dump(mode="json"),
+        "lifecycle": {"drain_timeout_s": cfg.lifecycle.drain_timeout_s},  # `sentinel drain`
         "supervisor": {
             "startup_timeout_s": cfg.supervisor.startup_timeout_s,
+            "stop_grace_s": cfg.supervisor.stop_grace_s,
             "on_failed": cfg.supervisor.on_failed.value,
             "crash_loop_max_starts": cfg.supervisor.crash_loop_max_starts,
             "crash_loop_window_s": cfg.supervisor.crash_loop_window_s,

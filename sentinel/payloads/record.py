@@ -22,11 +22,54 @@ SECRET_HEADERS = frozenset(
 _SECRET_HEADER = re.compile(r"key|token|secret|auth|passw|credential|cookie", re.I)
 # a JSON member whose name says it holds a secret: "api_key": "...", "password": "...";
 # the value is a whole JSON string (escaped quotes included), or the rest of a cut body
-_JSON_SECRET = re.compile(
+_SECRET_MEMBER = (
     r'("[A-Za-z0-9_.-]*(?:api[_-]?key|access[_-]?key|private[_-]?key|token|secret|passw(?:or)?d'
-    r'|authorization|credentials?)"\s*:\s*)"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)',
+    r'|authorization|credentials?)"\s*:\s*)'
+)
+_JSON_SECRET = re.compile(
+    _SECRET_MEMBER + r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)',
     re.I | re.S,
 )
+# the same names with any other value (object, array, number, true/false): masked whole
+_JSON_SECRET_OTHER = re.compile(_SECRET_MEMBER + r"(?=[\[{0-9tfn-])", re.I)
+_SCALAR_END = re.compile(r"[^,}\]\s]*")
+_STRING_END = re.compile(r'"(?:[^"\\]|\\.)*(?:"|\\?\Z)', re.S)
+
+
+def _value_end(text: str, i: int) -> int:
+    """Where the JSON value starting at ``i`` ends (the text's end when it is cut)."""
+    if text[i] not in "[{":
+        return _SCALAR_END.match(text, i).end()  # type: ignore[union-attr]
+    depth, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == '"':
+            i = _STRING_END.match(text, i).end()  # type: ignore[union-attr]
+            continue
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return n
+
+
+def _mask_other_values(text: str) -> str:
+    out: list[str] = []
+    pos = 0
+    for m in _JSON_SECRET_OTHER.finditer(text):
+        if m.start() < pos:  # inside a value already masked
+            continue
+        out += (text[pos : m.end()], f'"{REDACTED}"')
+        pos = _value_end(text, m.end())
+    if not out:
+        return text
+    out.append(text[pos:])
+    return "".join(out)
+
+
 _USAGE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*\})')
 _USAGE_KEYS = re.compile(rb'"(prompt_tokens|completion_tokens|total_tokens)"\s*:\s*(\d+)[,}\s]')
 _CACHE_MAX = 1024
@@ -50,6 +93,7 @@ class Redactor:
     def text(self, text: str) -> str:
         text = redact_text(text)
         text = _JSON_SECRET.sub(lambda m: m.group(1) + f'"{REDACTED}"', text)
+        text = _mask_other_values(text)
         for pat in self._extra:
             text = pat.sub(REDACTED, text)
         return text

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import httpx
 
 from sentinel.config.schema import EngineConfig, ProbeAction, ProbesConfig
-from sentinel.logs import get_logger
+from sentinel.logs import LogThrottle, get_logger
 from sentinel.probes.inference import (
     PROBE_NAME,
     InferenceProbe,
@@ -65,6 +65,8 @@ class ProbeRunner:
         self.status = status
         self.engine = engine
         self._clock = clock
+        # many starved streams on a busy engine are a client's to cause: one line a minute
+        self._idle_log = LogThrottle(60.0, clock)
         # trust_env=False: a proxy from the environment must never sit between us and loopback
         self._client = httpx.AsyncClient(trust_env=False, timeout=cfg.timeout_s)
         self.probe = InferenceProbe(
@@ -319,7 +321,13 @@ class ProbeRunner:
         )
         stalled = self.stall.stream_idle(self._clock(), idle_s, reason)
         if stalled is None:
-            log.info("local stream idle while tokens moved: the next scrape decides", idle_s=idle_s)
+            extra = self._idle_log.allow()
+            if extra is not None:
+                log.info(
+                    "local stream idle while tokens moved: the next scrape decides",
+                    idle_s=idle_s,
+                    **extra,
+                )
             return
         if stalled != self.status.stalled_reason:
             log.warning("engine stalled", reason=stalled, generation=self.status.generation)

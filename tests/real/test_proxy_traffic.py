@@ -165,6 +165,34 @@ def test_a_whole_request_then_only_the_next_ones_head_leaks_no_slot(sp: Sentinel
     )
 
 
+def test_a_secret_named_object_in_a_body_never_reaches_the_payload_log(sp: SentinelProcess) -> None:
+    """Secret-named members holding an object, an array or a number are masked whole in
+    the recorded body, whatever the engine answers."""
+    body = {
+        **BODY,
+        "api_key": {"value": "objsecret-0123456789"},
+        "authorization": ["Bearer arrsecret-x", "tok-in-array-42"],
+        "client_secret": 987654321987,
+    }
+    s = _connect(sp)
+    s.sendall(_raw_post(json.dumps(body).encode(), "redact-obj-real"))
+    head, _, _ = _read_response(s)
+    s.close()
+    assert head.split(b" ")[1] in (b"200", b"400"), head
+    wait_for(
+        lambda: any(r["request_id"] == "redact-obj-real" for r in _records(sp)),
+        15,
+        what="the request recorded",
+    )
+    (rec,) = [r for r in _records(sp) if r["request_id"] == "redact-obj-real"]
+    text = json.dumps(rec)
+    for secret in ("objsecret", "arrsecret", "tok-in-array", "987654321987"):
+        assert secret not in text, text
+    recorded = json.loads(rec["request_body"])
+    assert recorded["api_key"] == recorded["authorization"] == "[REDACTED]"
+    assert recorded["client_secret"] == "[REDACTED]" and recorded["prompt"] == BODY["prompt"]
+
+
 @pytest.mark.parametrize(
     "target", ["/v1/../v1/completions", "/v1/%2e%2e/v1/completions", "/v1/chat%2Fcompletions"]
 )

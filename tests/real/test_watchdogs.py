@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +276,53 @@ def test_dump_needs_the_admin_token_and_returns_every_role(watched: Watched, tmp
     assert {p["role"] for p in one["processes"]} == {"worker"}
     assert watched.admin("/admin/dump", json={"role": "nope"}).status_code == 400
     assert watched.admin("/admin/dump", json={"pid": "x"}).status_code == 400
+
+
+def test_a_flood_of_refused_admin_requests_keeps_the_log_ring(watched: Watched, tmp_path) -> None:
+    """700 wrong tokens (more than the 500-line log ring): each is counted, few are logged,
+    and a snapshot taken after the flood still holds Sentinel's lines from before it."""
+    s = watched.s
+    before = watched.metric("sentinel_admin_auth_failures_total", reason="wrong") or 0
+    started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # as structlog writes it
+    logged0 = len(s.log_records())
+    with httpx.Client(timeout=30) as c:
+        for i in range(700):
+            r = c.post(s.ops_url + "/admin/dump", headers={"Authorization": f"Bearer bad-{i}"})
+            assert r.status_code == 401
+    assert watched.metric("sentinel_admin_auth_failures_total", reason="wrong") == before + 700
+    new = s.log_records()[logged0:]
+    assert sum(r.get("event") == "admin request refused" for r in new) <= 1, new[-3:]
+    out = tmp_path / "snap.tar.gz"
+    res = watched.cli("snapshot", "--output", str(out), token_file=watched.token_file)
+    assert res.returncode == 0, res.stderr
+    with tarfile.open(out) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("logs/sentinel.log"))
+        lines = tar.extractfile(member).read().decode().splitlines()  # type: ignore[union-attr]
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert any(r.get("timestamp", "~") < started for r in records), lines[:3]  # kept
+    during = [r for r in records if r.get("timestamp", "") >= started]
+    assert sum(r.get("event") == "admin request refused" for r in during) <= 1
+
+
+def test_drain_and_status_from_the_cli_with_default_timeouts(watched: Watched) -> None:
+    """`sentinel drain` without --timeout reads how long it may wait from the server's
+    /status (lifecycle.drain_timeout_s) and drains; `sentinel status` draws the real
+    document; `sentinel resume` takes traffic again."""
+    s = watched.s
+    assert s.status()["config"]["lifecycle"]["drain_timeout_s"] > 0
+    assert "Worst event loop lag over the last 60 seconds" in s.get("/metrics").text
+    res = watched.cli("drain", "--json", token_file=watched.token_file)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["draining"] is True
+    try:
+        assert s.get("/readyz").status_code == 503
+        shown = watched.cli("status")
+        assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+        assert "draining" in shown.stdout and "Probes" in shown.stdout, shown.stdout
+    finally:
+        res = watched.cli("resume", token_file=watched.token_file)
+    assert res.returncode == 0 and "taking traffic" in res.stdout, res.stderr
+    wait_for(lambda: s.get("/readyz").status_code == 200, 30, what="ready after resume")
 
 
 def test_snapshot_holds_every_part_and_no_secret(watched: Watched, tmp_path) -> None:

@@ -330,6 +330,21 @@ def test_secrets_names_each_missing_source_and_never_a_value(tmp_path: Path) -> 
     assert "x-injected" not in r.summary
 
 
+def test_secrets_checks_the_admin_token_as_sentinel_run_reads_it(tmp_path: Path) -> None:
+    token = tmp_path / "admin-token"
+    token.write_text("abcdefghij012345\nsecond-line-xyz\n")
+    c = cfg(tmp_path, ops={"admin": {"token_file": str(token)}})
+    r = one(tmp_path, "secrets", c, environ={})
+    assert r.status == Status.fail and "ops.admin.token_file" in r.summary, r
+    assert "line break" in r.summary and "second-line" not in r.summary + r.fix
+    token.write_text("abcdefghij0123456789\n")
+    r = one(tmp_path, "secrets", c, environ={})
+    assert r.status == Status.ok and "admin token" in r.summary, r
+    c = cfg(tmp_path, ops={"admin": {"token_env": "ADMIN_TOK"}})
+    r = one(tmp_path, "secrets", c, environ={"ADMIN_TOK": "abcdefghij0123456789"})
+    assert r.status == Status.ok and "admin token" in r.summary, r
+
+
 def test_secrets_refuses_a_paid_tier_without_client_keys(tmp_path: Path) -> None:
     c = cfg(
         tmp_path,

@@ -218,6 +218,48 @@ def test_snapshot_is_bounded(tmp_path: Path) -> None:
     assert "logs" in manifest["missing_or_cut"]
 
 
+@pytest.mark.parametrize("limit", [64 * 1024, 256 * 1024])
+def test_bundle_file_never_exceeds_max_bundle_bytes(tmp_path: Path, limit: int) -> None:
+    """Many stack dumps each under a quarter of the budget, a big metrics text of
+    multi-byte characters, incompressible logs, at the smallest allowed limit too: the
+    .tar.gz on disk stays within incidents.max_bundle_bytes, the manifest says what was cut."""
+    from sentinel.incidents.capture import Capture
+    from sentinel.incidents.pyspy import DumpResult
+
+    cfg = SentinelConfig.model_validate(
+        {"incidents": {"dir": str(tmp_path), "max_bundle_bytes": limit, "log_lines": 5000}}
+    )
+
+    def noise(n: int) -> str:
+        return os.urandom(n // 2).hex()  # incompressible-ish text
+
+    stacks = [
+        DumpResult(pid=1000 + i, role="worker", ok=True, seconds=0.1, text=noise(limit // 6))
+        for i in range(12)
+    ]
+    capture = Capture("operator", "", time.time(), stacks)
+    builder = SnapshotBuilder(
+        cfg,
+        IncidentStore(cfg.incidents),
+        status=lambda: {"note": noise(limit // 5)},
+        metrics=lambda: ("é" * (limit // 3) + noise(limit // 3)).encode(),
+        engine_log=lambda: [noise(300) for _ in range(2000)],
+        sentinel_log=lambda: [noise(300) for _ in range(2000)],
+        restarts=dict,
+    )
+    path = builder.build("operator", capture)
+    assert path.stat().st_size <= limit, (path.stat().st_size, limit)
+    with tarfile.open(path) as tar:
+        names = [m.name.split("/", 1)[1] for m in tar.getmembers()]
+        manifest = json.loads(
+            tar.extractfile(
+                next(m for m in tar.getmembers() if m.name.endswith("manifest.json"))
+            ).read()  # type: ignore[union-attr]
+        )
+    assert "manifest.json" in names and "stacks/record.json" in names
+    assert manifest["missing_or_cut"], manifest
+
+
 def test_budget_touches_only_sentinels_own_entries(tmp_path: Path) -> None:
     (tmp_path / "00-not-an-incident" / "sub").mkdir(parents=True)
     (tmp_path / "00-not-an-incident" / "sub" / "data.bin").write_text("x")

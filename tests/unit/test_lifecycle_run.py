@@ -280,6 +280,17 @@ def test_admin_drain_resume_and_restart_through_the_cli(tmp_path: Path) -> None:
     assert run.proc.wait(20) == 0
 
 
+def test_an_admin_token_with_a_line_break_stops_start_up_naming_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad-token"
+    bad.write_text("abcdefghij012345\nsecond-line-xyz\n")
+    run = LRun(tmp_path / "r", over={"ops": {"admin": {"token_file": str(bad)}}})
+    assert run.proc.wait(60) == 2, run.tail()
+    tail = run.tail()
+    assert "ops.admin.token_file" in tail and "line break" in tail, tail
+    assert "second-line" not in tail and "Traceback" not in tail
+    assert run.fakes() == []  # refused before any engine was started
+
+
 def test_sigkill_of_sentinel_leaves_no_engine_process(tmp_path: Path) -> None:
     run = LRun(tmp_path)
     run.wait_ready()

@@ -111,6 +111,21 @@ def test_token_sources(tmp_path, monkeypatch):
         read_token(tmp_path, None)
 
 
+def test_a_token_with_a_line_break_inside_is_refused_naming_its_source(tmp_path, monkeypatch):
+    """A token that cannot go into a header (CR/LF inside, controls, non-ASCII) could never
+    be sent: refused at start, naming the key, never showing the value."""
+    f = tmp_path / "tok"
+    for bad in ("abcdefghij012345\nsecond-line-xyz", "abcdefghij\r012345678", "abcdéfghij0123456"):
+        f.write_text(bad + "\n")
+        with pytest.raises(AdminTokenError, match="ops.admin.token_file") as err:
+            read_token(f, None)
+        assert "one line of printable ASCII" in str(err.value)
+        assert "second-line" not in str(err.value) and "abcdefghij" not in str(err.value)
+    monkeypatch.setenv("MY_ADMIN_TOKEN", "abcdefghij012345\nsecond-line-xyz")
+    with pytest.raises(AdminTokenError, match="MY_ADMIN_TOKEN.*line break"):
+        read_token(None, "MY_ADMIN_TOKEN")
+
+
 def test_only_one_token_source(tmp_path):
     from sentinel.config import ConfigError, load_config
 
@@ -214,3 +229,50 @@ def test_a_failing_collector_is_logged_at_most_once_a_minute(capsys):
     )
     assert errors == 4  # one per scrape (the counter is read before Flaky runs again)
     assert capsys.readouterr().out.count("a metrics collector failed") == 2
+
+
+def test_a_flood_of_wrong_tokens_is_counted_but_logged_once_a_minute(ops, capsys):
+    """Refusals are a client's to cause: each is counted, but only the first per reason per
+    minute is logged, so a flood cannot push earlier lines out of the log ring."""
+    import httpx
+
+    ops.stack.auth.set_token(TOKEN)
+    capsys.readouterr()
+    wrong0 = _failures(ops, "wrong")
+    with httpx.Client(timeout=5, trust_env=False) as c:
+        for i in range(300):
+            r = c.post(ops.url + "/admin/poke", headers={"Authorization": f"Bearer nope{i}"})
+            assert r.status_code == 401
+    assert _failures(ops, "wrong") == wrong0 + 300
+    assert capsys.readouterr().out.count("admin request refused") <= 1
+
+
+def test_refusal_lines_after_a_quiet_minute_say_how_many_were_left_out(capsys):
+    from prometheus_client import CollectorRegistry
+
+    from sentinel.logs import LogThrottle
+    from sentinel.ops.admin import AdminAuth
+
+    now = [0.0]
+    registry = CollectorRegistry()
+    auth = AdminAuth(registry, TOKEN, throttle=LogThrottle(60, lambda: now[0]))
+
+    def refuse(token: str) -> None:
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/admin/poke",
+            "headers": [(b"authorization", f"Bearer {token}".encode())],
+            "client": ("10.0.0.9", 1234),
+        }
+        assert auth.check(Request(scope)).status_code == 401
+
+    for t in (0, 1, 2, 59, 61, 62):
+        now[0] = t
+        refuse("wrong-token-0123456789")
+    out = capsys.readouterr().out
+    assert out.count("admin request refused") == 2
+    last = out.strip().splitlines()[-1]
+    assert "suppressed=3" in last or '"suppressed": 3' in last  # left out from 0 s to 61 s
+    total = registry.get_sample_value("sentinel_admin_auth_failures_total", {"reason": "wrong"})
+    assert total == 6

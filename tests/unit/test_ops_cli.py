@@ -220,3 +220,112 @@ def test_lifecycle_answer_is_printed_without_terminal_controls(capsys):
     _show({"state": "draining\x1b]0;owned\x07", "generation": 2}, False, "draining (0 in flight)")
     out = capsys.readouterr().out
     assert "state: draining, generation 2" in out and "\x1b" not in out
+
+
+ODD_STATUS = {
+    "state": "serving",
+    "now": "not-a-time",
+    "ready": "yes",
+    "lifecycle": "serving",
+    "lifecycle_since": "yesterday",
+    "generation": {"n": 2},
+    "generation_started_at": None,
+    "loaded_at": "soon",
+    "engine_metrics": {"vllm:num_requests_running": "lots", "vllm:kv_cache_usage_perc": 0.5},
+    "ready_checks": {"inference_probe": "not-a-dict", "engine_up": {"ok": True}},
+    "processes": [{"role": "worker", "pid": "x", "create_time": "x"}, "junk"],
+    "probes": {"inference": {"ok": True, "latency_s": "fast", "age_s": None}, "x": 3},
+    "restarts": [{"at": "noon", "reason": "stalled"}, None],
+    "last_exit": {"at": "then", "signal": None, "returncode": "1", "generation": 1},
+    "attach": {"base_url": "http://e", "pids": "none", "verified": "no"},
+    "sentinel": "not-a-dict",
+    "log_tail": "one line",
+}
+
+
+def test_status_table_never_crashes_on_odd_values():
+    """Wrong types where numbers, dicts or lists are expected (a broken or other-version
+    server): every section is shown with what can be shown, no TypeError."""
+    out = _rendered(ODD_STATUS)
+    assert "serving" in out and "lots" in out and "kv_cache_usage_perc=0.5" in out
+    assert "fast" in out and "noon" in out and "stalled" in out
+
+
+@contextlib.contextmanager
+def _json_server(doc: dict):
+    """A server that answers every request with ``doc`` as JSON."""
+    body = json.dumps(doc).encode()
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                with contextlib.suppress(OSError):
+                    conn.sendall(head.encode() + body)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.getsockname()[1]}"
+    finally:
+        srv.close()
+
+
+def test_sentinel_status_shows_a_status_with_odd_values_without_a_traceback():
+    with _json_server(ODD_STATUS) as url:
+        res = sentinel_cli("status", "--url", url)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr and "lots" in res.stdout and "fast" in res.stdout
+
+
+@pytest.mark.parametrize(
+    ("cmd", "says", "least"),
+    [
+        ("drain", {"lifecycle": {"drain_timeout_s": 500}}, 500),
+        (
+            "restart",
+            {
+                "lifecycle": {"drain_timeout_s": 500},
+                "supervisor": {"startup_timeout_s": 900, "stop_grace_s": 20},
+            },
+            1420,
+        ),
+        ("drain", {}, 120),  # a server that does not say: the fixed default
+    ],
+)
+def test_drain_and_restart_wait_as_long_as_the_server_may_take(
+    monkeypatch, tmp_path, cmd, says, least
+):
+    """Without --timeout, `sentinel drain`/`restart` wait as long as the server's own
+    limits allow (lifecycle.drain_timeout_s, and for a restart the engine's stop and
+    start), read from its /status, plus a margin: never giving up on a drain that is
+    still legitimately running."""
+    import typer
+    from typer.testing import CliRunner
+
+    from sentinel.cli import admin_client
+    from sentinel.cli.lifecycle import register
+
+    app = typer.Typer()
+    register(app)
+    seen: list[tuple[str, str, float]] = []
+    real = admin_client.bounded_request
+
+    def spy(client, method, url, *, timeout, **kw):
+        seen.append((method, str(url), timeout))
+        return real(client, method, url, timeout=timeout, **kw)
+
+    monkeypatch.setattr(admin_client, "bounded_request", spy)
+    token = tmp_path / "token"
+    token.write_text("t" * 20)
+    with _json_server({"state": "serving", "generation": 1, "config": says}) as url:
+        res = CliRunner().invoke(app, [cmd, "--url", url, "--token-file", str(token), "--json"])
+    assert res.exit_code == 0, res.output
+    waited = [t for method, path, t in seen if method == "POST" and f"/admin/{cmd}" in path]
+    assert len(waited) == 1 and least <= waited[0] <= least + 120, seen

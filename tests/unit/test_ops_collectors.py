@@ -107,3 +107,37 @@ def test_status_config_hides_secret_arguments():
     assert out[4] == f"--hf-token={REDACTED}"
     assert out[5:7] == ["--model", "m"]
     assert "sk-abcdefghijkl" not in out[7]
+
+
+def test_worst_loop_lag_is_over_a_fixed_window_whoever_scrapes():
+    """Two scrapers (an HA pair of Prometheus servers, or a curl between scrapes) both see a
+    lag spike for the whole window; it leaves the max once it is older than the window."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    t = [1000.0]
+    mon = LoopMonitor(period_s=0.25, clock=lambda: t[0])
+    registry = CollectorRegistry()
+    registry.register(mon)
+
+    def worst() -> float:
+        for line in generate_latest(registry).decode().splitlines():
+            if line.startswith("sentinel_event_loop_lag_max_seconds "):
+                return float(line.split()[1])
+        raise AssertionError("no sentinel_event_loop_lag_max_seconds")
+
+    def beat(late: float) -> None:
+        t0 = t[0]
+        t[0] += 0.25 + late
+        mon.beat(t0)
+
+    beat(0.01)
+    beat(2.0)  # a 2 s stall
+    for _ in range(40):
+        beat(0.01)
+    assert worst() == 2.0  # scraper A
+    assert worst() == 2.0  # scraper B, right after
+    assert abs(mon.lag_s - 0.01) < 1e-9
+    assert "last 60 seconds" in generate_latest(registry).decode()
+    while t[0] < 1000.0 + 64:
+        beat(0.01)
+    assert abs(worst() - 0.01) < 1e-9  # the spike is older than the window

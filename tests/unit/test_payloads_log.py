@@ -132,6 +132,37 @@ def test_redaction_of_any_secret_named_header_and_member() -> None:
     assert "supersecr" not in r.text('{"prompt": "x", "api_key": "supersecr')
 
 
+def test_a_secret_named_member_is_masked_whatever_its_type() -> None:
+    """An object, array, number or boolean under a secret-looking name is masked whole,
+    cut bodies included; what follows it is kept."""
+    from sentinel.payloads.record import Redactor
+
+    r = Redactor([])
+    body = json.dumps(
+        {
+            "api_key": {"value": "hunter2-object-secret", "nested": {"k": ["deep-secret-1"]}},
+            "authorization": ["Bearer x", "tok-in-array"],
+            "client_secret": 98765432101,
+            "password": True,
+            "extra": {"access_token": {"v": "inner-secret-2"}},
+            "max_tokens": 5,
+            "prompt": 'hello {not json] "quoted"',
+        }
+    )
+    out = r.text(body)
+    doc = json.loads(out)
+    for secret in ("hunter2", "deep-secret", "Bearer x", "tok-in-array", "98765432101",
+                   "inner-secret"):  # fmt: skip
+        assert secret not in out, out
+    assert doc["api_key"] == doc["authorization"] == doc["client_secret"] == "[REDACTED]"
+    assert doc["password"] == "[REDACTED]" and doc["extra"]["access_token"] == "[REDACTED]"
+    assert doc["max_tokens"] == 5 and doc["prompt"] == 'hello {not json] "quoted"'
+    cut = r.text('{"prompt": "x", "token": {"value": "cut-in-the-middle-sec')
+    assert "cut-in-the-middle" not in cut and cut.startswith('{"prompt": "x"')
+    brackets = r.text('{"secret": ["a]b\\"}c", {"x": "]}"}], "n": 1}')
+    assert json.loads(brackets) == {"secret": "[REDACTED]", "n": 1}
+
+
 def test_record_size_cap(tmp_path: Path) -> None:
     log, reg = make(tmp_path, max_record_bytes=4096)
     log.start()

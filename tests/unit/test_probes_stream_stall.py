@@ -252,3 +252,27 @@ def test_the_proxy_service_hands_the_handler_a_local_only_callback(tmp_path: Pat
     on_idle(backup, 30.0)
     on_idle(local, 30.0)
     assert told == [30.0]
+
+
+def test_many_idle_streams_while_tokens_move_are_counted_but_logged_once(engine, capsys) -> None:
+    """Idle streams on a busy engine are a client's to cause (many starved requests): each
+    is counted, the line is logged once per window, so they cannot flush the log ring."""
+    clock = Clock()
+    status, _, runner = make(engine, clock, stall_window_s=30, freshness_s=100)
+    status.new_generation()
+
+    async def go() -> None:
+        await runner.probe_once()
+        engine.mode["metrics"] = vllm_metrics(running=4, generation=500)
+        await runner.scrape_once()
+        clock.advance(1)
+        engine.mode["metrics"] = vllm_metrics(running=4, generation=900)
+        await runner.scrape_once()  # tokens moved
+        capsys.readouterr()
+        for _ in range(200):
+            runner.local_stream_idle(3.0)
+        assert status.stalled_reason is None
+        assert _metric(status, "sentinel_engine_stream_stalls_total") == 200
+
+    in_loop(runner, go)
+    assert capsys.readouterr().out.count("local stream idle while tokens moved") == 1
