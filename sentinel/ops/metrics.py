@@ -78,7 +78,9 @@ class SentinelRegistry(CollectorRegistry):
         if isinstance(collector, MetricWrapperBase | _Guarded):
             super().register(collector)
             return
-        guarded = _Guarded(collector, type(collector).__name__, self.collector_errors, self._clock)
+        # (a collector of one family names it: ``collector_label``; else its class)
+        label = getattr(collector, "collector_label", None) or type(collector).__name__
+        guarded = _Guarded(collector, label, self.collector_errors, self._clock)
         super().register(guarded)
         self._guards[id(collector)] = guarded
 

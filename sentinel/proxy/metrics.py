@@ -181,6 +181,8 @@ class ProxyMetrics:
         if code is None:
             code = self._status[status] = str(status)
         self.requests.add((tier, code))
+        if tier not in self.latency.counts:  # a tier's two histograms appear together
+            self.ttft.child(tier)
         self.latency.observe(tier, latency_s)
         if ttft_s is not None:
             self.ttft.observe(tier, ttft_s)

@@ -106,6 +106,12 @@ def request_id(headers: list[tuple[bytes, bytes]]) -> str:
     return new_request_id()
 
 
+def _duplicate(name: str) -> ProxyError:
+    return ProxyError(
+        400, f"Request has more than one {name} header: send it once", "duplicate_header"
+    )
+
+
 def normalise_path(target: bytes) -> tuple[str, bytes]:
     """The request target's path, percent-decoded, and its query. Refuses (400) what an
     upstream could resolve differently: dot segments, encoded slashes or backslashes,
@@ -209,21 +215,30 @@ class RequestPolicy:
     ) -> tuple[list[tuple[bytes, bytes]], bytes]:
         """The headers fit to forward (in order, repeated ones kept), and the content
         type. Hop-by-hop headers are not forwarded: the fixed ones, and those the
-        client's ``Connection`` header names."""
+        client's ``Connection`` header names. A header Sentinel acts on that can hold
+        one value only (``Content-Type``, ``Authorization``) sent twice is refused: the
+        upstream could read the other one (the first) than Sentinel did."""
         fwd = []
-        ctype = b""
+        ctype: bytes | None = None
+        auth = False
         hop: set[bytes] | None = None
         for kv in headers:
             k = kv[0]
             if k not in DROP_REQUEST_HEADERS:
                 fwd.append(kv)
                 if k == b"content-type":
+                    if ctype is not None:
+                        raise _duplicate("Content-Type")
                     ctype = kv[1]
+                elif k == b"authorization":
+                    if auth:
+                        raise _duplicate("Authorization")
+                    auth = True
             elif k == b"connection":
                 hop = (hop or set()) | {n.strip().lower() for n in kv[1].split(b",")}
         if hop is not None:
             fwd = [(k, v) for k, v in fwd if k not in hop]
-        return fwd, ctype
+        return fwd, ctype or b""
 
     def parse_body(
         self, path: str, method: str, ctype: bytes, body: bytes

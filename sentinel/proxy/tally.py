@@ -6,8 +6,10 @@ and a few Python calls per value (a histogram observation: two ``inc`` under a l
 after two checks): about a tenth of the proxy's own work per whole answer. These keep a
 dict entry per label set and, for a histogram, one list of per-bucket counts: an
 observation is a ``bisect`` and two additions, and the cumulative ``le`` buckets are
-computed when ``/metrics`` is read. Everything here runs on the one event loop that
-also serves ``/metrics``, so nothing needs a lock.
+computed when ``/metrics`` is read. Counting happens on the event loop only, and so do
+scrapes of ``/metrics``; an incident snapshot renders the metrics from a worker thread,
+and may then see one observation's skew between a histogram's ``_count`` and ``_sum``
+(no lock is taken for that: a snapshot is a picture of a moving process anyway).
 
 The series look as ``Counter``/``Histogram`` ones do (``_total``; ``_bucket`` with
 ``le``, ``_count``, ``_sum``), without the ``_created`` samples.
@@ -34,6 +36,7 @@ class CounterTally:
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.name = name
+        self.collector_label = name  # what a failing collect is counted as
         self.documentation = documentation
         self.labelnames = list(labelnames)
         self.values: dict[tuple[str, ...], float] = {}
@@ -71,6 +74,7 @@ class HistogramTally:
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.name = name
+        self.collector_label = name
         self.documentation = documentation
         self.labelname = labelname
         self.bounds = tuple(float(b) for b in buckets)
@@ -84,8 +88,8 @@ class HistogramTally:
     def child(self, label: str) -> list[int]:
         counts = self.counts.get(label)
         if counts is None:
+            self.sums[label] = 0.0  # (first: a collect sees a child's counts with its sum)
             counts = self.counts[label] = [0] * (len(self.bounds) + 1)
-            self.sums[label] = 0.0
         return counts
 
     def observe(self, label: str, value: float) -> None:

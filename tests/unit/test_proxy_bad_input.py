@@ -120,8 +120,10 @@ def test_hop_by_hop_request_headers_are_not_forwarded() -> None:
 
 def test_a_repeated_request_header_reaches_the_tier_with_every_value() -> None:
     """A header sent twice (``x-tag: a`` and ``x-tag: b``) is forwarded twice, in order,
-    not folded into its last value; the client's key goes to the local tier only."""
+    not folded into its last value; the client's key goes to the local tier only; a
+    second Content-Type or Authorization is refused."""
     from sentinel.config.schema import ProxyConfig
+    from sentinel.proxy.errors import ProxyError
     from sentinel.proxy.request import RequestPolicy
     from sentinel.proxy.tier import ProxyRequest
 
@@ -151,6 +153,12 @@ def test_a_repeated_request_header_reaches_the_tier_with_every_value() -> None:
         b"rid-1",
     )
     assert fwd == [(b"x-tag", b"a"), (b"authorization", b"Bearer client-key"), (b"x-tag", b"b")]
+    # a header Sentinel acts on, sent twice: the upstream might read the other value
+    for twice in (b"content-type", b"authorization"):
+        with pytest.raises(ProxyError) as exc:
+            policy.forwarded_headers([(twice, b"text/plain"), (b"x", b"1"), (twice, b"x")])
+        assert exc.value.status == 400 and exc.value.code == "duplicate_header"
+        assert "more than one" in exc.value.message
 
 
 def test_the_fast_json_reading_matches_the_json_module() -> None:

@@ -224,6 +224,13 @@ def test_an_http10_keep_alive_client_is_told_and_served_twice(px: ProxyHarness) 
             rest += s.recv(65536)
         assert b'"choices"' in rest
     s.close()
+    # "keep-alive, close": close wins, and the answer says so
+    s = connect(px)
+    s.sendall(req.replace(b"connection: keep-alive", b"connection: keep-alive, close"))
+    data = read_all(s)
+    assert data.startswith(b"HTTP/1.1 200") and b"connection: close" in data.lower()
+    assert b"connection: keep-alive" not in data.lower()
+    s.close()
 
 
 def test_a_client_leaving_mid_stream_cancels_its_upstream_request(

@@ -53,3 +53,29 @@ def test_a_name_clash_is_refused_at_registration():
         assert "reqs" in str(exc)
     else:
         raise AssertionError("a duplicate name was accepted")
+
+
+def test_a_tally_that_fails_to_collect_is_counted_under_its_metric_name():
+    from sentinel.ops.metrics import SentinelRegistry
+
+    registry = SentinelRegistry()
+    h = HistogramTally("x_seconds", "Doc.", "tier", BUCKETS, registry=registry)
+    CounterTally("reqs", "Doc.", ["tier"], registry=registry).add(("a",))
+    h.observe("a", 0.1)
+    h.sums.clear()  # broken: its collect raises KeyError
+    generate_latest(registry)  # (counted during this scrape: shown from the next on)
+    text = generate_latest(registry).decode()
+    assert 'sentinel_metrics_collector_errors_total{collector="x_seconds"} 1.0' in text
+    assert 'reqs_total{tier="a"} 1.0' in text  # the other families are still there
+
+
+def test_a_tiers_latency_and_first_byte_series_appear_together():
+    from sentinel.proxy.metrics import ProxyMetrics
+
+    registry = CollectorRegistry()
+    m = ProxyMetrics(registry, ["local"])
+    m.request("none", 400, None, 0.001)  # answered by Sentinel itself: no first byte
+    text = generate_latest(registry).decode()
+    assert 'sentinel_proxy_request_duration_seconds_count{tier="none"} 1.0' in text
+    assert 'sentinel_proxy_time_to_first_byte_seconds_count{tier="none"} 0.0' in text
+    assert 'sentinel_proxy_requests_total{status="400",tier="none"} 1.0' in text

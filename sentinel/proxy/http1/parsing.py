@@ -64,6 +64,11 @@ class RequestParsing:
                 chunked = True
             elif k == b"expect" and v.lower() == b"100-continue":
                 expect = True
+            elif k == b"connection" and b"close" in v.lower():
+                # llhttp keeps an HTTP/1.0 connection whose header says both keep-alive
+                # and close: close wins
+                if any(t.strip() == b"close" for t in v.lower().split(b",")):
+                    req.keep_alive = False
         # (llhttp refuses a message with both; if it did not, the total cap bounds it)
         self._body_left = 0 if chunked else length
         if parser.should_upgrade() and req.method != "CONNECT":

@@ -60,6 +60,7 @@ class Response:
         "_conn",
         "_keep_alive",
         "_chunked",
+        "_version10",
         "_bodiless",
         "started",
         "ended",
@@ -72,6 +73,7 @@ class Response:
         # a HEAD request's answer is closed after (its body would be read as the next)
         self._keep_alive = req.keep_alive and req.method != "HEAD"
         self._chunked = req.version == "1.1"
+        self._version10 = req.version == "1.0"
         self._bodiless = req.method == "HEAD"  # (a whole answer's head only)
         self.started = False
         self.ended = False
@@ -91,7 +93,7 @@ class Response:
         if not self._keep_alive or (conn.closing and not conn.queued):
             self._keep_alive = False
             parts.append(b"connection: close\r\n")
-        elif not self._chunked:
+        elif self._version10:
             # an HTTP/1.0 client asked to keep the connection: it closes unless told yes
             parts.append(b"connection: keep-alive\r\n")
         parts.append(b"\r\n")
