@@ -188,7 +188,7 @@ class ProxyMetrics:
         if ttft_s is not None:
             self._ttft[tier].observe(ttft_s)
 
-    # ServerEvents (sentinel.proxy.http1.server)
+    # ServerEvents (sentinel.http1.server)
     def connection_refused(self) -> None:
         self.connections_refused.inc()
 

@@ -11,7 +11,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from sentinel.proxy.http1.connection import HttpConnection
+    from sentinel.http1.connection import HttpConnection
 
 
 class Request:

@@ -14,5 +14,5 @@ modules own everything else about a client connection, one job each:
 - ``server``: ``HttpServer`` (bind, the cap on open connections, serve, stop),
   ``ServerEvents`` (what it counts) and ``ProxyBindError``.
 
-Import names from the module that owns them (``sentinel.proxy.http1.server`` ...).
+Import names from the module that owns them (``sentinel.http1.server`` ...).
 """

@@ -4,7 +4,7 @@ A refusal is answered in its turn, then the connection closes."""
 
 from __future__ import annotations
 
-from sentinel.proxy.http1.limits import HttpLimits
+from sentinel.http1.limits import HttpLimits
 
 
 class Refusal:

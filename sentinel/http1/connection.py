@@ -24,16 +24,16 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from sentinel.http1 import refusals
+from sentinel.http1.parsing import MAX_PIPELINED, RequestParsing
+from sentinel.http1.refusals import Refusal, Refused
+from sentinel.http1.response import STATUS_LINES, Request, Response, status_line
+from sentinel.http1.timer import ConnectionTimer
 from sentinel.logs import get_logger
 from sentinel.proxy.errors import error_body
-from sentinel.proxy.http1 import refusals
-from sentinel.proxy.http1.parsing import MAX_PIPELINED, RequestParsing
-from sentinel.proxy.http1.refusals import Refusal, Refused
-from sentinel.proxy.http1.response import STATUS_LINES, Request, Response, status_line
-from sentinel.proxy.http1.timer import ConnectionTimer
 
 if TYPE_CHECKING:
-    from sentinel.proxy.http1.server import HttpServer
+    from sentinel.http1.server import HttpServer
 
 log = get_logger(__name__)
 

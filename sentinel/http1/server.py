@@ -9,11 +9,11 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
+from sentinel.http1.connection import HttpConnection
+from sentinel.http1.limits import HttpLimits
+from sentinel.http1.response import Handler
 from sentinel.logs import get_logger
 from sentinel.net import local_url
-from sentinel.proxy.http1.connection import HttpConnection
-from sentinel.proxy.http1.limits import HttpLimits
-from sentinel.proxy.http1.response import Handler
 
 log = get_logger(__name__)
 

@@ -7,9 +7,9 @@ skips) so that the request is answered as plain HTTP/1.1."""
 
 from __future__ import annotations
 
-from sentinel.proxy.http1 import refusals
-from sentinel.proxy.http1.refusals import Refused
-from sentinel.proxy.http1.response import Request
+from sentinel.http1 import refusals
+from sentinel.http1.refusals import Refused
+from sentinel.http1.response import Request
 
 MAX_PIPELINED = 16  # whole requests waiting behind the one being handled, then reading pauses
 
