@@ -121,8 +121,9 @@ class _Server:
         self.connections: set[HttpConnection] = set()
         self.events = self
         self.refusals = 0
+        self.what = "proxy"
 
-    def connection_refused(self) -> None:
+    def connection_refused(self, reason: str) -> None:
         pass
 
     def client_refused(self, reason: str) -> None:

@@ -59,7 +59,7 @@ class RequestParsing:
                 if v.isdigit():
                     length = int(v)
                     if length > limit:
-                        raise Refused(refusals.body_too_large(length, limit))
+                        raise Refused(refusals.body_too_large(length, self.limits))
             elif k == b"transfer-encoding":
                 chunked = True
             elif k == b"expect" and v.lower() == b"100-continue":
@@ -91,7 +91,7 @@ class RequestParsing:
         if self._body_left:
             self._body_left -= len(body)
         if req._size > self.limits.max_body_bytes:
-            raise Refused(refusals.body_too_large(req._size, self.limits.max_body_bytes))
+            raise Refused(refusals.body_too_large(req._size, self.limits))
         req._parts.append(body)
 
     def on_message_complete(self) -> None:

@@ -189,7 +189,7 @@ class ProxyMetrics:
             self._ttft[tier].observe(ttft_s)
 
     # ServerEvents (sentinel.http1.server)
-    def connection_refused(self) -> None:
+    def connection_refused(self, reason: str = "max_connections") -> None:
         self.connections_refused.inc()
 
     def client_refused(self, reason: str) -> None:
