@@ -8,6 +8,7 @@ come from 127.0.0.1."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -183,3 +184,44 @@ def test_a_header_not_received_in_time_gets_408_naming_the_ops_key() -> None:
         assert b"ops.limits.header_timeout_s" in got
         assert metric(o, "sentinel_ops_requests_refused_total", reason="header_timeout") == 1
         assert o.get("/livez").status_code == 200
+
+
+def test_a_stop_lets_a_request_in_flight_end_and_takes_no_new_connection() -> None:
+    """``request_stop``: the listening socket closes at once; a request in flight gets
+    ``STOP_GRACE_S`` to end."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from sentinel.ops.server import OpsServer
+    from tests.loop_thread import LoopThread
+
+    async def slow(_: object) -> PlainTextResponse:
+        await asyncio.sleep(0.3)
+        return PlainTextResponse("done")
+
+    server = OpsServer(Starlette(routes=[Route("/slow", slow)]), "127.0.0.1", 0)
+    server.bind()
+    url = server.url
+    thread = LoopThread("ops-stop")
+    served: list[asyncio.Task[None]] = []
+
+    async def start() -> None:
+        served.append(asyncio.get_running_loop().create_task(server.serve()))
+
+    thread.start(start)
+    try:
+        got: list[httpx.Response] = []
+        t = threading.Thread(
+            target=lambda: got.append(httpx.get(url + "/slow", timeout=5, trust_env=False))
+        )
+        t.start()
+        time.sleep(0.1)  # the request is in flight
+        thread.call(server.request_stop)
+        t.join(5)
+        assert got and got[0].status_code == 200 and got[0].text == "done"
+        wait_for(lambda: served[0].done(), 5, what="serve() to return")
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/slow", timeout=2, trust_env=False)
+    finally:
+        thread.stop()
