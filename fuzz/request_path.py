@@ -1,4 +1,4 @@
-"""Fuzz target: raw bytes into the traffic port's request path (``sentinel.proxy.http1``
+"""Fuzz target: raw bytes into the traffic port's request path (``sentinel.http1``
 and ``ProxyHandler``, validation, chain and relay included), with a mock upstream.
 
     .venv/bin/python -m fuzz.request_path [--examples 20000] [--seed N]
@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from sentinel.config.schema import PayloadLogConfig, ProxyConfig
-from sentinel.proxy.http1.connection import HttpConnection
-from sentinel.proxy.http1.limits import HttpLimits
+from sentinel.http1.connection import HttpConnection
+from sentinel.http1.limits import HttpLimits
 from sentinel.proxy.service import ProxyService
 from sentinel.proxy.upstream import MockResponse, UpstreamRequest
 from sentinel.state import EngineStatus
@@ -121,8 +121,9 @@ class _Server:
         self.connections: set[HttpConnection] = set()
         self.events = self
         self.refusals = 0
+        self.what = "proxy"
 
-    def connection_refused(self) -> None:
+    def connection_refused(self, reason: str) -> None:
         pass
 
     def client_refused(self, reason: str) -> None:

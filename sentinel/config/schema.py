@@ -68,6 +68,21 @@ class AdminConfig(_Section):
         return self
 
 
+class OpsLimitsConfig(_Section):
+    """What one client connection may do on the ops port (the traffic port's limits)."""
+
+    max_request_line_bytes: int = Field(8192, ge=256)
+    max_header_bytes: int = Field(32768, ge=1024)
+    max_headers: int = Field(100, ge=8)
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(10.0, gt=0)
+    keepalive_timeout_s: float = Field(30.0, gt=0)
+    send_timeout_s: float = Field(30.0, gt=0)
+    max_connections: int = Field(256, ge=1)
+    max_connections_per_client: int = Field(32, ge=0)
+
+
 class OpsConfig(_Section):
     host: str = "0.0.0.0"
     port: int = Field(8090, ge=0, le=65535)
@@ -75,6 +90,7 @@ class OpsConfig(_Section):
     engine_metric_names: EngineMetricNames = EngineMetricNames.promtool
     livez_heartbeat_timeout_s: float = Field(5.0, gt=0)
     admin: AdminConfig = Field(default_factory=AdminConfig)
+    limits: OpsLimitsConfig = Field(default_factory=OpsLimitsConfig)
 
 
 class GpuMode(StrEnum):

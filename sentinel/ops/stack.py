@@ -22,7 +22,7 @@ from sentinel.ops.app import OpsDeps, build_ops_app
 from sentinel.ops.heartbeat import LoopMonitor
 from sentinel.ops.metrics import MetricsRenderer
 from sentinel.ops.report import StatusReport
-from sentinel.ops.server import OpsServer
+from sentinel.ops.server import OpsServer, ops_limits
 from sentinel.probes.runner import EngineControl, ProbeRunner
 from sentinel.state import EngineStatus
 
@@ -141,6 +141,8 @@ def build_ops_stack(
             admin=admin,
         )
     )
-    server = OpsServer(app, cfg.ops.host, cfg.ops.port)
+    server = OpsServer(
+        app, cfg.ops.host, cfg.ops.port, limits=ops_limits(cfg.ops.limits), registry=registry
+    )
     server_box.append(server)
     return OpsStack(probes, loop_monitor, metrics, report, server, auth, admin)

@@ -16,13 +16,13 @@ import time
 from collections.abc import Callable
 
 from sentinel.config.schema import ProxyConfig
+from sentinel.http1.response import Request, Response
 from sentinel.logs import get_logger
 from sentinel.payloads.exchange import Exchange, exchange_record
 from sentinel.payloads.log import PayloadLog
 from sentinel.proxy.attempt import UpstreamFailure
 from sentinel.proxy.chain import Chain, Exhausted
 from sentinel.proxy.errors import ProxyError
-from sentinel.proxy.http1.response import Request, Response
 from sentinel.proxy.metrics import ProxyMetrics
 from sentinel.proxy.relay import meta_headers, relay, relayed_headers
 from sentinel.proxy.request import RequestPolicy, request_id

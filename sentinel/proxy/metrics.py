@@ -187,8 +187,8 @@ class ProxyMetrics:
         if ttft_s is not None:
             self.ttft.observe(tier, ttft_s)
 
-    # ServerEvents (sentinel.proxy.http1.server)
-    def connection_refused(self) -> None:
+    # ServerEvents (sentinel.http1.server)
+    def connection_refused(self, reason: str = "max_connections") -> None:
         self.connections_refused.inc()
 
     def client_refused(self, reason: str) -> None:

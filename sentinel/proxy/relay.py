@@ -22,10 +22,10 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from sentinel.http1.response import BEHIND, GONE, Response
 from sentinel.payloads.exchange import Exchange
 from sentinel.proxy.attempt import Opened
 from sentinel.proxy.errors import sse_error_event
-from sentinel.proxy.http1.response import BEHIND, GONE, Response
 from sentinel.proxy.metrics import ProxyMetrics
 from sentinel.proxy.request import DROP_RESPONSE_HEADERS
 from sentinel.proxy.tier import ProxyRequest, Tier

@@ -12,14 +12,14 @@ from contextlib import suppress
 from prometheus_client import CollectorRegistry
 
 from sentinel.config.schema import PayloadLogConfig, ProxyConfig, TierKind
+from sentinel.http1.limits import HttpLimits
+from sentinel.http1.server import HttpServer, ProxyBindError
 from sentinel.logs import get_logger
 from sentinel.payloads.log import PayloadLog
 from sentinel.proxy.auth import Authenticator
 from sentinel.proxy.breaker import BreakerState
 from sentinel.proxy.chain import Chain
 from sentinel.proxy.handler import ProxyHandler
-from sentinel.proxy.http1.limits import HttpLimits
-from sentinel.proxy.http1.server import HttpServer, ProxyBindError
 from sentinel.proxy.metrics import ProxyMetrics
 from sentinel.proxy.rawhttp import RawTransport
 from sentinel.proxy.request import new_request_id

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -165,6 +166,61 @@ def test_sentinel_status_cli_renders_the_real_status(sentinel):
     doc = json.loads(res.stdout)
     assert doc["state"] == "ready"
     assert {p["role"] for p in doc["processes"]} >= {"api_server", "engine_core", "worker"}
+
+
+def test_200_slowloris_connections_leave_the_ops_probes_and_completions_working(sentinel):
+    """The ops port's limits (ops.limits): 200 connections trickling headers, from 10
+    addresses (127.0.0.x: other hosts, as far as the port can tell), and 50 more from one
+    address (beyond max_connections_per_client: closed at once, counted). The kubelet's
+    probes (1 s timeout) and completions through the proxy keep working."""
+    sp, _ = sentinel
+    port = int(sp.ops_url.rsplit(":", 1)[1])
+
+    def connect(source: str) -> socket.socket:
+        c = socket.socket()
+        c.bind((source, 0))
+        c.connect(("127.0.0.1", port))
+        return c
+
+    def closed(c: socket.socket) -> bool:
+        """The server answered (a refusal) or closed: no longer held open."""
+        c.setblocking(False)
+        try:
+            c.recv(1)
+            return True
+        except BlockingIOError:
+            return False
+        except ConnectionResetError:
+            return True
+
+    cap = 32  # ops.limits.max_connections_per_client's default
+    line = 'sentinel_ops_connections_refused_total{reason="max_connections_per_client"}'
+    conns: list[socket.socket] = []
+    try:
+        for i in range(200):
+            c = connect(f"127.0.0.{10 + i % 10}")
+            c.sendall(b"GET /livez HTTP/1.1\r\nhost: x\r\nx-slow-%d: " % i)
+            conns.append(c)
+        one = [connect("127.0.0.99") for _ in range(50)]
+        conns += one
+        wait_for(
+            lambda: f"{line} {float(len(one) - cap)}" in sp.get("/metrics").text,
+            5,
+            interval=0.1,
+            what="the connections beyond the per-client cap counted",
+        )
+        assert sum(closed(c) for c in one) == len(one) - cap
+        for c in conns[:200]:  # still trickling
+            c.sendall(b"a")
+        for path in ("/livez", "/readyz") * 3:
+            r = httpx.get(sp.ops_url + path, timeout=1)  # the kubelet's default timeout
+            assert r.status_code == 200, (path, r.text)
+        assert not any(closed(c) for c in conns[:200])  # all still open
+        r = sp.complete(base=sp.proxy_url)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None
+    finally:
+        for c in conns:
+            c.close()
 
 
 def test_stall_longer_than_the_window_restarts_with_reason_stalled(sentinel):

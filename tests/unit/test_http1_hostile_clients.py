@@ -93,7 +93,7 @@ def test_a_pipelining_non_reader_holds_at_most_16_requests_and_is_aborted() -> N
     nothing for send_timeout_s is aborted; one that reads gets every answer in order."""
     from fuzz.request_path import LIMITS as FUZZ_LIMITS
     from fuzz.request_path import FakeSocket, _Server
-    from sentinel.proxy.http1.connection import MAX_PIPELINED, HttpConnection
+    from sentinel.http1.connection import MAX_PIPELINED, HttpConnection
 
     handled: list[bytes] = []
 
@@ -285,7 +285,7 @@ def test_a_chunked_post_offering_an_upgrade_gets_a_clear_400(px: ProxyHarness) -
 def test_a_204_or_304_is_relayed_without_length_or_body() -> None:
     """An upstream's 204 (or 304) reaches the client with no Content-Length and no body,
     even where the upstream sent one (RFC 9110: a 204 never carries Content-Length)."""
-    from sentinel.proxy.http1.response import Request, Response
+    from sentinel.http1.response import Request, Response
 
     class Conn:
         closing = False

@@ -1,4 +1,4 @@
-"""The ops server end to end (real probes, collectors, uvicorn) against a fake engine."""
+"""The ops server end to end (real probes, collectors, http1 server) against a fake engine."""
 
 from __future__ import annotations
 

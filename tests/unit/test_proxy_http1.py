@@ -1,4 +1,4 @@
-"""The traffic port's own HTTP/1.1 server (sentinel.proxy.http1) and request path, seen
+"""The traffic port's own HTTP/1.1 server (sentinel.http1) and request path, seen
 from a client's socket: framing, pipelining order, 100-continue, large bodies,
 disconnects, the limits a hostile client meets, path normalisation, the endpoint
 allowlist, JSON depth, header policy, the stream idle limit and the drain interface."""
@@ -606,7 +606,7 @@ def test_a_client_that_pipelines_without_reading_gets_no_new_answers_made() -> N
     import asyncio
 
     from fuzz.request_path import FakeSocket, _Server
-    from sentinel.proxy.http1.connection import MAX_PIPELINED, HttpConnection
+    from sentinel.http1.connection import MAX_PIPELINED, HttpConnection
 
     handled: list[bytes] = []
 

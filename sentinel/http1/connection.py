@@ -24,16 +24,16 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from sentinel.http1 import refusals
+from sentinel.http1.parsing import MAX_PIPELINED, RequestParsing
+from sentinel.http1.refusals import Refusal, Refused
+from sentinel.http1.response import STATUS_LINES, Request, Response, status_line
+from sentinel.http1.timer import ConnectionTimer
 from sentinel.logs import get_logger
 from sentinel.proxy.errors import error_body
-from sentinel.proxy.http1 import refusals
-from sentinel.proxy.http1.parsing import MAX_PIPELINED, RequestParsing
-from sentinel.proxy.http1.refusals import Refusal, Refused
-from sentinel.proxy.http1.response import STATUS_LINES, Request, Response, status_line
-from sentinel.proxy.http1.timer import ConnectionTimer
 
 if TYPE_CHECKING:
-    from sentinel.proxy.http1.server import HttpServer
+    from sentinel.http1.server import HttpServer
 
 log = get_logger(__name__)
 
@@ -73,6 +73,7 @@ class HttpConnection(RequestParsing, ConnectionTimer, asyncio.Protocol):
         self._active: asyncio.Task[None] | None = None
         self._active_resp: Response | None = None
         self._counted = False
+        self._client: object = None  # its address, counted against max_connections_per_client
         self._continue_due = False
         self._next_due = False  # the next request waits for the client to read
         # the one timer: phase None / "idle" / "head" / "body", and its deadline
@@ -89,10 +90,18 @@ class HttpConnection(RequestParsing, ConnectionTimer, asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # (uvloop's is no subclass)
         server = self.server
         if len(server.connections) >= self.limits.max_connections:
-            server.events.connection_refused()
+            server.events.connection_refused("max_connections")
             self.closing = True
             transport.abort()
             return
+        if self.limits.max_connections_per_client:
+            client = server.admit_client(transport)
+            if client is None:
+                server.events.connection_refused("max_connections_per_client")
+                self.closing = True
+                transport.abort()
+                return
+            self._client = client
         self._counted = True
         server.connections.add(self)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
@@ -103,6 +112,9 @@ class HttpConnection(RequestParsing, ConnectionTimer, asyncio.Protocol):
         if self._counted:
             self._counted = False
             self.server.connections.discard(self)
+            if self._client is not None:
+                self.server.release_client(self._client)
+                self._client = None
         self._phase = None
         if self._timer is not None:
             self._timer.cancel()
@@ -218,7 +230,7 @@ class HttpConnection(RequestParsing, ConnectionTimer, asyncio.Protocol):
                 part, data = data, b""
                 self._body_fed += len(part)
                 if self._body_fed > max_fed:
-                    self._refuse(refusals.body_too_large(self._body_fed, limits.max_body_bytes))
+                    self._refuse(refusals.body_too_large(self._body_fed, limits))
                     return
             try:
                 self.parser.feed_data(part)
@@ -236,7 +248,7 @@ class HttpConnection(RequestParsing, ConnectionTimer, asyncio.Protocol):
                 if isinstance(cause, Refused):
                     self._refuse(cause.refusal)
                 else:
-                    log.error("proxy_parser_callback_failed", exc_info=cause)
+                    log.error(f"{self.server.what}_parser_callback_failed", exc_info=cause)
                     self._refuse(refusals.internal_error())
                 return
             except httptools.HttpParserError as exc:
@@ -331,10 +343,15 @@ class HttpConnection(RequestParsing, ConnectionTimer, asyncio.Protocol):
         else:
             exc = task.exception()
         if exc is not None:
-            log.error("proxy_request_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+            log.error(
+                f"{self.server.what}_request_failed",
+                error=f"{type(exc).__name__}: {exc}",
+                exc_info=exc,
+            )
         if resp is not None and not resp.ended:
             if not resp.started and not resp.gone:
-                body = error_body(500, "internal error in Sentinel's proxy", "internal_error")
+                what = self.server.what
+                body = error_body(500, f"internal error in Sentinel's {what}", "internal_error")
                 resp._keep_alive = False
                 resp.whole(500, [(b"content-type", b"application/json")], body)
             self.close()  # a response cut short: the close tells the client

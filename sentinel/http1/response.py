@@ -11,7 +11,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from sentinel.proxy.http1.connection import HttpConnection
+    from sentinel.http1.connection import HttpConnection
 
 
 class Request:
@@ -108,6 +108,19 @@ class Response:
             return
         head = self._head(status, headers, b"content-length: %d\r\n" % len(body))
         self._conn.write(head if self._bodiless else head + body)
+
+    def head_only(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """The answer to a HEAD request, its headers as given (the length its GET would
+        have, where the caller knows it): no body, no framing of ours."""
+        if self.started:
+            raise RuntimeError("response already started")
+        self.started = self.ended = True
+        self._conn.write(self._head(status, headers, b""))
+
+    def transport_info(self, name: str) -> object:
+        """The client connection's ``get_extra_info(name)`` ("peername", "sockname")."""
+        t = self._conn.transport
+        return t.get_extra_info(name) if t is not None else None
 
     def start(self, status: int, headers: list[tuple[bytes, bytes]], first: bytes) -> None:
         if self.started:

@@ -5,7 +5,7 @@ the bytes held for it within ``send_timeout_s`` (it stopped reading) is aborted.
 
 from __future__ import annotations
 
-from sentinel.proxy.http1 import refusals
+from sentinel.http1 import refusals
 
 
 class ConnectionTimer:

@@ -4,7 +4,7 @@ A refusal is answered in its turn, then the connection closes."""
 
 from __future__ import annotations
 
-from sentinel.proxy.http1.limits import HttpLimits
+from sentinel.http1.limits import HttpLimits
 
 
 class Refusal:
@@ -48,7 +48,7 @@ def header_too_large(limits: HttpLimits) -> Refusal:
         431,
         "header_too_large",
         "Request headers are larger than "
-        f"{limits.max_header_bytes} bytes (proxy.limits.max_header_bytes)",
+        f"{limits.max_header_bytes} bytes ({limits.key('max_header_bytes')})",
     )
 
 
@@ -57,7 +57,7 @@ def uri_too_long(limits: HttpLimits) -> Refusal:
         414,
         "uri_too_long",
         "Request target is longer than "
-        f"{limits.max_request_line_bytes} bytes (proxy.limits.max_request_line_bytes)",
+        f"{limits.max_request_line_bytes} bytes ({limits.key('max_request_line_bytes')})",
     )
 
 
@@ -65,15 +65,16 @@ def too_many_headers(limits: HttpLimits) -> Refusal:
     return Refusal(
         431,
         "too_many_headers",
-        f"More than {limits.max_headers} request headers (proxy.limits.max_headers)",
+        f"More than {limits.max_headers} request headers ({limits.key('max_headers')})",
     )
 
 
-def body_too_large(size: int, limit: int) -> Refusal:
+def body_too_large(size: int, limits: HttpLimits) -> Refusal:
     return Refusal(
         413,
         "body_too_large",
-        f"Request body is {size} bytes, over the limit of {limit} (proxy.max_body_bytes)",
+        f"Request body is {size} bytes, over the limit of {limits.max_body_bytes} "
+        f"({limits.key('max_body_bytes')})",
     )
 
 
@@ -82,7 +83,7 @@ def header_timeout(limits: HttpLimits) -> Refusal:
         408,
         "header_timeout",
         "Request headers not received within "
-        f"{limits.header_timeout_s:g} s (proxy.limits.header_timeout_s)",
+        f"{limits.header_timeout_s:g} s ({limits.key('header_timeout_s')})",
     )
 
 
@@ -91,5 +92,5 @@ def body_timeout(limits: HttpLimits) -> Refusal:
         408,
         "body_timeout",
         "Request body not received within "
-        f"{limits.body_timeout_s:g} s (proxy.limits.body_timeout_s)",
+        f"{limits.body_timeout_s:g} s ({limits.key('body_timeout_s')})",
     )

@@ -7,9 +7,9 @@ skips) so that the request is answered as plain HTTP/1.1."""
 
 from __future__ import annotations
 
-from sentinel.proxy.http1 import refusals
-from sentinel.proxy.http1.refusals import Refused
-from sentinel.proxy.http1.response import Request
+from sentinel.http1 import refusals
+from sentinel.http1.refusals import Refused
+from sentinel.http1.response import Request
 
 MAX_PIPELINED = 16  # whole requests waiting behind the one being handled, then reading pauses
 
@@ -59,7 +59,7 @@ class RequestParsing:
                 if v.isdigit():
                     length = int(v)
                     if length > limit:
-                        raise Refused(refusals.body_too_large(length, limit))
+                        raise Refused(refusals.body_too_large(length, self.limits))
             elif k == b"transfer-encoding":
                 chunked = True
             elif k == b"expect" and v.lower() == b"100-continue":
@@ -96,7 +96,7 @@ class RequestParsing:
         if self._body_left:
             self._body_left -= len(body)
         if req._size > self.limits.max_body_bytes:
-            raise Refused(refusals.body_too_large(req._size, self.limits.max_body_bytes))
+            raise Refused(refusals.body_too_large(req._size, self.limits))
         req._parts.append(body)
 
     def on_message_complete(self) -> None:
