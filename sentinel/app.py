@@ -18,7 +18,7 @@ from sentinel.config import SentinelConfig
 from sentinel.incidents.logring import LogRing
 from sentinel.logs import configure_logging, get_logger
 from sentinel.ops.metrics import SentinelRegistry
-from sentinel.runtime import tune_gc
+from sentinel.runtime import raise_open_files_limit, tune_gc
 from sentinel.state import EngineStatus
 
 log = get_logger("sentinel.app")
@@ -196,8 +196,12 @@ class Sentinel:
         except OpsBindError as exc:
             log.error("cannot start the ops server", error=str(exc))
             return 2
-        log.info("ops server listening", url=self.ops.server.url, port=self.ops.server.port)
         tune_gc(self.cfg.runtime)  # everything long-lived exists now
+        # every connection the caps allow fits under the open-file limit
+        caps = self.cfg.ops.limits.max_connections
+        if self.proxy is not None:
+            caps += self.cfg.proxy.limits.max_connections
+        raise_open_files_limit(caps)
         for coro, name in self.ops.tasks():
             task = asyncio.create_task(coro, name=name)
             task.add_done_callback(report_task_crash)

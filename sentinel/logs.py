@@ -124,6 +124,17 @@ class LogThrottle:
         return extra
 
 
+def raised_at(exc: BaseException) -> tuple[type, str, int]:
+    """A ``LogThrottle`` key for an exception: its type and the line that raised it (a
+    bug is a place in the code; a client can repeat it, but not make up new ones)."""
+    tb = exc.__traceback__
+    if tb is None:
+        return (type(exc), "", 0)
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return (type(exc), tb.tb_frame.f_code.co_filename, tb.tb_lineno)
+
+
 def configure_logging(cfg: LoggingConfig, stream: TextIO | None = None) -> None:
     stream = stream or sys.stderr
     fmt = cfg.format

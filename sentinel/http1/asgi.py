@@ -23,7 +23,7 @@ from urllib.parse import unquote
 import httptools
 
 from sentinel.http1.response import Request, Response
-from sentinel.logs import get_logger
+from sentinel.logs import LogThrottle, get_logger, raised_at
 from sentinel.proxy.errors import error_body
 
 log = get_logger(__name__)
@@ -132,6 +132,8 @@ class AsgiHandler:
     def __init__(self, app: AsgiApp, what: str = "ops") -> None:
         self.app = app
         self.what = what
+        # an app's failure a client can repeat at will is logged at most once a minute
+        self._throttle = LogThrottle()
 
     async def __call__(self, req: Request, resp: Response) -> None:
         split = _split_target(req.target)
@@ -163,13 +165,16 @@ class AsgiHandler:
         except Exception as exc:  # noqa: BLE001 - an app's error is a 500, never a crash
             if resp.gone:
                 return
-            log.error(
-                f"{self.what}_app_failed",
-                method=req.method,
-                path=path,
-                error=f"{type(exc).__name__}: {exc}",
-                exc_info=exc,
-            )
+            extra = self._throttle.allow(raised_at(exc))
+            if extra is not None:
+                log.error(
+                    f"{self.what}_app_failed",
+                    method=req.method,
+                    path=path,
+                    error=f"{type(exc).__name__}: {exc}",
+                    exc_info=exc,
+                    **extra,
+                )
             if not resp.started:
                 msg = f"internal error in Sentinel's {self.what} server"
                 resp.whole(500, _JSON, error_body(500, msg, "internal_error"))

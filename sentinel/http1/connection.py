@@ -29,7 +29,7 @@ from sentinel.http1.parsing import MAX_PIPELINED, RequestParsing
 from sentinel.http1.refusals import Refusal, Refused
 from sentinel.http1.response import STATUS_LINES, Request, Response, status_line
 from sentinel.http1.timer import ConnectionTimer
-from sentinel.logs import get_logger
+from sentinel.logs import get_logger, raised_at
 from sentinel.proxy.errors import error_body
 
 if TYPE_CHECKING:
@@ -248,7 +248,11 @@ class HttpConnection(RequestParsing, ConnectionTimer, asyncio.Protocol):
                 if isinstance(cause, Refused):
                     self._refuse(cause.refusal)
                 else:
-                    log.error(f"{self.server.what}_parser_callback_failed", exc_info=cause)
+                    extra = self.server.log_throttle.allow(raised_at(cause) if cause else None)
+                    if extra is not None:
+                        log.error(
+                            f"{self.server.what}_parser_callback_failed", exc_info=cause, **extra
+                        )
                     self._refuse(refusals.internal_error())
                 return
             except httptools.HttpParserError as exc:
@@ -343,11 +347,14 @@ class HttpConnection(RequestParsing, ConnectionTimer, asyncio.Protocol):
         else:
             exc = task.exception()
         if exc is not None:
-            log.error(
-                f"{self.server.what}_request_failed",
-                error=f"{type(exc).__name__}: {exc}",
-                exc_info=exc,
-            )
+            extra = self.server.log_throttle.allow(raised_at(exc))
+            if extra is not None:  # (a bug a client can repeat at will: not every time)
+                log.error(
+                    f"{self.server.what}_request_failed",
+                    error=f"{type(exc).__name__}: {exc}",
+                    exc_info=exc,
+                    **extra,
+                )
         if resp is not None and not resp.ended:
             if not resp.started and not resp.gone:
                 what = self.server.what

@@ -14,7 +14,7 @@ from typing import Protocol
 from sentinel.http1.connection import HttpConnection
 from sentinel.http1.limits import HttpLimits
 from sentinel.http1.response import Handler
-from sentinel.logs import get_logger
+from sentinel.logs import LogThrottle, get_logger
 from sentinel.net import local_url
 
 log = get_logger(__name__)
@@ -92,6 +92,8 @@ class HttpServer:
         self.events: ServerEvents = events if events is not None else _Uncounted()
         self.backlog = backlog
         self.what = what
+        # lines a client can cause at will (a bug it found): at most one a minute each
+        self.log_throttle = LogThrottle()
         self.sock = sock if sock is not None else bind(host, port, backlog, what)
         self.port: int = self.sock.getsockname()[1]
         self.connections: set[HttpConnection] = set()
@@ -113,7 +115,7 @@ class HttpServer:
         server = await self.loop.create_server(
             lambda: HttpConnection(self), sock=self.sock, backlog=self.backlog
         )
-        log.info(f"{self.what}_listening", host=self.host, port=self.port)
+        log.info(f"{self.what}_listening", url=self.url, host=self.host, port=self.port)
         self.started = True
         try:
             await self._stop.wait()

@@ -193,6 +193,13 @@ def test_an_app_that_raises_gets_a_500_logged_with_its_traceback(
             assert "test_app_failed" in text and "the app broke on purpose" in text
             assert "raise ValueError" in text  # the traceback
         assert r.json()["error"]["code"] == "internal_error"
+        # the same failure again and again (a client found a bug): every request gets
+        # its 500, the log gets no more lines for a minute (they would evict the ring)
+        capfd.readouterr()
+        for _ in range(50):
+            assert c.get(url + "/raw/boom").status_code == 500
+        out = capfd.readouterr()
+        assert "test_app_failed" not in out.out + out.err
 
 
 def test_an_app_that_makes_no_response_gets_a_500(url: str) -> None:

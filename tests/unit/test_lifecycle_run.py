@@ -291,6 +291,26 @@ def test_an_admin_token_with_a_line_break_stops_start_up_naming_the_key(tmp_path
     assert run.fakes() == []  # refused before any engine was started
 
 
+def test_sentinel_run_lifts_its_open_file_limit_to_fit_the_connection_caps(
+    tmp_path: Path,
+) -> None:
+    """Started with a soft nofile limit of 1024 (a common default), ``sentinel run``
+    lifts it so that every connection its caps allow (proxy 2048 + ops 256) fits."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip("hard open-file limit below 4096")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        run = LRun(tmp_path)  # inherits the low limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    run.wait_ready()
+    limit = psutil.Process(run.proc.pid).rlimit(psutil.RLIMIT_NOFILE)
+    assert limit[0] >= 2048 + 256, limit
+
+
 def test_sigkill_of_sentinel_leaves_no_engine_process(tmp_path: Path) -> None:
     run = LRun(tmp_path)
     run.wait_ready()
