@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import subprocess
@@ -12,7 +11,7 @@ import time
 
 import pytest
 
-from tests.helpers import free_port, wait_for
+from tests.helpers import free_port, raw_server, wait_for
 from tests.unit.fake_engine import FakeEngine
 from tests.unit.ops_thread import OpsThread
 
@@ -133,39 +132,22 @@ def test_malformed_env_url_is_named():
     assert "Traceback" not in res.stderr
 
 
-@contextlib.contextmanager
 def _trickling_server(head: bool):
     """A server that answers 200 with a long body (or a long head), one byte every 0.3 s."""
-    srv = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
 
-    def serve() -> None:
+    def answer(conn: socket.socket, stop: threading.Event) -> None:
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\n")
+        if not head:
+            conn.sendall(b"Content-Type: application/json\r\n")
+            conn.sendall(b"Content-Length: 100000\r\n\r\n")
+        else:
+            conn.sendall(b"X-Slow: ")
         while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(65536)
-                try:
-                    conn.sendall(b"HTTP/1.1 200 OK\r\n")
-                    if not head:
-                        conn.sendall(b"Content-Type: application/json\r\n")
-                        conn.sendall(b"Content-Length: 100000\r\n\r\n")
-                    else:
-                        conn.sendall(b"X-Slow: ")
-                    while not stop.is_set():
-                        conn.sendall(b"a" if head else b" ")
-                        time.sleep(0.3)
-                except OSError:
-                    pass
+            conn.sendall(b"a" if head else b" ")
+            time.sleep(0.3)
 
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.getsockname()[1]}"
-    finally:
-        stop.set()
-        srv.close()
+    return raw_server(answer)
 
 
 @pytest.fixture
@@ -251,30 +233,17 @@ def test_status_table_never_crashes_on_odd_values():
     assert "fast" in out and "noon" in out and "stalled" in out
 
 
-@contextlib.contextmanager
 def _json_server(doc: dict):
     """A server that answers every request with ``doc`` as JSON."""
     body = json.dumps(doc).encode()
-    srv = socket.create_server(("127.0.0.1", 0))
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(65536)
-                head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-                with contextlib.suppress(OSError):
-                    conn.sendall(head.encode() + body)
+    def answer(conn: socket.socket, _: threading.Event) -> None:
+        conn.recv(65536)
+        head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        conn.sendall(head.encode() + body)
 
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.getsockname()[1]}"
-    finally:
-        srv.close()
+    return raw_server(answer)
 
 
 def test_sentinel_status_shows_a_status_with_odd_values_without_a_traceback():

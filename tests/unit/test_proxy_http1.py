@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.fake_openai import FakeOpenAI
-from tests.helpers import dechunk, flood_header, free_port, wait_for
+from tests.helpers import dechunk, flood_header, raw_server, wait_for
 from tests.unit.proxy_harness import ProxyHarness
 
 BODY = b'{"model": "m", "prompt": "hi", "max_tokens": 2}'
@@ -412,37 +412,25 @@ def test_json_nested_beyond_the_limit_gets_an_openai_400(
     assert httpx.post(px.url + "/v1/completions", content=ok).status_code == 200
 
 
-def _header_upstream() -> tuple[str, socket.socket]:
-    """An upstream whose answers carry a session cookie and an organisation header."""
-    srv = socket.create_server(("127.0.0.1", free_port()))
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            conn.recv(65536)
-            body = b'{"ok": true}'
-            conn.sendall(
-                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                b"set-cookie: session=secret\r\nopenai-organization: org-123\r\n"
-                b"x-kept: yes\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
-                % (len(body), body)
-            )
-            conn.close()
-
-    threading.Thread(target=serve, daemon=True).start()
-    return f"http://127.0.0.1:{srv.getsockname()[1]}", srv
+def _header_answer(conn: socket.socket, _: threading.Event) -> None:
+    """An upstream's answer carrying a session cookie and an organisation header."""
+    conn.recv(65536)
+    body = b'{"ok": true}'
+    conn.sendall(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+        b"set-cookie: session=secret\r\nopenai-organization: org-123\r\n"
+        b"x-kept: yes\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+    )
 
 
 def test_upstream_cookies_and_organisation_are_not_relayed(tmp_path: Path) -> None:
-    url, srv = _header_upstream()
-    with ProxyHarness({"tiers": [{"name": "up", "base_url": url}]}, tmp_path) as h:
+    with (
+        raw_server(_header_answer) as url,
+        ProxyHarness({"tiers": [{"name": "up", "base_url": url}]}, tmp_path) as h,
+    ):
         r = httpx.post(h.url + "/v1/completions", content=BODY)
         assert r.status_code == 200 and r.headers["x-kept"] == "yes"
         assert "set-cookie" not in r.headers and "openai-organization" not in r.headers
-    srv.close()
 
 
 # ---- streams ---------------------------------------------------------------------------------
