@@ -80,13 +80,19 @@ def engine_environments(s: SentinelProcess) -> dict[str, list[bytes]] | None:
             out[role] = [environ_of(p.pid) for p in procs]
     except OSError:  # a process went away while it was read: look again
         return None
+    if any(not env for envs in out.values() for env in envs):
+        return None  # one is still being exec'd: its environment is not there yet
     return out if {"api_server", "engine_core", "worker"} <= set(out) else None
 
 
 def test_secrets_in_sentinels_environment_never_reach_an_engine_process(
     sentinel: SentinelProcess,
 ) -> None:
-    sentinel_env = environ_of(sentinel.sentinel_pid())
+    # (Popen returns once the exec has closed its error pipe, which is before the new
+    # program's environment is set up: read right away, /proc/<pid>/environ can be empty)
+    sentinel_env = wait_for(
+        lambda: environ_of(sentinel.sentinel_pid()), 10, interval=0.05, what="environ"
+    )
     assert SECRETS["VLLM_TEST_TIER_KEY"].encode() in sentinel_env  # the test set them up
     # the Worker exists once the model has loaded: no completion is needed
     roles = wait_for(
