@@ -97,7 +97,10 @@ class LRun:
             except httpx.HTTPError:
                 return False
 
-        wait_for(ready, timeout, interval=0.1, what=f"ready\n{self.tail()}")
+        try:
+            wait_for(ready, timeout, interval=0.1, what="ready")
+        except AssertionError as exc:  # with the log as it is then, not as it was before
+            raise AssertionError(f"{exc}\n{self.tail()}") from None
 
     def fakes(self) -> list[psutil.Process]:
         """Live fake-engine processes anywhere (tests.helpers.live_fakes: by environment
